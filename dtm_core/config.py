@@ -1,0 +1,315 @@
+"""Typed, validated view of ``params.yaml``.
+
+``params.yaml`` is the single source of configuration. :func:`load_params`
+parses and validates all of it up front, cross-field rules included, and every
+stage works from the parsed :class:`Params`. Errors name the offending key and
+say what would fix it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+
+class ConfigError(ValueError):
+    """params.yaml is missing, unreadable or invalid."""
+
+
+class _Section(BaseModel):
+    # Unknown keys are errors: a misspelled key must not silently fall back
+    # to a default.
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=False)
+
+
+class DataConfig(_Section):
+    source: Literal["digits", "imagefolder"] = "digits"
+    # imagefolder: a directory of class subfolders (<root>/<class>/<image>),
+    # the torchvision ImageFolder layout; labels come from the subfolder names.
+    image_folder: Optional[str] = None
+    image_size: int = Field(8, ge=4, le=1024)
+    channels: Literal[1, 3] = 1
+    holdout_fraction: float = Field(0.2, gt=0.0, lt=1.0)
+
+    @model_validator(mode="after")
+    def _folder_needed(self) -> "DataConfig":
+        if self.source == "imagefolder" and not self.image_folder:
+            raise ValueError(
+                "data.image_folder must name a directory when data.source is 'imagefolder'"
+            )
+        if self.source == "digits" and (self.image_size != 8 or self.channels != 1):
+            raise ValueError(
+                "data.source 'digits' is 8x8 grayscale: set data.image_size: 8 and data.channels: 1"
+            )
+        return self
+
+
+class ModelConfig(_Section):
+    # A local diffusers UNet2DModel directory (or a pipeline directory with a
+    # unet/ subfolder). null trains the embedded small base model instead.
+    pretrained_path: Optional[str] = None
+    block_out_channels: list[int] = Field(default_factory=lambda: [32, 64], min_length=1)
+    layers_per_block: int = Field(1, ge=1, le=8)
+    norm_num_groups: int = Field(8, ge=1)
+    num_train_timesteps: int = Field(1000, ge=2)
+    beta_schedule: Literal["linear", "scaled_linear", "squaredcos_cap_v2"] = "linear"
+    beta_start: float = Field(1e-4, gt=0.0, lt=1.0)
+    beta_end: float = Field(0.02, gt=0.0, lt=1.0)
+
+    @model_validator(mode="after")
+    def _groups_divide(self) -> "ModelConfig":
+        for c in self.block_out_channels:
+            if c <= 0 or c % self.norm_num_groups:
+                raise ValueError(
+                    f"model.block_out_channels entry {c} must be a positive multiple of "
+                    f"model.norm_num_groups ({self.norm_num_groups})"
+                )
+        return self
+
+
+class _Optim(_Section):
+    steps: int = Field(..., ge=1)
+    batch_size: int = Field(128, ge=1)
+    lr: float = Field(..., gt=0.0, le=1.0)
+    weight_decay: float = Field(1e-6, ge=0.0)
+    adam_betas: tuple[float, float] = (0.95, 0.999)
+    adam_eps: float = Field(1e-8, gt=0.0)
+    grad_clip: float = Field(1.0, gt=0.0)
+    ema_max_decay: float = Field(0.9999, ge=0.0, lt=1.0)
+    ema_inv_gamma: float = Field(1.0, gt=0.0)
+    ema_power: float = Field(0.75, gt=0.0)
+    log_every: int = Field(10, ge=1)
+    # Save resumable training state every this many steps (0: never). A killed
+    # run resumes from the newest checkpoint under .dtm/checkpoints/.
+    checkpoint_every: int = Field(100, ge=0)
+    mixed_precision: Literal["no", "fp16", "bf16"] = "no"
+
+    @field_validator("lr", "weight_decay", "adam_eps", "grad_clip")
+    @classmethod
+    def _finite(cls, v: float) -> float:
+        if not math.isfinite(v):
+            raise ValueError("must be a finite number")
+        return v
+
+    @field_validator("adam_betas")
+    @classmethod
+    def _betas(cls, v: tuple[float, float]) -> tuple[float, float]:
+        if not all(0.0 <= b < 1.0 for b in v):
+            raise ValueError("both betas must lie in [0, 1)")
+        return v
+
+
+class PretrainConfig(_Optim):
+    steps: int = Field(1500, ge=1)
+    lr: float = Field(1e-3, gt=0.0, le=1.0)
+    ema_max_decay: float = Field(0.999, ge=0.0, lt=1.0)
+
+
+class PartitionConfig(_Section):
+    # The range indices 0..N-1. DVC's `matrix` fans the fine-tune out over this
+    # list, so N is its length: `dvc exp run -S 'partition.ranges=[0,1,2,3,4,5,6,7]'`.
+    ranges: list[int] = Field(default_factory=lambda: [0, 1, 2, 3], min_length=1)
+    # Optional explicit boundaries [0, b1, ..., T] (N + 1 strictly increasing
+    # values); null means the paper's uniform split [(i-1)T/N, iT/N).
+    boundaries: Optional[list[int]] = None
+
+    @field_validator("ranges")
+    @classmethod
+    def _indices(cls, v: list[int]) -> list[int]:
+        if v != list(range(len(v))):
+            raise ValueError(
+                f"must be the range indices 0..N-1 in order (got {v}); "
+                f"for N={len(v)} write {list(range(len(v)))}"
+            )
+        return v
+
+
+class FinetuneConfig(_Optim):
+    steps: int = Field(200, ge=1)  # per range model; the shared baseline gets N x steps
+    lr: float = Field(2e-4, gt=0.0, le=1.0)
+    p: float = Field(0.3, ge=0.0, le=1.0)  # probability a batch draws t from all of [0, T)
+    antithetic: bool = True
+    consistency_weight: float = Field(1.0, ge=0.0)
+    channel_projection: bool = True
+
+    @field_validator("p", "consistency_weight")
+    @classmethod
+    def _finite_knob(cls, v: float) -> float:
+        if not math.isfinite(v):
+            raise ValueError("must be a finite number")
+        return v
+
+
+class MergeConfig(_Section):
+    method: Literal["task_arithmetic"] = "task_arithmetic"
+    # One weight per range, low t to high t; null means uniform 1/N.
+    weights: Optional[list[float]] = None
+
+    @field_validator("weights")
+    @classmethod
+    def _finite_weights(cls, v: Optional[list[float]]) -> Optional[list[float]]:
+        if v is not None and not all(math.isfinite(w) for w in v):
+            raise ValueError(f"every weight must be a finite number (got {v})")
+        return v
+
+
+class ClassifierConfig(_Section):
+    steps: int = Field(600, ge=1)
+    batch_size: int = Field(128, ge=1)
+    lr: float = Field(2e-3, gt=0.0, le=1.0)
+    feature_dim: int = Field(64, ge=2)
+
+
+class EvaluateConfig(_Section):
+    features: Literal["classifier"] = "classifier"
+    num_samples: int = Field(2000, ge=2)
+    ddim_steps: int = Field(50, ge=1)
+    eta: float = Field(0.0, ge=0.0, le=1.0)
+    batch_size: int = Field(500, ge=1)
+    kid_subsets: int = Field(100, ge=1)
+    kid_subset_size: int = Field(1000, ge=2)
+    grid_size: int = Field(8, ge=1, le=32)
+    classifier: ClassifierConfig = Field(default_factory=ClassifierConfig)
+
+    @model_validator(mode="after")
+    def _enough_samples(self) -> "EvaluateConfig":
+        dim = self.classifier.feature_dim
+        if self.num_samples <= dim:
+            raise ValueError(
+                f"evaluate.num_samples ({self.num_samples}) must exceed the feature dimension "
+                f"evaluate.classifier.feature_dim ({dim}), or the Frechet distance's covariance "
+                "is singular; raise num_samples or lower feature_dim"
+            )
+        return self
+
+
+class TrackingConfig(_Section):
+    experiment_name: str = Field("decouple-then-merge", min_length=1)
+    # Overridden by the MLFLOW_TRACKING_URI environment variable; null means
+    # sqlite:///<repo root>/mlflow.db.
+    tracking_uri: Optional[str] = None
+
+
+class Params(_Section):
+    seed: int = Field(0, ge=0)
+    data: DataConfig = Field(default_factory=DataConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    pretrain: PretrainConfig = Field(default_factory=PretrainConfig)
+    partition: PartitionConfig = Field(default_factory=PartitionConfig)
+    finetune: FinetuneConfig = Field(default_factory=FinetuneConfig)
+    merge: MergeConfig = Field(default_factory=MergeConfig)
+    evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> "Params":
+        n = self.num_ranges
+        T = self.model.num_train_timesteps
+        if n > T:
+            raise ValueError(
+                f"partition.ranges has N={n} ranges but model.num_train_timesteps is {T}: "
+                "N must not exceed T"
+            )
+        b = self.partition.boundaries
+        if b is not None:
+            if len(b) != n + 1:
+                raise ValueError(
+                    f"partition.boundaries needs N+1={n + 1} values for N={n} ranges (got {len(b)})"
+                )
+            if b[0] != 0 or b[-1] != T:
+                raise ValueError(
+                    f"partition.boundaries must start at 0 and end at T={T} so the ranges "
+                    f"cover [0, T) (got {b[0]}..{b[-1]})"
+                )
+            for lo, hi in zip(b, b[1:]):
+                if hi <= lo:
+                    raise ValueError(
+                        f"partition.boundaries must be strictly increasing: {lo} then {hi} would "
+                        "make ranges overlap or be empty"
+                    )
+        w = self.merge.weights
+        if w is not None and len(w) != n:
+            raise ValueError(
+                f"merge.weights has {len(w)} values but there are N={n} ranges "
+                "(partition.ranges); give one weight per range or null for uniform 1/N"
+            )
+        return self
+
+    @property
+    def num_ranges(self) -> int:
+        return len(self.partition.ranges)
+
+    @property
+    def merge_weights(self) -> list[float]:
+        if self.merge.weights is None:
+            return [1.0 / self.num_ranges] * self.num_ranges
+        return list(self.merge.weights)
+
+    def section(self, name: str) -> Any:
+        return getattr(self, name)
+
+
+def derive_seed(root_seed: int, name: str) -> int:
+    """A stage's own seed: stable for (root seed, name), distinct across names."""
+    digest = hashlib.sha256(f"{root_seed}:{name}".encode()).digest()
+    return int.from_bytes(digest[:4], "little") & 0x7FFFFFFF
+
+
+def _format_error(exc: ValidationError, source: str) -> str:
+    lines = [f"{source}: invalid parameters"]
+    for err in exc.errors():
+        key = ".".join(str(p) for p in err["loc"]) or "(root)"
+        msg = err["msg"]
+        if msg.startswith("Value error, "):
+            msg = msg[len("Value error, ") :]
+        if err["type"] == "extra_forbidden":
+            msg = "unknown key (misspelled? see params.yaml and dtm_core/config.py for valid keys)"
+        given = err.get("input")
+        if err["type"] != "extra_forbidden" and not isinstance(given, dict):
+            msg += f" (got {given!r})"
+        lines.append(f"  {key}: {msg}")
+    return "\n".join(lines)
+
+
+def parse_params(data: Any, source: str = "params") -> Params:
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: the top level must be a mapping of sections")
+    try:
+        return Params.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(_format_error(exc, source)) from None
+
+
+def load_params(path: str | Path = "params.yaml") -> Params:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"parameter file '{path}' not found: run from the repository root")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    return parse_params(data, str(path))
+
+
+def flatten(data: Any, prefix: str = "") -> dict[str, Any]:
+    """Flatten nested params into dotted keys, e.g. ``finetune.lr``."""
+    if isinstance(data, BaseModel):
+        data = data.model_dump(mode="json")
+    out: dict[str, Any] = {}
+    if isinstance(data, dict):
+        for key, value in data.items():
+            name = f"{prefix}.{key}" if prefix else str(key)
+            if isinstance(value, dict):
+                out.update(flatten(value, name))
+            else:
+                out[name] = value
+    else:
+        out[prefix] = data
+    return out

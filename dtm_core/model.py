@@ -1,0 +1,236 @@
+"""UNet factory, channel-wise projection, and loading/saving in diffusers' layout.
+
+Models on disk are diffusers ``save_pretrained`` directories (config.json +
+diffusion_pytorch_model.safetensors) with the noise schedule beside them in
+scheduler_config.json. A model without projection layers is a stock
+``UNet2DModel``; one with them is a :class:`DeMeUNet2DModel`, a UNet2DModel
+subclass whose config carries ``channel_projection: true``.
+
+The channel-wise projection (DeMe, Sec. 3) is a learnable C x C map
+``P(F) = W F`` (a bias-free 1x1 convolution initialised to the identity)
+applied to the output of every down block, the mid block and every up block.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+from pathlib import Path
+from typing import Optional
+
+import torch
+from diffusers import DDPMScheduler, UNet2DModel
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+
+from .config import ModelConfig
+from .io import atomic_dir
+
+WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
+PROJECTION_ATTR = "channel_projection"
+
+
+class ModelLoadError(RuntimeError):
+    """A model directory is missing, not a diffusers model, or corrupt."""
+
+
+def _identity_projection(channels: int) -> torch.nn.Conv2d:
+    conv = torch.nn.Conv2d(channels, channels, kernel_size=1, bias=False)
+    with torch.no_grad():
+        conv.weight.zero_()
+        conv.weight[:, :, 0, 0] = torch.eye(channels)
+    return conv
+
+
+def _project_tuple_output(module, args, output):
+    # Down blocks return (hidden_states, skip_states); the projection acts on
+    # the hidden states passed to the next block.
+    hidden, skips = output
+    return (getattr(module, PROJECTION_ATTR)(hidden), skips)
+
+
+def _project_tensor_output(module, args, output):
+    return getattr(module, PROJECTION_ATTR)(output)
+
+
+class DeMeUNet2DModel(UNet2DModel):
+    """UNet2DModel with optional identity-initialised channel-wise projections.
+
+    The constructor takes exactly UNet2DModel's arguments plus
+    ``channel_projection``; the signature is published to diffusers (below)
+    so ``from_pretrained``/``from_config`` restore the full configuration.
+    """
+
+    def __init__(self, *args, channel_projection: bool = False, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.register_to_config(channel_projection=channel_projection)
+        if channel_projection:
+            blocks = [*self.down_blocks, self.mid_block, *self.up_blocks]
+            for block in blocks:
+                channels = _block_out_channels(block)
+                setattr(block, PROJECTION_ATTR, _identity_projection(channels))
+            # Hooks are module-level functions that find the projection on
+            # the block they fire for, so deep copies stay self-contained.
+            for block in self.down_blocks:
+                block.register_forward_hook(_project_tuple_output)
+            self.mid_block.register_forward_hook(_project_tensor_output)
+            for block in self.up_blocks:
+                block.register_forward_hook(_project_tensor_output)
+
+
+def _block_out_channels(block: torch.nn.Module) -> int:
+    resnets = getattr(block, "resnets", None)
+    if not resnets:
+        raise ValueError(f"cannot find the output channels of {type(block).__name__}")
+    return resnets[-1].out_channels
+
+
+_unet_sig = inspect.signature(UNet2DModel.__init__)
+DeMeUNet2DModel.__init__.__signature__ = _unet_sig.replace(  # type: ignore[attr-defined]
+    parameters=[
+        *_unet_sig.parameters.values(),
+        inspect.Parameter("channel_projection", inspect.Parameter.KEYWORD_ONLY, default=False),
+    ]
+)
+
+
+def build_unet(cfg: ModelConfig, sample_size: int, channels: int) -> UNet2DModel:
+    n = len(cfg.block_out_channels)
+    down = ("DownBlock2D",) * n
+    up = ("UpBlock2D",) * n
+    return UNet2DModel(
+        sample_size=sample_size,
+        in_channels=channels,
+        out_channels=channels,
+        block_out_channels=tuple(cfg.block_out_channels),
+        layers_per_block=cfg.layers_per_block,
+        down_block_types=down,
+        up_block_types=up,
+        norm_num_groups=cfg.norm_num_groups,
+    )
+
+
+def build_scheduler(cfg: ModelConfig) -> DDPMScheduler:
+    return DDPMScheduler(
+        num_train_timesteps=cfg.num_train_timesteps,
+        beta_schedule=cfg.beta_schedule,
+        beta_start=cfg.beta_start,
+        beta_end=cfg.beta_end,
+        prediction_type="epsilon",
+        clip_sample=True,
+    )
+
+
+def with_projection(unet: UNet2DModel, enabled: bool = True) -> UNet2DModel:
+    """A copy of ``unet`` as a DeMeUNet2DModel (identity projections if enabled).
+
+    The output is exactly that of ``unet`` while the projections are the
+    identity; every UNet weight is copied.
+    """
+    config = {k: v for k, v in unet.config.items() if not k.startswith("_")}
+    config.pop(PROJECTION_ATTR, None)
+    model = DeMeUNet2DModel(**config, channel_projection=enabled)
+    missing, unexpected = model.load_state_dict(unet.state_dict(), strict=False)
+    if unexpected or any(PROJECTION_ATTR not in k for k in missing):
+        raise ValueError(f"weights do not fit the UNet: missing={missing} unexpected={unexpected}")
+    return model
+
+
+def has_projection(unet: UNet2DModel) -> bool:
+    return bool(unet.config.get(PROJECTION_ATTR, False))
+
+
+def save_model(unet: UNet2DModel, scheduler: DDPMScheduler, path: str | Path, extra: Optional[dict] = None) -> None:
+    """Save atomically in diffusers' layout, scheduler config beside the UNet.
+
+    A model without projection layers is saved as a stock UNet2DModel, so
+    ``UNet2DModel.from_pretrained`` and ``DDPMPipeline`` load it unchanged.
+    """
+    if isinstance(unet, DeMeUNet2DModel) and not has_projection(unet):
+        plain = UNet2DModel.from_config({k: v for k, v in unet.config.items() if k != PROJECTION_ATTR})
+        plain.load_state_dict(unet.state_dict())
+        unet = plain
+    with atomic_dir(path) as tmp:
+        unet.save_pretrained(tmp, safe_serialization=True)
+        scheduler.save_pretrained(tmp)
+        if extra:
+            (tmp / "dtm_info.json").write_text(json.dumps(extra, indent=2, sort_keys=True) + "\n")
+
+
+def _unet_dir(path: Path) -> Path:
+    if (path / "config.json").is_file():
+        return path
+    if (path / "unet" / "config.json").is_file():
+        return path / "unet"
+    raise ModelLoadError(
+        f"'{path}' is not a diffusers UNet2DModel directory: expected config.json and {WEIGHTS_NAME} "
+        "(or a pipeline directory with unet/config.json). Save one with "
+        "UNet2DModel.save_pretrained(path) or point model.pretrained_path elsewhere."
+    )
+
+
+def load_unet(path: str | Path, what: str = "model") -> UNet2DModel:
+    """Load a UNet from a local directory, never from a hub.
+
+    Returns a DeMeUNet2DModel when the config asks for projection layers,
+    a stock UNet2DModel otherwise. Errors name the directory and the fix.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise ModelLoadError(f"{what} directory '{path}' does not exist: run dvc repro to produce it, or fix the path.")
+    unet_dir = _unet_dir(path)
+    try:
+        config = json.loads((unet_dir / "config.json").read_text())
+    except json.JSONDecodeError as exc:
+        raise ModelLoadError(f"{what}: '{unet_dir / 'config.json'}' is not valid JSON ({exc}).") from exc
+    cls_name = config.get("_class_name")
+    if cls_name not in ("UNet2DModel", "DeMeUNet2DModel"):
+        raise ModelLoadError(
+            f"{what}: '{unet_dir}' holds a {cls_name!r}, not a UNet2DModel; DeMe here fine-tunes "
+            "unconditional diffusers UNet2DModel checkpoints."
+        )
+    weights = unet_dir / WEIGHTS_NAME
+    if not weights.is_file():
+        raise ModelLoadError(
+            f"{what}: weight file '{weights}' is missing. Re-save the model with "
+            "save_pretrained(..., safe_serialization=True) or re-run the stage that writes it."
+        )
+    try:
+        state = load_file(str(weights))
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise ModelLoadError(
+            f"{what}: weight file '{weights}' is corrupt or truncated ({exc}). "
+            "Delete the directory and re-run dvc repro (or re-export the checkpoint)."
+        ) from exc
+    cls = DeMeUNet2DModel if config.get(PROJECTION_ATTR) else UNet2DModel
+    init = {k: v for k, v in config.items() if not k.startswith("_")}
+    if cls is UNet2DModel:
+        init.pop(PROJECTION_ATTR, None)
+    try:
+        model = cls.from_config(init)
+        model.load_state_dict(state, strict=True)
+    except (RuntimeError, TypeError, ValueError) as exc:
+        raise ModelLoadError(
+            f"{what}: '{weights}' does not match its config.json ({str(exc).splitlines()[0]}). "
+            "The checkpoint is inconsistent; re-export it."
+        ) from exc
+    return model.eval()
+
+
+def load_scheduler(path: str | Path, fallback: Optional[ModelConfig] = None) -> DDPMScheduler:
+    path = Path(path)
+    for candidate in (path / "scheduler_config.json", path / "scheduler" / "scheduler_config.json"):
+        if candidate.is_file():
+            return DDPMScheduler.from_pretrained(candidate.parent)
+    if fallback is None:
+        raise ModelLoadError(f"no scheduler_config.json next to the model in '{path}'")
+    return build_scheduler(fallback)
+
+
+def float_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """All floating-point tensors of the state dict (integer buffers skipped)."""
+    return {k: v.detach() for k, v in model.state_dict().items() if torch.is_floating_point(v)}
+
+
+def num_parameters(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())

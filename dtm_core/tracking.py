@@ -1,0 +1,265 @@
+"""MLflow tracking: one parent run per pipeline execution, one child run per stage.
+
+DVC runs every stage as its own process, so the parent run is found through
+the pipeline execution that started the stage:
+
+- ``DTM_PARENT_RUN_ID`` in the environment names a parent explicitly (a
+  wrapper or CI job that manages its own run);
+- otherwise the execution is identified by the nearest ``dvc`` ancestor
+  process (pid + start time). ``.dtm/pipeline_run.json`` in the working tree
+  remembers which parent run belongs to it. The first stage of an execution
+  creates the parent; later stages of the same execution reuse it; a new
+  ``dvc repro`` gets a new one. A stage run by hand (no dvc ancestor) gets
+  a parent of its own.
+
+The parent is RUNNING while one of its stages runs and FINISHED between
+them; a failing stage marks its child and the parent FAILED. Tracking URI:
+``MLFLOW_TRACKING_URI`` if set, else ``tracking.tracking_uri`` from params,
+else ``sqlite:///<repo root>/mlflow.db``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import subprocess
+import time
+from pathlib import Path
+from typing import Any, Iterable, Iterator, Optional, Sequence
+
+from .config import Params, flatten
+
+log = logging.getLogger(__name__)
+
+STATE_FILE = Path(".dtm") / "pipeline_run.json"
+PARENT_ENV = "DTM_PARENT_RUN_ID"
+
+
+class TrackingError(RuntimeError):
+    """The MLflow tracking store cannot be used."""
+
+
+def repo_root(start: Optional[Path] = None) -> Path:
+    """The project's root, seen from ``start`` (default: the working directory).
+
+    Inside a DVC temporary experiment directory (``<root>/.dvc/tmp/exps/...``)
+    this is the original ``<root>``, so every experiment logs to one store.
+    """
+    start = (start or Path.cwd()).resolve()
+    parts = start.parts
+    for i in range(len(parts) - 3):
+        if parts[i : i + 3] == (".dvc", "tmp", "exps"):
+            return Path(*parts[:i])
+    for candidate in (start, *start.parents):
+        if (candidate / "dvc.yaml").is_file():
+            return candidate
+    return start
+
+
+def tracking_uri(params: Optional[Params] = None) -> str:
+    env = os.environ.get("MLFLOW_TRACKING_URI")
+    if env:
+        return env
+    if params is not None and params.tracking.tracking_uri:
+        return params.tracking.tracking_uri
+    return f"sqlite:///{repo_root() / 'mlflow.db'}"
+
+
+def _is_local(uri: str) -> bool:
+    return uri.startswith("sqlite:") or uri.startswith("file:") or "://" not in uri
+
+
+def git_commit(root: Optional[Path] = None) -> str:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=root or repo_root(), capture_output=True, text=True, timeout=10
+        )
+        return out.stdout.strip() if out.returncode == 0 else "unknown"
+    except (OSError, subprocess.TimeoutExpired):
+        return "unknown"
+
+
+def pipeline_key() -> str:
+    """Identify the pipeline execution this process belongs to."""
+    import psutil
+
+    proc = psutil.Process()
+    for ancestor in proc.parents():
+        try:
+            cmd = ancestor.cmdline()
+        except (psutil.AccessDenied, psutil.NoSuchProcess):
+            continue
+        if any(Path(part).name == "dvc" for part in cmd[:3]) or cmd[1:3] == ["-m", "dvc"]:
+            return f"dvc-{ancestor.pid}-{ancestor.create_time():.3f}"
+    return f"proc-{proc.pid}-{proc.create_time():.3f}"
+
+
+def _client(params: Optional[Params]):
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    uri = tracking_uri(params)
+    mlflow.set_tracking_uri(uri)
+    return MlflowClient(tracking_uri=uri), uri
+
+
+def _experiment_id(client, name: str, uri: str) -> str:
+    exp = client.get_experiment_by_name(name)
+    if exp is not None:
+        if exp.lifecycle_stage == "deleted":
+            client.restore_experiment(exp.experiment_id)
+        return exp.experiment_id
+    artifact_location = None
+    if _is_local(uri):
+        artifact_location = (repo_root() / "mlartifacts" / name).as_uri()
+    try:
+        return client.create_experiment(name, artifact_location=artifact_location)
+    except Exception:  # created concurrently by another stage process
+        exp = client.get_experiment_by_name(name)
+        if exp is None:
+            raise
+        return exp.experiment_id
+
+
+def _read_state() -> dict:
+    try:
+        return json.loads(STATE_FILE.read_text())
+    except (OSError, json.JSONDecodeError):
+        return {}
+
+
+def _write_state(state: dict) -> None:
+    STATE_FILE.parent.mkdir(parents=True, exist_ok=True)
+    tmp = STATE_FILE.with_suffix(".tmp")
+    tmp.write_text(json.dumps(state))
+    os.replace(tmp, STATE_FILE)
+
+
+def _parent_run(client, exp_id: str, params: Params) -> tuple[str, bool]:
+    """(parent run id, whether this process manages its status)."""
+    explicit = os.environ.get(PARENT_ENV)
+    if explicit:
+        return explicit, False
+    key = pipeline_key()
+    state = _read_state()
+    if state.get("key") == key:
+        try:
+            run = client.get_run(state["run_id"])
+            if run.info.lifecycle_stage == "active" and run.info.status != "FAILED":
+                return state["run_id"], True
+        except Exception:  # deleted or from another store
+            pass
+    name = os.environ.get("DVC_EXP_NAME") or time.strftime("pipeline-%Y%m%d-%H%M%S")
+    tags = {
+        "dtm.kind": "pipeline",
+        "mlflow.source.git.commit": git_commit(),
+        "dtm.pipeline_key": key,
+    }
+    run = client.create_run(exp_id, run_name=name, tags=tags)
+    _log_params(client, run.info.run_id, flatten(params))
+    _write_state({"key": key, "run_id": run.info.run_id})
+    return run.info.run_id, True
+
+
+def _log_params(client, run_id: str, values: dict[str, Any]) -> None:
+    from mlflow.entities import Param
+
+    items = [Param(k, json.dumps(v) if isinstance(v, (list, dict)) else str(v)) for k, v in sorted(values.items())]
+    for i in range(0, len(items), 100):
+        client.log_batch(run_id, params=items[i : i + 100])
+
+
+class StageRun:
+    """What a stage logs to its child run."""
+
+    def __init__(self, client, run_id: str, parent_id: str):
+        self.client = client
+        self.run_id = run_id
+        self.parent_id = parent_id
+
+    def log_params(self, values: dict[str, Any]) -> None:
+        _log_params(self.client, self.run_id, values)
+
+    def log_metrics(self, values: dict[str, float], step: int = 0, run_id: Optional[str] = None) -> None:
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        items = [
+            Metric(k, float(v), now, step)
+            for k, v in sorted(values.items())
+            if isinstance(v, (int, float)) and v == v  # skip NaN
+        ]
+        for i in range(0, len(items), 500):
+            self.client.log_batch(run_id or self.run_id, metrics=items[i : i + 500])
+
+    def log_curve(self, name: str, points: Iterable[tuple[int, float]]) -> None:
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        items = [Metric(name, float(v), now, int(s)) for s, v in points]
+        for i in range(0, len(items), 500):
+            self.client.log_batch(self.run_id, metrics=items[i : i + 500])
+
+    def log_artifact(self, path: str | Path, artifact_path: Optional[str] = None, run_id: Optional[str] = None) -> None:
+        if Path(path).exists():
+            self.client.log_artifact(run_id or self.run_id, str(path), artifact_path)
+
+    def set_tags(self, tags: dict[str, Any], run_id: Optional[str] = None) -> None:
+        for k, v in tags.items():
+            self.client.set_tag(run_id or self.run_id, k, str(v))
+
+    # The parent's summary (filled by the report stage from stage outputs).
+    def log_parent_metrics(self, values: dict[str, float]) -> None:
+        self.log_metrics(values, run_id=self.parent_id)
+
+    def log_parent_artifact(self, path: str | Path, artifact_path: Optional[str] = None) -> None:
+        self.log_artifact(path, artifact_path, run_id=self.parent_id)
+
+
+@contextlib.contextmanager
+def stage_run(
+    params: Params,
+    run_name: str,
+    dvc_stage: str,
+    sections: Sequence[str],
+) -> Iterator[StageRun]:
+    """A child run under the pipeline's parent, logging the params it reads.
+
+    On an exception the child and its parent are marked FAILED (nothing is
+    left RUNNING) and the exception propagates.
+    """
+    client, uri = _client(params)
+    try:
+        exp_id = _experiment_id(client, params.tracking.experiment_name, uri)
+    except Exception as exc:
+        raise TrackingError(
+            f"cannot reach the MLflow tracking store at '{uri}' ({type(exc).__name__}: {str(exc)[:200]}). "
+            "Start the server, fix MLFLOW_TRACKING_URI / tracking.tracking_uri, or unset it to use "
+            "the local sqlite:///<repo>/mlflow.db."
+        ) from exc
+    parent_id, manage_parent = _parent_run(client, exp_id, params)
+    if manage_parent:
+        client.update_run(parent_id, status="RUNNING")
+    tags = {
+        "mlflow.parentRunId": parent_id,
+        "dvc.stage": dvc_stage,
+        "dtm.kind": "stage",
+        "mlflow.source.git.commit": git_commit(),
+    }
+    child = client.create_run(exp_id, run_name=run_name, tags=tags)
+    run = StageRun(client, child.info.run_id, parent_id)
+    run.log_params({k: v for s in sections for k, v in flatten(params.section(s), s).items()})
+    try:
+        yield run
+    except BaseException:
+        client.set_terminated(child.info.run_id, "FAILED")
+        if manage_parent:
+            client.set_terminated(parent_id, "FAILED")
+            with contextlib.suppress(OSError):
+                STATE_FILE.unlink()
+        raise
+    client.set_terminated(child.info.run_id, "FINISHED")
+    if manage_parent:
+        client.set_terminated(parent_id, "FINISHED")

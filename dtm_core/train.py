@@ -1,0 +1,243 @@
+"""One training loop for pretraining, per-range DeMe fine-tunes and the shared baseline.
+
+The loop is Accelerate-driven (CPU, one GPU or many, chosen at run time),
+keeps an EMA of the weights with diffusers' ``EMAModel`` and returns the EMA
+weights, which are the ones saved and merged. DeMe's pieces are switches:
+
+- ``timestep_sampler``: how a batch's t is drawn (uniform, or the per-range
+  probabilistic sampler of :func:`dtm_core.partition.sample_timesteps`);
+- ``teacher`` + ``consistency_weight``: the consistency loss
+  ``||eps_teacher(x_t, t) - eps_model(x_t, t)||^2`` to the frozen pretrained model;
+- the channel-wise projection lives in the model itself (:mod:`dtm_core.model`).
+
+With ``checkpoint_dir`` the loop saves Accelerate state (model, optimizer,
+EMA, its own random streams, step) every ``checkpoint_every`` steps and
+resumes from the newest checkpoint there, so a killed run continues where it
+stopped and ends as an uninterrupted run would.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+from diffusers import DDPMScheduler, UNet2DModel
+from diffusers.training_utils import EMAModel
+from tqdm.auto import tqdm
+
+from .config import _Optim
+from .data import BatchSampler
+
+log = logging.getLogger(__name__)
+
+TimestepSampler = Callable[[int, torch.Generator], torch.Tensor]
+
+
+def uniform_timesteps(T: int) -> TimestepSampler:
+    def draw(batch_size: int, generator: torch.Generator) -> torch.Tensor:
+        return torch.randint(0, T, (batch_size,), generator=generator)
+
+    return draw
+
+
+@dataclass
+class TrainResult:
+    model: UNet2DModel  # EMA weights, on the CPU, in eval mode
+    losses: list[tuple[int, float]] = field(default_factory=list)  # (step, mean loss over the interval)
+    consistency: list[tuple[int, float]] = field(default_factory=list)
+    steps: int = 0
+    seconds: float = 0.0
+    resumed_from: int = 0
+
+    @property
+    def steps_per_second(self) -> float:
+        return self.steps / self.seconds if self.seconds > 0 else float("nan")
+
+
+class _LoopState:
+    """Random streams and position of the loop, checkpointed with Accelerate."""
+
+    def __init__(self, seed: int, sampler: BatchSampler):
+        self.generator = torch.Generator().manual_seed(seed)
+        self.sampler = sampler
+        self.step = 0
+        self.losses: list[tuple[int, float]] = []
+        self.consistency: list[tuple[int, float]] = []
+
+    def state_dict(self) -> dict:
+        return {
+            "generator": self.generator.get_state(),
+            "sampler": self.sampler.state_dict(),
+            "step": self.step,
+            "losses": list(self.losses),
+            "consistency": list(self.consistency),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.generator.set_state(state["generator"])
+        self.sampler.load_state_dict(state["sampler"])
+        self.step = int(state["step"])
+        self.losses = [tuple(x) for x in state["losses"]]
+        self.consistency = [tuple(x) for x in state["consistency"]]
+
+
+def _latest_checkpoint(checkpoint_dir: Path) -> Optional[Path]:
+    done = [p for p in checkpoint_dir.glob("step-*") if (p / "COMPLETE").is_file()]
+    return max(done, key=lambda p: int(p.name.split("-")[1]), default=None)
+
+
+def train(
+    model: UNet2DModel,
+    scheduler: DDPMScheduler,
+    images: torch.Tensor,
+    cfg: _Optim,
+    seed: int,
+    steps: Optional[int] = None,
+    timestep_sampler: Optional[TimestepSampler] = None,
+    teacher: Optional[UNet2DModel] = None,
+    consistency_weight: float = 0.0,
+    checkpoint_dir: Optional[Path] = None,
+    checkpoint_every: int = 0,
+    stop_after: Optional[int] = None,
+    desc: str = "train",
+) -> TrainResult:
+    """Train ``model`` (in place) and return its EMA weights.
+
+    ``stop_after`` ends the loop early after that many total steps, without
+    producing a result (used by tests to simulate an interrupted run).
+    """
+    steps = cfg.steps if steps is None else steps
+    T = scheduler.config.num_train_timesteps
+    timestep_sampler = timestep_sampler or uniform_timesteps(T)
+    use_teacher = teacher is not None and consistency_weight > 0
+
+    torch.manual_seed(seed)
+    accelerator = Accelerator(mixed_precision=cfg.mixed_precision, cpu=not torch.cuda.is_available())
+    device = accelerator.device
+    optimizer = torch.optim.AdamW(
+        model.parameters(), lr=cfg.lr, betas=tuple(cfg.adam_betas), eps=cfg.adam_eps, weight_decay=cfg.weight_decay
+    )
+    ema = EMAModel(
+        model.parameters(),
+        decay=cfg.ema_max_decay,
+        use_ema_warmup=True,
+        inv_gamma=cfg.ema_inv_gamma,
+        power=cfg.ema_power,
+    )
+    state = _LoopState(seed, BatchSampler(images, cfg.batch_size, torch.Generator().manual_seed(seed + 1)))
+    model.train()
+    model, optimizer = accelerator.prepare(model, optimizer)
+    ema.to(device)
+    accelerator.register_for_checkpointing(ema)
+    accelerator.register_for_checkpointing(state)
+    if use_teacher:
+        teacher = teacher.to(device).eval().requires_grad_(False)
+    alphas = scheduler.alphas_cumprod.to(device)
+
+    resumed_from = 0
+    if checkpoint_dir is not None:
+        checkpoint_dir = Path(checkpoint_dir)
+        latest = _latest_checkpoint(checkpoint_dir)
+        if latest is not None:
+            accelerator.load_state(str(latest))
+            resumed_from = state.step
+            log.info("%s: resumed from %s (step %d)", desc, latest, state.step)
+
+    def add_noise(x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        a = alphas[t].view(-1, 1, 1, 1)
+        return a.sqrt() * x0 + (1 - a).sqrt() * noise
+
+    running, running_c, count = 0.0, 0.0, 0
+    start = time.perf_counter()
+    bar = tqdm(total=steps, initial=state.step, desc=desc, file=sys.stderr, mininterval=2.0, disable=None)
+    while state.step < steps:
+        if stop_after is not None and state.step >= stop_after:
+            bar.close()
+            return TrainResult(model=accelerator.unwrap_model(model), steps=state.step)
+        x0 = state.sampler.next()
+        t = timestep_sampler(x0.shape[0], state.generator)
+        noise = torch.randn(x0.shape, generator=state.generator)
+        x0, t, noise = x0.to(device), t.to(device), noise.to(device)
+        x_t = add_noise(x0, noise, t)
+        with accelerator.autocast():
+            pred = model(x_t, t).sample
+            loss = F.mse_loss(pred.float(), noise)
+            total = loss
+            if use_teacher:
+                with torch.no_grad():
+                    target = teacher(x_t, t).sample
+                c_loss = F.mse_loss(pred.float(), target.float())
+                total = loss + consistency_weight * c_loss
+        if not torch.isfinite(total):
+            raise FloatingPointError(
+                f"{desc}: loss became {total.item()} at step {state.step + 1}; lower the learning rate (lr)"
+            )
+        accelerator.backward(total)
+        if accelerator.sync_gradients:
+            accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        ema.step(model.parameters())
+        state.step += 1
+        bar.update(1)
+        running += loss.item()
+        running_c += c_loss.item() if use_teacher else 0.0
+        count += 1
+        if state.step % cfg.log_every == 0 or state.step == steps:
+            state.losses.append((state.step, running / count))
+            if use_teacher:
+                state.consistency.append((state.step, running_c / count))
+            running, running_c, count = 0.0, 0.0, 0
+        if checkpoint_dir is not None and checkpoint_every and state.step % checkpoint_every == 0 and state.step < steps:
+            _save_checkpoint(accelerator, checkpoint_dir, state.step)
+    bar.close()
+    seconds = time.perf_counter() - start
+
+    final = accelerator.unwrap_model(model)
+    ema.copy_to(final.parameters())
+    final = final.to("cpu").eval()
+    return TrainResult(
+        model=final,
+        losses=state.losses,
+        consistency=state.consistency,
+        steps=steps,
+        seconds=seconds,
+        resumed_from=resumed_from,
+    )
+
+
+def _save_checkpoint(accelerator: Accelerator, checkpoint_dir: Path, step: int) -> None:
+    """Write step-<n>/ under a temporary name, mark it COMPLETE, keep only the newest."""
+    checkpoint_dir.mkdir(parents=True, exist_ok=True)
+    final = checkpoint_dir / f"step-{step}"
+    tmp = checkpoint_dir / f".step-{step}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    accelerator.save_state(str(tmp), safe_serialization=True)
+    (tmp / "COMPLETE").write_text(str(step))
+    shutil.rmtree(final, ignore_errors=True)
+    tmp.rename(final)
+    for old in checkpoint_dir.glob("step-*"):
+        if old != final:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def clear_checkpoints(checkpoint_dir: Optional[Path]) -> None:
+    if checkpoint_dir is not None:
+        shutil.rmtree(checkpoint_dir, ignore_errors=True)
+
+
+def smoothed(values: list[tuple[int, float]]) -> float:
+    """Mean of the last quarter of logged losses (a stable 'final loss')."""
+    if not values:
+        return math.nan
+    tail = values[-max(1, len(values) // 4) :]
+    return sum(v for _, v in tail) / len(tail)

@@ -1,0 +1,17 @@
+"""DVC stage evaluate@<model>: DDIM samples from common noise, FD/KID -> metrics/<model>.json."""
+import sys
+
+from dtm_core import cli, pipeline
+
+
+def _args(parser):
+    parser.add_argument("--model", required=True, choices=pipeline.EVAL_MODELS)
+
+
+if __name__ == "__main__":
+    sys.exit(cli.main(
+        "evaluate", lambda params, args, run: pipeline.evaluate(params, args.model, run),
+        sections=("seed", "evaluate"), metrics_file=lambda a: pipeline.METRICS_DIR / f"{a.model}.json",
+        run_name=lambda a: f"evaluate-{a.model}", dvc_stage=lambda a: f"evaluate@{a.model}",
+        add_args=_args,
+    ))

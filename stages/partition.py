@@ -1,0 +1,10 @@
+"""DVC stage partition: the N timestep ranges over [0, T) -> partition/ranges.json."""
+import sys
+
+from dtm_core import cli, pipeline
+
+if __name__ == "__main__":
+    sys.exit(cli.main(
+        "partition", lambda params, args, run: pipeline.partition(params, run),
+        sections=("partition", "model"), metrics_file=None,
+    ))
