@@ -89,6 +89,13 @@ class _Optim(_Section):
     checkpoint_every: int = Field(100, ge=0)
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"
 
+    @field_validator("mixed_precision", mode="before")
+    @classmethod
+    def _yaml_no(cls, v: Any) -> Any:
+        # YAML 1.1 readers (and tools that rewrite params.yaml) turn a bare
+        # `no` into false; accept it as Accelerate's "no".
+        return "no" if v is False else v
+
     @field_validator("lr", "weight_decay", "adam_eps", "grad_clip")
     @classmethod
     def _finite(cls, v: float) -> float:

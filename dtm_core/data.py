@@ -144,8 +144,9 @@ class BatchSampler:
         return self.images[idx]
 
     def state_dict(self) -> dict:
-        return {"order": self._order.clone(), "pos": self._pos}
+        return {"order": self._order.clone(), "pos": self._pos, "generator": self.generator.get_state()}
 
     def load_state_dict(self, state: dict) -> None:
         self._order = state["order"].clone()
         self._pos = int(state["pos"])
+        self.generator.set_state(state["generator"])

@@ -72,6 +72,7 @@ class _LoopState:
         self.step = 0
         self.losses: list[tuple[int, float]] = []
         self.consistency: list[tuple[int, float]] = []
+        self.running = [0.0, 0.0, 0]  # loss sum, consistency sum, count since the last log point
 
     def state_dict(self) -> dict:
         return {
@@ -80,6 +81,7 @@ class _LoopState:
             "step": self.step,
             "losses": list(self.losses),
             "consistency": list(self.consistency),
+            "running": list(self.running),
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -88,6 +90,7 @@ class _LoopState:
         self.step = int(state["step"])
         self.losses = [tuple(x) for x in state["losses"]]
         self.consistency = [tuple(x) for x in state["consistency"]]
+        self.running = list(state["running"])
 
 
 def _latest_checkpoint(checkpoint_dir: Path) -> Optional[Path]:
@@ -156,7 +159,6 @@ def train(
         a = alphas[t].view(-1, 1, 1, 1)
         return a.sqrt() * x0 + (1 - a).sqrt() * noise
 
-    running, running_c, count = 0.0, 0.0, 0
     start = time.perf_counter()
     bar = tqdm(total=steps, initial=state.step, desc=desc, file=sys.stderr, mininterval=2.0, disable=None)
     while state.step < steps:
@@ -189,14 +191,15 @@ def train(
         ema.step(model.parameters())
         state.step += 1
         bar.update(1)
-        running += loss.item()
-        running_c += c_loss.item() if use_teacher else 0.0
-        count += 1
+        r = state.running
+        r[0] += loss.item()
+        r[1] += c_loss.item() if use_teacher else 0.0
+        r[2] += 1
         if state.step % cfg.log_every == 0 or state.step == steps:
-            state.losses.append((state.step, running / count))
+            state.losses.append((state.step, r[0] / r[2]))
             if use_teacher:
-                state.consistency.append((state.step, running_c / count))
-            running, running_c, count = 0.0, 0.0, 0
+                state.consistency.append((state.step, r[1] / r[2]))
+            state.running = [0.0, 0.0, 0]
         if checkpoint_dir is not None and checkpoint_every and state.step % checkpoint_every == 0 and state.step < steps:
             _save_checkpoint(accelerator, checkpoint_dir, state.step)
     bar.close()

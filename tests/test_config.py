@@ -1,0 +1,110 @@
+import math
+
+import pytest
+
+from dtm_core.config import ConfigError, derive_seed, flatten, load_params, parse_params
+
+
+def _with(d: dict, section: str, **values) -> dict:
+    out = dict(d)
+    out[section] = {**(d.get(section) or {}), **values}
+    return out
+
+
+def test_repo_params_parse_and_defaults(default_params_dict):
+    p = parse_params(default_params_dict)
+    assert p.num_ranges == 4
+    assert p.merge_weights == [0.25] * 4
+    assert p.finetune.p == 0.3 and p.finetune.consistency_weight == 1.0 and p.finetune.channel_projection
+
+
+def test_load_params_missing_file(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        load_params(tmp_path / "nope.yaml")
+
+
+def test_load_params_bad_yaml(tmp_path):
+    f = tmp_path / "params.yaml"
+    f.write_text("seed: [1,\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_params(f)
+
+
+@pytest.mark.parametrize(
+    "section, values, key",
+    [
+        ("finetune", {"lrr": 0.1}, "finetune.lrr"),
+        ("finetune", {"p": 1.5}, "finetune.p"),
+        ("finetune", {"p": -0.1}, "finetune.p"),
+        ("finetune", {"steps": 0}, "finetune.steps"),
+        ("finetune", {"steps": "many"}, "finetune.steps"),
+        ("finetune", {"lr": -1e-4}, "finetune.lr"),
+        ("finetune", {"lr": 0}, "finetune.lr"),
+        ("finetune", {"batch_size": 0}, "finetune.batch_size"),
+        ("finetune", {"consistency_weight": float("nan")}, "finetune.consistency_weight"),
+        ("pretrain", {"steps": -5}, "pretrain.steps"),
+        ("merge", {"method": "average"}, "merge.method"),
+        ("merge", {"weights": [0.5, float("inf"), 0.1, 0.1]}, "merge.weights"),
+        ("partition", {"ranges": [1, 2, 3]}, "partition.ranges"),
+        ("partition", {"ranges": []}, "partition.ranges"),
+        ("data", {"source": "cifar"}, "data.source"),
+        ("evaluate", {"num_samples": 10}, "evaluate"),
+        ("tracking", {"experiment_name": ""}, "tracking.experiment_name"),
+    ],
+)
+def test_bad_values_name_the_key(default_params_dict, section, values, key):
+    with pytest.raises(ConfigError) as exc:
+        parse_params(_with(default_params_dict, section, **values))
+    assert key in str(exc.value)
+
+
+def test_unknown_top_level_section(default_params_dict):
+    with pytest.raises(ConfigError, match="finetuen.*unknown key"):
+        parse_params({**default_params_dict, "finetuen": {}})
+
+
+def test_merge_weights_must_match_n(default_params_dict):
+    with pytest.raises(ConfigError, match="merge.weights has 3 values but there are N=4"):
+        parse_params(_with(default_params_dict, "merge", weights=[0.3, 0.3, 0.4]))
+
+
+def test_n_cannot_exceed_T(default_params_dict):
+    d = _with(default_params_dict, "model", num_train_timesteps=3)
+    with pytest.raises(ConfigError, match="N must not exceed T"):
+        parse_params(d)
+
+
+@pytest.mark.parametrize(
+    "boundaries, message",
+    [
+        ([0, 300, 200, 700, 1000], "strictly increasing"),
+        ([0, 250, 250, 750, 1000], "strictly increasing"),
+        ([10, 250, 500, 750, 1000], "start at 0"),
+        ([0, 250, 500, 750, 900], "end at T=1000"),
+        ([0, 500, 1000], "needs N\\+1=5 values"),
+    ],
+)
+def test_explicit_boundaries_validated(default_params_dict, boundaries, message):
+    with pytest.raises(ConfigError, match=message):
+        parse_params(_with(default_params_dict, "partition", boundaries=boundaries))
+
+
+def test_imagefolder_requires_folder(default_params_dict):
+    with pytest.raises(ConfigError, match="data.image_folder"):
+        parse_params(_with(default_params_dict, "data", source="imagefolder", image_size=16))
+
+
+def test_derive_seed_stable_and_distinct():
+    assert derive_seed(0, "finetune-1") == derive_seed(0, "finetune-1")
+    seeds = {derive_seed(0, f"finetune-{i}") for i in range(8)} | {derive_seed(1, "finetune-1")}
+    assert len(seeds) == 9
+    assert all(0 <= s < 2**31 for s in seeds)
+
+
+def test_flatten_dotted(default_params_dict):
+    flat = flatten(parse_params(default_params_dict))
+    assert flat["finetune.lr"] == pytest.approx(2e-4)
+    assert flat["evaluate.classifier.feature_dim"] == 64
+    assert flat["seed"] == 0
+    assert not any(isinstance(v, dict) for v in flat.values())
+    assert not math.isnan(flat["finetune.p"])

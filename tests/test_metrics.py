@@ -1,0 +1,72 @@
+import numpy as np
+import pytest
+
+from dtm_core.config import ClassifierConfig
+from dtm_core.data import load_digits_source, split
+from dtm_core.metrics import (
+    extract_features,
+    frechet_distance,
+    kernel_distance,
+    load_classifier,
+    save_classifier,
+    train_classifier,
+)
+
+
+def _gauss(n, d, shift=0.0, seed=0):
+    return np.random.default_rng(seed).normal(size=(n, d)) + shift
+
+
+def test_fd_of_a_set_with_itself_is_zero():
+    x = _gauss(500, 8)
+    assert abs(frechet_distance(x, x)) < 1e-6
+
+
+def test_fd_sees_a_mean_shift():
+    a, b = _gauss(4000, 4, seed=0), _gauss(4000, 4, shift=1.0, seed=1)
+    # ||mu_a - mu_b||^2 = 4 for a unit shift in 4 dims; covariances equal
+    assert frechet_distance(a, b) == pytest.approx(4.0, abs=0.3)
+    assert frechet_distance(a, _gauss(4000, 4, seed=2)) < 0.05
+
+
+def test_fd_needs_more_samples_than_dims():
+    with pytest.raises(ValueError, match="more samples than feature dimensions"):
+        frechet_distance(_gauss(10, 16), _gauss(100, 16))
+
+
+def test_kid_is_seeded_and_near_zero_for_same_distribution():
+    a, b = _gauss(600, 8, seed=0), _gauss(600, 8, seed=1)
+    k1 = kernel_distance(a, b, 20, 200, seed=3)
+    assert k1 == kernel_distance(a, b, 20, 200, seed=3)
+    assert abs(k1) < 0.05
+    assert kernel_distance(a, _gauss(600, 8, shift=2.0), 20, 200, seed=3) > 10 * max(abs(k1), 1e-3)
+
+
+@pytest.fixture(scope="module")
+def trained():
+    ds = load_digits_source()
+    tr, ho = split(ds, 0.2, seed=0)
+    res = train_classifier(tr.images, tr.labels, ho.images, ho.labels, 10, ClassifierConfig(steps=300, feature_dim=32), 0)
+    return res, tr, ho
+
+
+def test_classifier_learns_digits_and_features_are_alive(trained):
+    res, tr, ho = trained
+    assert res.heldout_accuracy > 0.85
+    assert res.dead_feature_fraction == 0.0
+    feats = extract_features(res.model, ho.images)
+    assert feats.shape == (len(ho), 32)
+    # real-vs-real floor is far below real-vs-noise
+    noise = np.random.default_rng(0).uniform(-1, 1, size=(len(ho), 1, 8, 8)).astype(np.float32)
+    floor = frechet_distance(feats, extract_features(res.model, tr.images))
+    noisy = frechet_distance(extract_features(res.model, noise), extract_features(res.model, tr.images))
+    assert noisy > 10 * floor
+
+
+def test_classifier_save_load(tmp_path, trained):
+    res, _, ho = trained
+    save_classifier(res.model, tmp_path / "c")
+    back = load_classifier(tmp_path / "c")
+    np.testing.assert_array_equal(extract_features(back, ho.images), extract_features(res.model, ho.images))
+    with pytest.raises(FileNotFoundError, match="dvc repro classifier"):
+        load_classifier(tmp_path / "missing")

@@ -1,0 +1,117 @@
+"""End to end: `dvc repro` on the tiny profile in a temporary copy of the repo."""
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from mlflow.tracking import MlflowClient
+
+from tiny_params import tiny_params
+
+ROOT = Path(__file__).resolve().parents[1]
+COPY = ["dtm_core", "stages", "dvc.yaml", "params.yaml", "pyproject.toml", ".dvcignore", ".gitignore"]
+EXPECTED_CHILDREN = {
+    "prepare", "classifier", "pretrain", "partition", "finetune-range-0", "finetune-range-1",
+    "finetune-shared", "task-vectors", "merge", "evaluate-pretrained", "evaluate-shared",
+    "evaluate-merged", "evaluate-ensemble", "report",
+}
+
+
+def _run(cmd, cwd, env):
+    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=1200)
+    assert proc.returncode == 0, f"{cmd} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    return proc.stdout + proc.stderr
+
+
+def make_project(dest: Path, overrides=None) -> dict:
+    for name in COPY:
+        src = ROOT / name
+        if src.is_dir():
+            shutil.copytree(src, dest / name, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            shutil.copy2(src, dest / name)
+    shutil.copytree(ROOT / ".dvc", dest / ".dvc", ignore=shutil.ignore_patterns("tmp", "cache"))
+    params = tiny_params(yaml.safe_load((ROOT / "params.yaml").read_text()))
+    for section, values in (overrides or {}).items():
+        params[section] = {**params[section], **values}
+    (dest / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    env.pop("DTM_PARENT_RUN_ID", None)
+    for cmd in (["git", "init", "-q"], ["git", "add", "-A"], ["git", "commit", "-qm", "init"]):
+        _run(cmd, dest, env)
+    return env
+
+
+def stages_run(output: str) -> set[str]:
+    return set(re.findall(r"Running stage '([^']+)'", output))
+
+
+def runs_by_parent(root: Path):
+    client = MlflowClient(f"sqlite:///{root / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("decouple-then-merge")
+    runs = client.search_runs([exp.experiment_id])
+    parents = [r for r in runs if r.data.tags.get("dtm.kind") == "pipeline"]
+    children = {p.info.run_id: {r.info.run_name: r for r in runs if r.data.tags.get("mlflow.parentRunId") == p.info.run_id}
+                for p in parents}
+    return parents, children
+
+
+@pytest.mark.slow
+def test_dvc_repro_end_to_end(tmp_path):
+    proj = tmp_path / "proj"
+    proj.mkdir()
+    env = make_project(proj)
+    out = _run(["dvc", "repro"], proj, env)
+
+    # every out exists where users and scripts expect it
+    for path in ["data/prepared/train.npz", "models/classifier", "models/pretrained", "models/range-0",
+                 "models/range-1", "models/shared", "models/merged", "task_vectors/range-1.safetensors",
+                 "partition/ranges.json", "reports/comparison.md", "samples/ensemble.png",
+                 "plots/task_vector_norms.tsv", "metrics/finetune/range-0.json"]:
+        assert (proj / path).exists(), path
+    from diffusers import UNet2DModel
+
+    for name in ("pretrained", "shared"):
+        assert type(UNet2DModel.from_pretrained(proj / "models" / name)) is UNet2DModel
+    report = json.loads((proj / "reports/comparison.json").read_text())
+    for name in ("pretrained", "shared", "merged", "ensemble"):
+        assert report[name]["fd"] > 0 and "kid" in report[name]
+    assert report["shared"]["fd_vs_shared"] == 0
+    assert report["floor"]["fd"] < report["pretrained"]["fd"]
+
+    parents, children = runs_by_parent(proj)
+    assert len(parents) == 1
+    assert set(children[parents[0].info.run_id]) == EXPECTED_CHILDREN
+    assert parents[0].info.status == "FINISHED"
+    assert parents[0].data.metrics["merged/fd"] == pytest.approx(report["merged"]["fd"])
+    assert report["mlflow"]["parent_run_id"] == parents[0].info.run_id
+    assert not [p for p in proj.rglob("*.tmp-*")]
+
+    # a second repro does nothing and logs nothing
+    again = _run(["dvc", "repro"], proj, env)
+    assert stages_run(again) == set()
+    assert len(runs_by_parent(proj)[0]) == 1
+
+    # a variant re-runs only what p affects
+    _run(["git", "add", "-A"], proj, env)
+    _run(["git", "commit", "-qm", "baseline run"], proj, env)
+    variant = _run(["dvc", "exp", "run", "-S", "finetune.p=0.5"], proj, env)
+    assert stages_run(variant) == {
+        "finetune@0", "finetune@1", "task_vectors", "merge", "evaluate@merged", "evaluate@ensemble", "report",
+    }
+    parents, children = runs_by_parent(proj)
+    assert len(parents) == 2
+    newest = max(parents, key=lambda r: r.info.start_time)
+    assert set(children[newest.info.run_id]) == {
+        "finetune-range-0", "finetune-range-1", "task-vectors", "merge", "evaluate-merged",
+        "evaluate-ensemble", "report",
+    }
+    # the report fills the new parent's summary, cached stages' numbers included
+    assert "pretrained/fd" in newest.data.metrics and "shared/fd" in newest.data.metrics
