@@ -43,15 +43,22 @@ class DigitClassifier(torch.nn.Module):
         self.pool = torch.nn.AdaptiveAvgPool2d(4)
         self.fc = torch.nn.Linear(64 * 16, feature_dim)
         self.head = torch.nn.Linear(feature_dim, num_classes)
+        # Fixed after training so that train features have unit mean variance
+        # per dimension: an isotropic rescale (FD's geometry is unchanged)
+        # that keeps KID's cubic kernel in a sane numeric range.
+        self.register_buffer("feature_scale", torch.ones(()))
 
-    def features(self, x: torch.Tensor) -> torch.Tensor:
+    def _penultimate(self, x: torch.Tensor) -> torch.Tensor:
         h = F.relu(self.conv1(x))
         h = F.relu(self.conv2(h))
         h = self.pool(h).flatten(1)
         return self.fc(h)  # pre-activation: no dead dimensions
 
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        return self._penultimate(x) * self.feature_scale
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(F.relu(self.features(x)))
+        return self.head(F.relu(self._penultimate(x)))
 
 
 @dataclass
@@ -87,6 +94,9 @@ def train_classifier(
         loss.backward()
         opt.step()
     model.eval()
+    with torch.no_grad():
+        raw = extract_features(model, train_images)
+        model.feature_scale.fill_(float(1.0 / np.sqrt(raw.var(axis=0).mean())))
     feats = extract_features(model, heldout_images)
     dead = float((feats.std(axis=0) < 1e-6).mean())
     return ClassifierResult(
