@@ -1,56 +1,154 @@
-"""Merge task vectors back into one model: theta_merged = theta + merge(tau_1..tau_N).
+"""Merge task vectors back into one model: theta_merged = theta + scale * merge(tau_1..tau_N).
 
 Merge methods are small pure functions over the N task-vector tensors of one
-parameter (stacked along dim 0) and their weights. :func:`merge_files`
-streams tensor by tensor from the saved task-vector files, so peak memory is
-the merged model plus N copies of a single tensor, whatever N is.
+parameter (stacked along dim 0) and their weights, ``MergeFn(task_tensors,
+weights) -> Tensor``; knobs such as ``density`` are bound with
+:func:`get_method`. Apart from :func:`task_arithmetic` (Eq. 8 of the paper)
+they wrap PEFT's implementations in ``peft.utils.merge_utils``.
+
+:func:`merge_files` streams tensor by tensor from the saved task-vector files,
+so peak memory is the merged model plus N copies of a single tensor, whatever
+N is. The DARE methods drop entries at random; each tensor's mask is drawn
+from a generator seeded by (merge seed, tensor key), so a merge is
+reproducible and does not depend on the order tensors are visited in.
 """
 
 from __future__ import annotations
 
-from contextlib import ExitStack
+import contextlib
+import functools
+import math
+import warnings
 from pathlib import Path
-from typing import Callable, Mapping, Sequence
+from typing import Callable, Iterator, Mapping, Sequence
 
 import torch
 from safetensors import SafetensorError, safe_open
 
+from .config import derive_seed
 from .task_vector import StateDict, TaskVectorError
 
 MergeFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
+def _shaped(weights: torch.Tensor, task_tensors: torch.Tensor) -> torch.Tensor:
+    return weights.to(task_tensors.dtype).view(-1, *([1] * (task_tensors.dim() - 1)))
+
+
 def task_arithmetic(task_tensors: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     """Eq. 8 of the paper: sum_i w_i tau_i."""
-    w = weights.to(task_tensors.dtype).view(-1, *([1] * (task_tensors.dim() - 1)))
-    return (w * task_tensors).sum(dim=0)
+    return (_shaped(weights, task_tensors) * task_tensors).sum(dim=0)
 
 
-METHODS: dict[str, MergeFn] = {"task_arithmetic": task_arithmetic}
+def _call_peft(name: str, task_tensors: torch.Tensor, weights: torch.Tensor, **knobs) -> torch.Tensor:
+    """Run PEFT's merge ``name`` (which takes a list of tensors) on our stacked layout."""
+    # Imported here: importing peft costs seconds, which every stage that
+    # imports this module would otherwise pay.
+    from peft.utils import merge_utils
+
+    fn = getattr(merge_utils, name)
+    with warnings.catch_warnings():
+        # PEFT warns on every tensor when density is 1 ("no pruning will be
+        # performed"); that is a legitimate setting here, not a mistake.
+        warnings.filterwarnings("ignore", message="The density .* no pruning will be performed")
+        return fn(list(task_tensors.unbind(0)), weights.to(task_tensors.dtype), **knobs)
 
 
-def get_method(name: str) -> MergeFn:
+def ties(
+    task_tensors: torch.Tensor, weights: torch.Tensor, *, density: float = 0.5, majority_sign_method: str = "total"
+) -> torch.Tensor:
+    """TIES: keep each tau_i's top-``density`` entries by magnitude, elect a sign per
+    entry (sign of the summed trimmed taus), average the weighted entries that agree."""
+    return _call_peft("ties", task_tensors, weights, density=density, majority_sign_method=majority_sign_method)
+
+
+def dare_linear(task_tensors: torch.Tensor, weights: torch.Tensor, *, density: float = 0.5) -> torch.Tensor:
+    """DARE: keep each entry with probability ``density``, rescale by 1/density, weighted sum."""
+    return _call_peft("dare_linear", task_tensors, weights, density=density)
+
+
+def dare_ties(
+    task_tensors: torch.Tensor, weights: torch.Tensor, *, density: float = 0.5, majority_sign_method: str = "total"
+) -> torch.Tensor:
+    """DARE's random drop and rescale, then TIES' sign election and disjoint mean."""
+    return _call_peft("dare_ties", task_tensors, weights, density=density, majority_sign_method=majority_sign_method)
+
+
+def magnitude_prune(task_tensors: torch.Tensor, weights: torch.Tensor, *, density: float = 0.5) -> torch.Tensor:
+    """Keep each tau_i's top-``density`` fraction of entries by magnitude, weighted sum.
+
+    As in PEFT, ``int(density * numel)`` entries survive, so a tensor smaller
+    than 1/density entries is pruned to zero.
+    """
+    return _call_peft("magnitude_prune", task_tensors, weights, density=density)
+
+
+METHODS: dict[str, Callable[..., torch.Tensor]] = {
+    "task_arithmetic": task_arithmetic,
+    "ties": ties,
+    "dare_linear": dare_linear,
+    "dare_ties": dare_ties,
+    "magnitude_prune": magnitude_prune,
+}
+# Methods that take merge.density, and those that draw random numbers.
+USES_DENSITY = frozenset({"ties", "dare_linear", "dare_ties", "magnitude_prune"})
+STOCHASTIC = frozenset({"dare_linear", "dare_ties"})
+
+
+def get_method(name: str, density: float = 0.5) -> MergeFn:
+    """The merge function called ``name`` with ``density`` bound where it takes one."""
     try:
-        return METHODS[name]
+        fn = METHODS[name]
     except KeyError:
         raise ValueError(f"merge.method '{name}' is unknown; choose one of {sorted(METHODS)}") from None
+    if name not in USES_DENSITY:
+        return fn
+    if not 0.0 < density <= 1.0:
+        raise ValueError(f"merge.density must lie in (0, 1] for method '{name}' (got {density})")
+    return functools.partial(fn, density=density)
 
 
-def merge_files(
-    base: StateDict,
-    task_vector_files: Sequence[str | Path],
-    weights: Sequence[float],
+def merge_seed(seed: int, key: str) -> int:
+    """The seed of tensor ``key``'s random draws in a merge seeded with ``seed``."""
+    return derive_seed(seed, f"merge:{key}")
+
+
+def merge_tensor(
+    task_tensors: torch.Tensor,
+    weights: torch.Tensor,
     method: str = "task_arithmetic",
-) -> dict[str, torch.Tensor]:
-    """``base + method(tau_1..tau_N)`` for every tensor the task vectors cover."""
-    if len(weights) != len(task_vector_files):
-        raise ValueError(f"{len(weights)} merge weights for {len(task_vector_files)} task vectors")
-    fn = get_method(method)
-    w = torch.tensor(list(weights), dtype=torch.float32)
-    merged = {k: v.clone() for k, v in base.items()}
-    with ExitStack() as stack:
+    *,
+    density: float = 0.5,
+    seed: int = 0,
+    key: str = "",
+) -> torch.Tensor:
+    """The combined task vector of one parameter, ``method(tau_1..tau_N)``.
+
+    Random methods draw on the CPU from a generator seeded by (``seed``,
+    ``key``) inside a forked RNG, so the result is the same whatever was drawn
+    before, and the caller's global random state is left untouched.
+    """
+    fn = get_method(method, density)
+    if method not in STOCHASTIC:
+        return fn(task_tensors, weights)
+    device = task_tensors.device
+    with torch.random.fork_rng(devices=[]):
+        torch.random.default_generator.manual_seed(merge_seed(seed, key))
+        return fn(task_tensors.cpu(), weights.cpu()).to(device)
+
+
+@contextlib.contextmanager
+def open_task_vectors(files: Sequence[str | Path]) -> Iterator[tuple[list, list[str]]]:
+    """Open task-vector safetensors files lazily; yield (handles, sorted keys).
+
+    Every file must exist, be readable and cover the same tensors. Tensors are
+    read one at a time with :func:`stacked`, never all at once.
+    """
+    if not files:
+        raise ValueError("no task vector files given: run dvc repro task_vectors")
+    with contextlib.ExitStack() as stack:
         handles = []
-        for path in task_vector_files:
+        for path in files:
             if not Path(path).is_file():
                 raise FileNotFoundError(f"task vector '{path}' is missing: run dvc repro task_vectors")
             try:
@@ -58,20 +156,52 @@ def merge_files(
             except (SafetensorError, OSError) as exc:
                 raise TaskVectorError(f"task vector '{path}' is corrupt ({exc}); re-run dvc repro task_vectors") from exc
         keys = set(handles[0].keys())
-        for path, h in zip(task_vector_files, handles):
+        for path, h in zip(files, handles):
             if set(h.keys()) != keys:
-                raise TaskVectorError(f"task vector '{path}' covers different tensors than '{task_vector_files[0]}'")
-        missing = keys - set(base)
+                raise TaskVectorError(f"task vector '{path}' covers different tensors than '{files[0]}'")
+        yield handles, sorted(keys)
+
+
+def stacked(handles: Sequence, key: str) -> torch.Tensor:
+    """Tensor ``key`` of every open task vector, as float32 stacked along dim 0."""
+    return torch.stack([h.get_tensor(key).float() for h in handles])
+
+
+def merge_files(
+    base: StateDict,
+    task_vector_files: Sequence[str | Path],
+    weights: Sequence[float],
+    method: str = "task_arithmetic",
+    *,
+    density: float = 0.5,
+    scale: float = 1.0,
+    seed: int = 0,
+) -> dict[str, torch.Tensor]:
+    """``base + scale * method(tau_1..tau_N)`` for every tensor the task vectors cover.
+
+    Tensors the task vectors do not cover are copied from ``base``. ``seed``
+    only matters for the random (DARE) methods.
+    """
+    if len(weights) != len(task_vector_files):
+        raise ValueError(f"{len(weights)} merge weights for {len(task_vector_files)} task vectors")
+    if not math.isfinite(scale):
+        raise ValueError(f"merge.scale must be a finite number (got {scale})")
+    get_method(method, density)  # fail on a bad method or density before reading anything
+    w = torch.tensor(list(weights), dtype=torch.float32)
+    merged = {k: v.clone() for k, v in base.items()}
+    with open_task_vectors(task_vector_files) as (handles, keys):
+        missing = set(keys) - set(base)
         if missing:
             raise TaskVectorError(f"the base model lacks tensors the task vectors cover: {sorted(missing)[:3]}")
-        for key in sorted(keys):
-            stacked = torch.stack([h.get_tensor(key).float() for h in handles])
-            if stacked.shape[1:] != base[key].shape:
+        for key in keys:
+            taus = stacked(handles, key)
+            if taus.shape[1:] != base[key].shape:
                 raise TaskVectorError(
-                    f"tensor '{key}': task vectors have shape {tuple(stacked.shape[1:])}, "
+                    f"tensor '{key}': task vectors have shape {tuple(taus.shape[1:])}, "
                     f"base has {tuple(base[key].shape)}"
                 )
-            merged[key] = (base[key].float() + fn(stacked, w)).to(base[key].dtype)
+            combined = merge_tensor(taus, w, method, density=density, seed=seed, key=key)
+            merged[key] = (base[key].float() + scale * combined).to(base[key].dtype)
     return merged
 
 

@@ -1,7 +1,19 @@
 import pytest
 import torch
+from peft.utils import merge_utils as peft_merge
 
-from dtm_core.merge import get_method, merge_files, parameter_distance, task_arithmetic
+from dtm_core.merge import (
+    METHODS,
+    dare_linear,
+    get_method,
+    magnitude_prune,
+    merge_files,
+    merge_seed,
+    merge_tensor,
+    parameter_distance,
+    task_arithmetic,
+    ties,
+)
 from dtm_core.task_vector import TaskVector, TaskVectorError
 
 
@@ -80,3 +92,144 @@ def test_parameter_distance():
     a = {"x": torch.zeros(4), "n": torch.tensor(3)}
     b = {"x": torch.full((4,), 0.5), "n": torch.tensor(9)}
     assert parameter_distance(a, b) == pytest.approx(1.0)
+
+
+# ---------------------------------------------------------------- merge methods
+
+
+def _taus(n=3, shape=(5, 7), seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, *shape, generator=g), torch.tensor([0.5, -0.25, 1.5, 0.75][:n])
+
+
+def test_task_arithmetic_equals_peft():
+    taus, w = _taus()
+    assert torch.equal(task_arithmetic(taus, w), peft_merge.task_arithmetic(list(taus), w))
+
+
+def test_ties_by_hand():
+    taus = torch.tensor(
+        [
+            [3.0, -1.0, 0.5, 2.0],  # trimmed to [3, 0, 0, 2]
+            [-2.0, 4.0, 1.0, -0.5],  # trimmed to [-2, 4, 0, 0]
+            [2.5, -3.0, -0.2, 0.1],  # trimmed to [2.5, -3, 0, 0]
+        ]
+    )
+    # elected signs from the trimmed sum [3.5, 1, 0, 2]: + + + +; entry 2 has no agreeing entry.
+    # entry 0: (1*3 + 2*2.5) / 2; entry 1: 0.5*4 / 1; entry 2: 0; entry 3: 1*2 / 1
+    out = ties(taus, torch.tensor([1.0, 0.5, 2.0]), density=0.5)
+    torch.testing.assert_close(out, torch.tensor([4.0, 2.0, 0.0, 2.0]))
+
+
+def test_magnitude_prune_keeps_top_fraction():
+    tau = torch.tensor([[0.1, -0.9, 0.3, 0.05, -0.7, 0.2, 0.6, -0.4, 0.8, -0.01]])
+    out = magnitude_prune(tau, torch.tensor([2.0]), density=0.3)
+    expected = torch.zeros(10)
+    expected[[1, 4, 8]] = 2.0 * tau[0, [1, 4, 8]]
+    assert torch.equal(out, expected)
+    assert int((out != 0).sum()) == 3
+
+
+def test_dare_density_one_is_task_arithmetic():
+    taus, w = _taus()
+    torch.testing.assert_close(dare_linear(taus, w, density=1.0), task_arithmetic(taus, w), rtol=0, atol=1e-6)
+
+
+def test_dare_linear_drops_and_rescales():
+    taus = torch.ones(1, 4000)
+    out = merge_tensor(taus, torch.tensor([1.0]), "dare_linear", density=0.25, seed=3, key="k")
+    kept = out != 0
+    assert torch.all(out[kept] == 4.0)
+    assert 0.2 < kept.float().mean() < 0.3
+
+
+@pytest.mark.parametrize(
+    "name, peft_fn, knobs",
+    [
+        ("ties", peft_merge.ties, {"density": 0.4}),
+        ("magnitude_prune", peft_merge.magnitude_prune, {"density": 0.4}),
+        ("dare_linear", peft_merge.dare_linear, {"density": 0.4}),
+        ("dare_ties", peft_merge.dare_ties, {"density": 0.4}),
+    ],
+)
+def test_wrappers_equal_peft(name, peft_fn, knobs):
+    taus, w = _taus()
+    seed, key = 11, "down_blocks.0.conv.weight"
+    torch.manual_seed(merge_seed(seed, key))  # the stream merge_tensor draws DARE masks from
+    expected = peft_fn(list(taus.clone()), w, **knobs)
+    ours = merge_tensor(taus, w, name, seed=seed, key=key, **knobs)
+    assert torch.equal(ours, expected)
+    if name in ("ties", "magnitude_prune"):
+        assert torch.equal(METHODS[name](taus, w, **knobs), expected)
+
+
+@pytest.mark.parametrize("method", ["dare_linear", "dare_ties"])
+def test_dare_reproducible_per_seed_and_key(method):
+    taus, w = _taus()
+    a = merge_tensor(taus, w, method, seed=5, key="w")
+    torch.rand(100)  # the global stream must not matter ...
+    b = merge_tensor(taus, w, method, seed=5, key="w")
+    assert torch.equal(a, b)
+    assert not torch.equal(a, merge_tensor(taus, w, method, seed=6, key="w"))
+    assert not torch.equal(a, merge_tensor(taus, w, method, seed=5, key="b"))
+
+
+def test_merge_leaves_global_rng_alone():
+    taus, w = _taus()
+    state = torch.random.get_rng_state()
+    merge_tensor(taus, w, "dare_ties", seed=1, key="w")
+    assert torch.equal(torch.random.get_rng_state(), state)
+
+
+def test_dare_merge_files_reproducible_and_order_free(tmp_path):
+    base, models = _states(3)
+    files = _save(tmp_path, base, models)
+    w = [0.3, 0.3, 0.4]
+    a = merge_files(base, files, w, "dare_ties", density=0.5, seed=7)
+    b = merge_files(base, files, w, "dare_ties", density=0.5, seed=7)
+    c = merge_files(base, files, w, "dare_ties", density=0.5, seed=8)
+    assert all(torch.equal(a[k], b[k]) for k in base)
+    assert any(not torch.equal(a[k], c[k]) for k in base)
+    # each tensor depends only on (seed, key), not on which tensors were merged before it
+    taus = torch.stack([TaskVector.from_states(base, m).vector["w"] for m in models])
+    alone = merge_tensor(taus, torch.tensor(w), "dare_ties", density=0.5, seed=7, key="w")
+    assert torch.equal(a["w"], (base["w"] + alone).to(base["w"].dtype))
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_scale_multiplies_the_combined_task_vector(tmp_path, method):
+    base, models = _states(3)
+    files = _save(tmp_path, base, models)
+    w = [0.2, 0.3, 0.5]
+    one = merge_files(base, files, w, method, density=0.6, seed=2)
+    half = merge_files(base, files, w, method, density=0.6, scale=0.5, seed=2)
+    for k in base:
+        torch.testing.assert_close(half[k] - base[k], 0.5 * (one[k] - base[k]), rtol=1e-5, atol=1e-6)
+
+
+def test_ties_merge_files_matches_per_tensor(tmp_path):
+    base, models = _states(3)
+    files = _save(tmp_path, base, models)
+    w = torch.tensor([1.0, 0.5, 0.25])
+    merged = merge_files(base, files, w.tolist(), "ties", density=0.3)
+    for k in base:
+        taus = torch.stack([TaskVector.from_states(base, m).vector[k] for m in models])
+        torch.testing.assert_close(merged[k], base[k] + ties(taus, w, density=0.3), rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("density", [0.0, -0.5, 1.5])
+def test_bad_density_names_the_key(tmp_path, density):
+    base, models = _states(2)
+    with pytest.raises(ValueError, match="merge.density"):
+        merge_files(base, _save(tmp_path, base, models), [0.5, 0.5], "ties", density=density)
+
+
+def test_unknown_method_in_merge_files(tmp_path):
+    base, models = _states(2)
+    with pytest.raises(ValueError, match="merge.method 'mean' is unknown"):
+        merge_files(base, _save(tmp_path, base, models), [0.5, 0.5], "mean")
+
+
+def test_no_task_vectors():
+    with pytest.raises(ValueError, match="no task vector files"):
+        merge_files({"w": torch.zeros(2)}, [], [])

@@ -1,0 +1,178 @@
+"""Search for merge weights: which w_1..w_N give the best merged model.
+
+Pure bookkeeping: the caller supplies ``score(weights) -> float`` (lower is
+better, e.g. the merged model's FD on a small validation sample) and this
+module decides which weight vectors to score, remembers every candidate, and
+reports the best. Each distinct weight vector is scored at most once.
+
+- ``grid``: every combination of ``merge.search.values`` over the N ranges,
+  in ``itertools.product`` order.
+- ``coordinate``: coordinate descent from a start vector. A sweep visits the
+  ranges from low t to high t; for each it tries every candidate value with
+  the other weights held fixed and keeps the best. Sweeps repeat until one
+  makes no improvement or ``max_evaluations`` distinct vectors were scored.
+
+Ties go to the candidate scored first. Non-finite scores (a merge whose
+samples diverged) are recorded as they are but rank as +inf.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Callable, Sequence
+
+from .io import atomic_file
+
+if TYPE_CHECKING:  # only its fields strategy, values and max_evaluations are read
+    from .config import SearchConfig
+
+ScoreFn = Callable[[list[float]], float]
+
+
+@dataclass
+class SearchResult:
+    strategy: str
+    candidates: list[dict] = field(default_factory=list)  # {"index", "weights", "score"} in evaluation order
+    best_weights: list[float] = field(default_factory=list)
+    best_score: float = math.inf
+    evaluations: int = 0
+
+    def to_rows(self) -> list[dict]:
+        """One flat row per candidate: index, w0..w{N-1}, score."""
+        rows = []
+        for c in self.candidates:
+            row: dict = {"index": c["index"]}
+            row.update({f"w{i}": w for i, w in enumerate(c["weights"])})
+            row["score"] = c["score"]
+            rows.append(row)
+        return rows
+
+
+def _rank(score: float) -> float:
+    return score if math.isfinite(score) else math.inf
+
+
+def _best(candidates: list[dict]) -> dict | None:
+    """The lowest-scoring candidate; among equals, the one scored first."""
+    return min(candidates, key=lambda c: (_rank(c["score"]), c["index"]), default=None)
+
+
+class _Scorer:
+    """Memoised, budgeted calls of ``score``, recorded in order."""
+
+    def __init__(self, score: ScoreFn, budget: int):
+        self.score, self.budget = score, budget
+        self.memo: dict[tuple[float, ...], float] = {}
+        self.candidates: list[dict] = []
+
+    @property
+    def exhausted(self) -> bool:
+        return len(self.candidates) >= self.budget
+
+    def __call__(self, weights: Sequence[float]) -> float | None:
+        """The score of ``weights`` (rank value); None when it is new and the budget is spent."""
+        key = tuple(float(w) for w in weights)
+        if key in self.memo:
+            return self.memo[key]
+        if self.exhausted:
+            return None
+        value = float(self.score(list(key)))
+        self.candidates.append({"index": len(self.candidates), "weights": list(key), "score": value})
+        self.memo[key] = _rank(value)
+        return self.memo[key]
+
+
+def _grid(n: int, scorer: _Scorer, cfg: SearchConfig) -> None:
+    size = len(cfg.values) ** n
+    if size > cfg.max_evaluations:
+        raise ValueError(
+            f"a grid of {len(cfg.values)} values over N={n} ranges is {size} merges, more than "
+            f"merge.search.max_evaluations ({cfg.max_evaluations}); raise it or set merge.search.strategy: coordinate"
+        )
+    for weights in itertools.product(cfg.values, repeat=n):
+        scorer(weights)
+
+
+def _coordinate(scorer: _Scorer, cfg: SearchConfig, start: list[float]) -> None:
+    current = list(start)
+    current_rank = scorer(current)
+    improved = True
+    while improved and not scorer.exhausted:
+        improved = False
+        for i in range(len(current)):
+            best_value, best_rank = current[i], current_rank
+            for value in cfg.values:
+                rank = scorer(current[:i] + [value] + current[i + 1 :])
+                if rank is None:  # budget spent
+                    break
+                if rank < best_rank:
+                    best_value, best_rank = value, rank
+            if best_rank < current_rank:
+                current[i], current_rank, improved = best_value, best_rank, True
+            if scorer.exhausted:
+                break
+
+
+def search_weights(n: int, score: ScoreFn, cfg: SearchConfig, start: Sequence[float]) -> SearchResult:
+    """Search merge weights for ``n`` ranges; ``score`` is lower-is-better.
+
+    ``start`` (the coordinate strategy's starting point; merge.weights or
+    uniform 1/N) must have ``n`` values; the grid strategy ignores it.
+    """
+    if n < 1:
+        raise ValueError(f"need at least one range to search weights for (got n={n})")
+    if len(start) != n:
+        raise ValueError(f"the search start has {len(start)} weights for N={n} ranges (merge.weights)")
+    scorer = _Scorer(score, cfg.max_evaluations)
+    if cfg.strategy == "grid":
+        _grid(n, scorer, cfg)
+    elif cfg.strategy == "coordinate":
+        _coordinate(scorer, cfg, [float(w) for w in start])
+    else:
+        raise ValueError(f"merge.search.strategy '{cfg.strategy}' is unknown; choose grid or coordinate")
+    best = _best(scorer.candidates)
+    assert best is not None  # the start or the first grid point is always scored
+    return SearchResult(
+        strategy=cfg.strategy,
+        candidates=scorer.candidates,
+        best_weights=list(best["weights"]),
+        best_score=best["score"],
+        evaluations=len(scorer.candidates),
+    )
+
+
+def write_candidates_tsv(result: SearchResult, path: str | Path) -> None:
+    """The candidates as TSV (index, w0..w{N-1}, score), e.g. for ``dvc plots``."""
+    rows = result.to_rows()
+    columns = list(rows[0]) if rows else ["index", "score"]
+    with atomic_file(path) as handle:
+        handle.write("\t".join(columns) + "\n")
+        for row in rows:
+            handle.write("\t".join(str(row[c]) if c == "index" else f"{row[c]:.6g}" for c in columns) + "\n")
+
+
+def plot_search(result: SearchResult, path: str | Path) -> None:
+    """Score by evaluation index, the best candidate marked, as a PNG."""
+    from .analysis import new_figure, save_figure
+
+    fig, ax = new_figure(6.0, 3.5)
+    xs = [c["index"] for c in result.candidates]
+    ys = [c["score"] if math.isfinite(c["score"]) else math.nan for c in result.candidates]
+    ax.plot(xs, ys, "o", color="tab:blue", markersize=4, label="candidate")
+    running, low = [], math.inf
+    for c in result.candidates:
+        low = min(low, _rank(c["score"]))
+        running.append(low if math.isfinite(low) else math.nan)
+    ax.step(xs, running, where="post", color="tab:gray", linewidth=1, label="best so far")
+    best = _best(result.candidates)
+    if best is not None and math.isfinite(best["score"]):
+        label = "best: w=[" + ", ".join(f"{w:.3g}" for w in best["weights"]) + f"], score {best['score']:.4g}"
+        ax.plot([best["index"]], [best["score"]], "*", color="tab:red", markersize=14, label=label)
+    ax.set_xlabel("evaluation")
+    ax.set_ylabel("score (lower is better)")
+    ax.set_title(f"merge weight search ({result.strategy}, {result.evaluations} evaluations)")
+    ax.legend(fontsize=7, loc="best")
+    save_figure(fig, path)
