@@ -54,6 +54,8 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     """
     path = Path(path)
     _check_writable_parent(path)
+    for stale in path.parent.glob(f".{path.name}.tmp-*"):  # left by a killed run
+        _remove(stale)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
     try:
         yield tmp

@@ -13,9 +13,17 @@ the pipeline execution that started the stage:
   a parent of its own.
 
 The parent is RUNNING while one of its stages runs and FINISHED between
-them; a failing stage marks its child and the parent FAILED. Tracking URI:
-``MLFLOW_TRACKING_URI`` if set, else ``tracking.tracking_uri`` from params,
-else ``sqlite:///<repo root>/mlflow.db``.
+them; a failing stage marks its child and the parent FAILED. A stage killed
+outright (SIGKILL) cannot mark anything: the next execution marks the runs it
+left RUNNING as KILLED. Tracking URI: ``MLFLOW_TRACKING_URI`` if set, else
+``tracking.tracking_uri`` from params, else ``sqlite:///<repo root>/mlflow.db``.
+
+Several pipelines may share one SQLite store (``dvc queue start -j 2``, or
+clones pointing at one file): creating the store and the experiment is
+serialised with a file lock beside the database, and every client call is
+retried while SQLite reports ``database is locked``. An unreachable tracking
+server fails the stage at once with a clear message (no silent fallback to
+another store, which would scatter runs).
 """
 
 from __future__ import annotations
@@ -96,13 +104,65 @@ def pipeline_key() -> str:
     return f"proc-{proc.pid}-{proc.create_time():.3f}"
 
 
+class _RetryingClient:
+    """MlflowClient whose calls are retried while SQLite is locked by another writer."""
+
+    ATTEMPTS = 10
+
+    def __init__(self, client):
+        self._client = client
+
+    def __getattr__(self, name: str):
+        attr = getattr(self._client, name)
+        if not callable(attr):
+            return attr
+
+        def call(*args, **kwargs):
+            for attempt in range(self.ATTEMPTS):
+                try:
+                    return attr(*args, **kwargs)
+                except Exception as exc:  # sqlalchemy OperationalError wrapped by MlflowException
+                    if "database is locked" not in str(exc) or attempt == self.ATTEMPTS - 1:
+                        raise
+                    time.sleep(min(0.1 * 2**attempt, 5.0))
+
+        return call
+
+
+def _sqlite_path(uri: str) -> Optional[Path]:
+    return Path(uri[len("sqlite:///") :]) if uri.startswith("sqlite:///") else None
+
+
+@contextlib.contextmanager
+def _store_lock(uri: str) -> Iterator[None]:
+    """Serialise store creation/migration and experiment creation across processes."""
+    db = _sqlite_path(uri)
+    if db is None:
+        yield
+        return
+    import fcntl
+
+    db.parent.mkdir(parents=True, exist_ok=True)
+    with open(db.with_name(db.name + ".lock"), "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
 def _client(params: Optional[Params]):
     import mlflow
     from mlflow.tracking import MlflowClient
 
     uri = tracking_uri(params)
+    if uri.startswith(("http://", "https://")):
+        # fail within seconds, not after minutes of back-off, when the server is down
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")
     mlflow.set_tracking_uri(uri)
-    return MlflowClient(tracking_uri=uri), uri
+    return _RetryingClient(MlflowClient(tracking_uri=uri)), uri
 
 
 def _experiment_id(client, name: str, uri: str) -> str:
@@ -151,6 +211,8 @@ def _parent_run(client, exp_id: str, params: Params) -> tuple[str, bool]:
                 return state["run_id"], True
         except Exception:  # deleted or from another store
             pass
+    elif state.get("run_id"):
+        _mark_killed(client, exp_id, state["run_id"])
     name = os.environ.get("DVC_EXP_NAME") or time.strftime("pipeline-%Y%m%d-%H%M%S")
     tags = {
         "dtm.kind": "pipeline",
@@ -161,6 +223,20 @@ def _parent_run(client, exp_id: str, params: Params) -> tuple[str, bool]:
     _log_params(client, run.info.run_id, flatten(params))
     _write_state({"key": key, "run_id": run.info.run_id})
     return run.info.run_id, True
+
+
+def _mark_killed(client, exp_id: str, parent_id: str) -> None:
+    """A previous execution's runs still RUNNING were killed with it: say so."""
+    try:
+        stale = client.search_runs(
+            [exp_id], filter_string=f"tags.mlflow.parentRunId = '{parent_id}' and attributes.status = 'RUNNING'"
+        )
+        for run in stale:
+            client.set_terminated(run.info.run_id, "KILLED")
+        if client.get_run(parent_id).info.status == "RUNNING":
+            client.set_terminated(parent_id, "KILLED")
+    except Exception as exc:  # the old run may live in another store
+        log.debug("could not mark stale runs of %s: %s", parent_id, exc)
 
 
 def _log_params(client, run_id: str, values: dict[str, Any]) -> None:
@@ -230,9 +306,13 @@ def stage_run(
     On an exception the child and its parent are marked FAILED (nothing is
     left RUNNING) and the exception propagates.
     """
-    client, uri = _client(params)
+    uri = tracking_uri(params)
     try:
-        exp_id = _experiment_id(client, params.tracking.experiment_name, uri)
+        # the first use of a fresh SQLite store creates and migrates its tables:
+        # one process at a time
+        with _store_lock(uri):
+            client, uri = _client(params)
+            exp_id = _experiment_id(client, params.tracking.experiment_name, uri)
     except Exception as exc:
         raise TrackingError(
             f"cannot reach the MLflow tracking store at '{uri}' ({type(exc).__name__}: {str(exc)[:200]}). "
