@@ -152,16 +152,53 @@ class FinetuneConfig(_Optim):
         return v
 
 
+class SearchConfig(_Section):
+    """merge.search: pick the merge weights by scoring candidates on validation samples."""
+
+    # none: use merge.weights as given. grid: every combination of `values`
+    # over the N ranges (len(values)**N merges); coordinate: coordinate descent
+    # from merge.weights, one range at a time, until a sweep stops improving or
+    # the budget is spent. One override turns it on:
+    # dvc exp run -S merge.search.strategy=coordinate
+    strategy: Literal["none", "grid", "coordinate"] = "none"
+    values: list[float] = Field(default_factory=lambda: [0.0, 0.25, 0.5, 0.75, 1.0], min_length=1)
+    max_evaluations: int = Field(24, ge=1)  # distinct weight vectors scored, at most
+    num_samples: int = Field(500, ge=2)  # validation samples per candidate
+    ddim_steps: int = Field(20, ge=1)
+
+    @field_validator("values")
+    @classmethod
+    def _finite_distinct(cls, v: list[float]) -> list[float]:
+        if not all(math.isfinite(x) for x in v):
+            raise ValueError("every candidate weight must be a finite number")
+        if len(set(v)) != len(v):
+            raise ValueError("candidate weights must be distinct: a repeated value only re-scores the same merge")
+        return v
+
+
 class MergeConfig(_Section):
-    method: Literal["task_arithmetic"] = "task_arithmetic"
-    # One weight per range, low t to high t; null means uniform 1/N.
+    method: Literal["task_arithmetic", "ties", "dare_linear", "dare_ties", "magnitude_prune"] = "task_arithmetic"
+    # One weight per range, low t to high t; null means uniform 1/N. With
+    # merge.search set, the search starts here.
     weights: Optional[list[float]] = None
+    # Fraction of each task vector's entries kept (ties, dare_*, magnitude_prune).
+    density: float = Field(0.5, gt=0.0, le=1.0)
+    # lambda in theta + lambda * merge(tau_1..tau_N).
+    scale: float = Field(1.0, gt=0.0)
+    search: SearchConfig = Field(default_factory=SearchConfig)
 
     @field_validator("weights")
     @classmethod
     def _finite_weights(cls, v: Optional[list[float]]) -> Optional[list[float]]:
         if v is not None and not all(math.isfinite(w) for w in v):
             raise ValueError(f"every weight must be a finite number (got {v})")
+        return v
+
+    @field_validator("scale")
+    @classmethod
+    def _finite_scale(cls, v: float) -> float:
+        if not math.isfinite(v):
+            raise ValueError("must be a finite number")
         return v
 
 
@@ -173,24 +210,35 @@ class ClassifierConfig(_Section):
 
 
 class EvaluateConfig(_Section):
-    features: Literal["classifier"] = "classifier"
+    # Feature space of FD/KID: "classifier" (the embedded digit classifier) or
+    # "inception" (clean-fid's standard mode="clean" Inception, the one
+    # comparable with published FIDs; its weight file must be on disk).
+    features: Literal["classifier", "inception"] = "classifier"
+    inception_dir: Optional[str] = None  # holds inception-2015-12-05.pt; null: where clean-fid looks (/tmp)
     num_samples: int = Field(2000, ge=2)
     ddim_steps: int = Field(50, ge=1)
     eta: float = Field(0.0, ge=0.0, le=1.0)
     batch_size: int = Field(500, ge=1)
+    noise_seeds: int = Field(1, ge=1, le=100)  # repeat the evaluation over this many initial-noise seeds
+    bootstrap_rounds: int = Field(50, ge=10)  # resamples for the FD/KID confidence intervals
     kid_subsets: int = Field(100, ge=1)
     kid_subset_size: int = Field(1000, ge=2)
     grid_size: int = Field(8, ge=1, le=32)
     classifier: ClassifierConfig = Field(default_factory=ClassifierConfig)
 
+    @property
+    def feature_dim(self) -> int:
+        return 2048 if self.features == "inception" else self.classifier.feature_dim
+
     @model_validator(mode="after")
     def _enough_samples(self) -> "EvaluateConfig":
-        dim = self.classifier.feature_dim
+        dim = self.feature_dim
         if self.num_samples <= dim:
+            where = "the Inception features" if self.features == "inception" else "evaluate.classifier.feature_dim"
             raise ValueError(
-                f"evaluate.num_samples ({self.num_samples}) must exceed the feature dimension "
-                f"evaluate.classifier.feature_dim ({dim}), or the Frechet distance's covariance "
-                "is singular; raise num_samples or lower feature_dim"
+                f"evaluate.num_samples ({self.num_samples}) must exceed the feature dimension {dim} "
+                f"({where}), or the Frechet distance's covariance is singular; raise evaluate.num_samples"
+                + (" or lower evaluate.classifier.feature_dim" if self.features == "classifier" else "")
             )
         return self
 
@@ -239,12 +287,28 @@ class Params(_Section):
                         f"partition.boundaries must be strictly increasing: {lo} then {hi} would "
                         "make ranges overlap or be empty"
                     )
+        if self.merge.search.strategy != "none" and self.merge.search.num_samples <= self.evaluate.classifier.feature_dim:
+            raise ValueError(
+                f"merge.search.num_samples ({self.merge.search.num_samples}) must exceed the classifier's feature "
+                f"dimension evaluate.classifier.feature_dim ({self.evaluate.classifier.feature_dim}) that scores "
+                "the search candidates"
+            )
         w = self.merge.weights
         if w is not None and len(w) != n:
             raise ValueError(
                 f"merge.weights has {len(w)} values but there are N={n} ranges "
                 "(partition.ranges); give one weight per range or null for uniform 1/N"
             )
+        search = self.merge.search
+        if search.strategy == "grid":
+            size = len(search.values) ** n
+            if size > search.max_evaluations:
+                raise ValueError(
+                    f"merge.search.strategy 'grid' over N={n} ranges with {len(search.values)} values "
+                    f"is {size} merges, more than merge.search.max_evaluations ({search.max_evaluations}); "
+                    "raise merge.search.max_evaluations, use fewer merge.search.values, or set "
+                    "merge.search.strategy: coordinate"
+                )
         return self
 
     @property

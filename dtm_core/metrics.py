@@ -17,6 +17,7 @@ import json
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import torch
@@ -175,3 +176,125 @@ def kernel_distance(feats_a: np.ndarray, feats_b: np.ndarray, num_subsets: int, 
         return float(_kid(feats_a, feats_b, num_subsets=num_subsets, max_subset_size=subset_size))
     finally:
         np.random.set_state(state)
+
+
+# ------------------------------------------------------------- Inception
+INCEPTION_FILE = "inception-2015-12-05.pt"
+CLEANFID_DIR = Path("/tmp")  # where clean-fid itself looks for (and downloads) the file
+
+
+class InceptionWeightsMissing(FileNotFoundError):
+    """clean-fid's Inception weights are not on disk, and nothing can be downloaded."""
+
+
+def inception_weights(directory: Optional[str] = None) -> Path:
+    """The weight file clean-fid's ``mode="clean"`` Inception loads; checked, never downloaded."""
+    path = (Path(directory).expanduser() if directory else CLEANFID_DIR) / INCEPTION_FILE
+    if not path.is_file():
+        from cleanfid.downloads_helper import inception_url
+
+        raise InceptionWeightsMissing(
+            f"evaluate.features is 'inception' but the Inception weight file '{path}' is missing, and this "
+            f"machine cannot download it. On a connected machine run `curl -L -o {INCEPTION_FILE} "
+            f"{inception_url}` (or let clean-fid fetch it: python -c \"from cleanfid.features import "
+            f"build_feature_extractor as b; b('clean', use_dataparallel=False)\" puts it in /tmp), copy it to "
+            f"'{path}', or set evaluate.inception_dir to the directory that holds it."
+        )
+    return path
+
+
+class InceptionFeatures:
+    """clean-fid's standard ``mode="clean"`` pipeline: uint8 images, PIL bicubic resize
+    to 299x299 per channel (grayscale repeated to RGB), the TorchScript Inception's
+    2048-d pool features."""
+
+    dim = 2048
+
+    def __init__(self, weights: Path, batch_size: int = 64, device: Optional[str] = None):
+        from cleanfid.inception_torchscript import InceptionV3W
+        from cleanfid.resize import build_resizer
+
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.model = InceptionV3W(str(weights.parent), download=False, resize_inside=False).to(self.device).eval()
+        self.resize = build_resizer("clean")
+        self.batch_size = batch_size
+
+    @torch.no_grad()
+    def __call__(self, images: np.ndarray) -> np.ndarray:
+        u8 = ((np.clip(images, -1, 1) + 1) * 127.5).round().astype(np.uint8).transpose(0, 2, 3, 1)
+        if u8.shape[-1] == 1:
+            u8 = np.repeat(u8, 3, axis=-1)
+        feats = []
+        for i in tqdm(range(0, len(u8), self.batch_size), desc="inception", file=sys.stderr,
+                      mininterval=2.0, disable=None):
+            batch = np.stack([self.resize(img) for img in u8[i : i + self.batch_size]])
+            x = torch.from_numpy(batch).permute(0, 3, 1, 2).to(self.device)
+            feats.append(self.model(x).double().cpu())
+        return torch.cat(feats).numpy()
+
+
+# ------------------------------------------------------------ uncertainty
+def bootstrap_ci(
+    feats: np.ndarray,
+    reference: np.ndarray,
+    statistic,
+    rounds: int,
+    seed: int,
+    paired_with: Optional[np.ndarray] = None,
+    level: float = 0.95,
+) -> tuple[float, float]:
+    """Percentile bootstrap CI of ``statistic(feats, reference)`` over the generated samples.
+
+    With ``paired_with`` (features of another model sampled from the same
+    noise), the statistic is the difference ``stat(feats) - stat(paired_with)``
+    and both sets are resampled with the same indices: common random numbers
+    carry into the interval.
+    """
+    rng = np.random.default_rng(seed)
+    values = []
+    for _ in range(rounds):
+        idx = rng.integers(0, len(feats), len(feats))
+        value = statistic(feats[idx], reference)
+        if paired_with is not None:
+            value -= statistic(paired_with[idx], reference)
+        values.append(value)
+    tail = (1 - level) / 2 * 100
+    low, high = np.percentile(values, [tail, 100 - tail])
+    return float(low), float(high)
+
+
+def feature_extractor(features: str, classifier: "DigitClassifier", inception_dir: Optional[str] = None):
+    """images ([-1, 1] NCHW) -> features, in the space ``evaluate.features`` names."""
+    if features == "inception":
+        return InceptionFeatures(inception_weights(inception_dir))
+    return lambda images: extract_features(classifier, images)
+
+
+def distances(feats: np.ndarray, reference: np.ndarray, kid_subsets: int, kid_subset_size: int,
+              bootstrap_rounds: int, seed: int) -> dict:
+    """FD and KID against the reference, each with a 95% bootstrap interval.
+
+    The KID inside the bootstrap uses a tenth of the subsets (at least 5) to
+    keep the cost bounded; the point estimate uses all of them.
+    """
+    kid = lambda a, b, n=kid_subsets: kernel_distance(a, b, n, kid_subset_size, seed)  # noqa: E731
+    kid_boot = lambda a, b: kid(a, b, max(5, kid_subsets // 10))  # noqa: E731
+    return {
+        "fd": frechet_distance(feats, reference),
+        "kid": kid(feats, reference),
+        "fd_ci": list(bootstrap_ci(feats, reference, frechet_distance, bootstrap_rounds, seed)),
+        "kid_ci": list(bootstrap_ci(feats, reference, kid_boot, bootstrap_rounds, seed + 1)),
+    }
+
+
+def class_coverage(probs: np.ndarray, class_freq: np.ndarray) -> dict:
+    """Predicted-class histogram vs the real class frequencies: mode dropping and sharpness."""
+    hist = np.bincount(probs.argmax(1), minlength=len(class_freq)) / len(probs)
+    eps = 1e-6
+    p, q = class_freq + eps, hist + eps
+    return {
+        "class_histogram": hist.tolist(),
+        "class_tv_distance": float(0.5 * np.abs(hist - class_freq).sum()),
+        "class_kl_divergence": float(np.sum(p / p.sum() * np.log((p / p.sum()) / (q / q.sum())))),
+        "mean_confidence": float(probs.max(1).mean()),
+    }

@@ -19,9 +19,11 @@ import torch
 
 from . import data as data_mod
 from . import metrics as metrics_mod
-from .config import Params, derive_seed
+from .config import Params, derive_seed, flatten
 from .io import atomic_dir, atomic_file, atomic_path, dir_digest, read_json, write_json
+from . import analysis
 from .merge import merge_files, parameter_distance
+from .merge_search import plot_search, search_weights, write_candidates_tsv
 from .model import (
     build_scheduler,
     build_unet,
@@ -43,7 +45,7 @@ log = logging.getLogger(__name__)
 # Where outs land (relative to the repository root; dvc.yaml names the same paths).
 DATA_DIR = Path("data/prepared")
 CLASSIFIER_DIR = Path("models/classifier")
-REFERENCE_FILE = CLASSIFIER_DIR / "reference_features.npz"
+REFERENCE_FILE = CLASSIFIER_DIR / "reference_features.npz"  # features of the real data, per data version
 PRETRAINED_DIR = Path("models/pretrained")
 SHARED_DIR = Path("models/shared")
 MERGED_DIR = Path("models/merged")
@@ -51,6 +53,7 @@ PARTITION_FILE = Path("partition/ranges.json")
 TASK_VECTOR_DIR = Path("task_vectors")
 FINETUNE_METRICS_DIR = Path("metrics/finetune")
 TASK_VECTOR_NORMS_TSV = Path("plots/task_vector_norms.tsv")
+MERGE_DIR = Path("merge")
 METRICS_DIR = Path("metrics")
 SAMPLES_DIR = Path("samples")
 REPORT_DIR = Path("reports")
@@ -71,8 +74,6 @@ def checkpoint_dir(name: str, params: Params, sections: tuple[str, ...], inputs:
     import hashlib
     import json
     import shutil
-
-    from .config import flatten
 
     h = hashlib.sha256()
     selected = {k: v for s in sections for k, v in flatten(params.section(s), s).items()}
@@ -110,32 +111,35 @@ def prepare(params: Params, run: Any = NullRun()) -> dict:
 
 # ------------------------------------------------------------- classifier
 def classifier(params: Params, run: Any = NullRun()) -> dict:
+    """Train the feature classifier; reference features of the real data; the floor."""
+    ev = params.evaluate
+    if ev.features == "inception":
+        metrics_mod.inception_weights(ev.inception_dir)  # fail before any work
     train_ds = data_mod.load_split(DATA_DIR, "train")
     held_ds = data_mod.load_split(DATA_DIR, "heldout")
-    cfg = params.evaluate.classifier
+    cfg = ev.classifier
     res = metrics_mod.train_classifier(
         train_ds.images, train_ds.labels, held_ds.images, held_ds.labels,
         len(train_ds.classes), cfg, derive_seed(params.seed, "classifier"),
     )
-    train_feats = metrics_mod.extract_features(res.model, train_ds.images)
-    held_feats = metrics_mod.extract_features(res.model, held_ds.images)
+    extract = metrics_mod.feature_extractor(ev.features, res.model, ev.inception_dir)
+    train_feats, held_feats = extract(train_ds.images), extract(held_ds.images)
     class_freq = np.bincount(train_ds.labels, minlength=len(train_ds.classes)) / len(train_ds)
-    metrics_mod.save_classifier(res.model, CLASSIFIER_DIR, {"classes": list(train_ds.classes)})
-    # Reference statistics of the real data, once per data version.
-    with atomic_path(REFERENCE_FILE) as tmp:
-        with open(tmp, "wb") as handle:
-            np.savez(handle, train=train_feats, heldout=held_feats, class_freq=class_freq)
-    ev = params.evaluate
+    with atomic_dir(CLASSIFIER_DIR) as tmp:
+        metrics_mod.save_classifier(res.model, tmp / "classifier", {"classes": list(train_ds.classes)})
+        # Reference statistics of the real data, once per data version.
+        np.savez(tmp / REFERENCE_FILE.name, train=train_feats, heldout=held_feats, class_freq=class_freq,
+                 features=np.asarray(ev.features))
+    floor = metrics_mod.distances(held_feats, train_feats, ev.kid_subsets, ev.kid_subset_size,
+                                  ev.bootstrap_rounds, derive_seed(params.seed, "kid"))
     return {
         "heldout_accuracy": res.heldout_accuracy,
         "train_accuracy": res.train_accuracy,
         "dead_feature_fraction": res.dead_feature_fraction,
-        "feature_dim": cfg.feature_dim,
+        "features": ev.features,
+        "feature_dim": int(train_feats.shape[1]),
         # the real-vs-real floor: held-out vs train images, same features
-        "floor_fd": metrics_mod.frechet_distance(held_feats, train_feats),
-        "floor_kid": metrics_mod.kernel_distance(
-            held_feats, train_feats, ev.kid_subsets, ev.kid_subset_size, derive_seed(params.seed, "kid")
-        ),
+        **{f"floor_{k}": v for k, v in floor.items()},
         "floor_num_samples": len(held_feats),
     }
 
@@ -279,52 +283,105 @@ def _base_like(ranged_model) -> dict[str, torch.Tensor]:
 
 
 def task_vectors(params: Params, run: Any = NullRun()) -> dict:
+    """tau_i = theta_i - theta per range; norms, per-layer norms, cosines and their plots."""
     ranges, _ = load_partition(PARTITION_FILE)
-    norms_rows, totals, layer_norms = [], {}, {}
     with atomic_dir(TASK_VECTOR_DIR) as tmp:
         base = None
-        for i, (lo, hi) in enumerate(ranges):
+        for i in range(len(ranges)):
             model = load_unet(range_dir(i), what=f"range model {i}")
             if base is None:
                 base = _base_like(model)
             tv = TaskVector.from_states(base, float_state(model), what=f"range model {i} ({range_dir(i)})")
             tv.save(tmp / f"range-{i}.safetensors")
-            totals[f"range-{i}"] = tv.total_norm()
-            per = tv.norms()
-            layer_norms[f"range-{i}"] = per
-            norms_rows.append({"range": i, "lo": lo, "hi": hi, "norm": totals[f"range-{i}"]})
-        write_json(tmp / "norms.json", {"total": totals, "per_tensor": layer_norms})
+            del tv, model  # one task vector in memory at a time
+        files = [tmp / f"range-{i}.safetensors" for i in range(len(ranges))]
+        stats = analysis.write_analysis(files, ranges, tmp)
+        write_json(tmp / "norms.json", {"total": stats["total_norm"], "per_tensor": stats["per_tensor"],
+                                        "per_layer": stats["per_layer"]})
     with atomic_file(TASK_VECTOR_NORMS_TSV) as handle:
         handle.write("range\tlo\thi\tnorm\n")
-        for row in norms_rows:
-            handle.write(f"{row['range']}\t{row['lo']}\t{row['hi']}\t{row['norm']:.6g}\n")
-    run.log_artifact(TASK_VECTOR_DIR / "norms.json")
-    run.log_artifact(TASK_VECTOR_NORMS_TSV)
-    return {f"norm_range_{i}": totals[f"range-{i}"] for i in range(len(ranges))}
+        for i, ((lo, hi), norm) in enumerate(zip(ranges, stats["total_norm"])):
+            handle.write(f"{i}\t{lo}\t{hi}\t{norm:.6g}\n")
+    for name in ("norms.json", "cosine.json", "tv_norms.png", "tv_layer_heatmap.png", "tv_cosine.png"):
+        run.log_artifact(TASK_VECTOR_DIR / name, "task_vectors")
+    out = {f"norm_range_{i}": v for i, v in enumerate(stats["total_norm"])}
+    n = len(ranges)
+    out.update({f"cosine_{i}_{j}": stats["cosine"][i][j] for i in range(n) for j in range(i + 1, n)})
+    return out
 
 
 # ------------------------------------------------------------------ merge
+def _search_scorer(params: Params, template, scheduler, build):
+    """Validation FD of a candidate merge: its own noise seed, classifier features."""
+    sc = params.merge.search
+    clf = metrics_mod.load_classifier(CLASSIFIER_DIR / "classifier")
+    ref = load_reference(params.evaluate.features)["train"] if params.evaluate.features == "classifier" else \
+        metrics_mod.extract_features(clf, data_mod.load_split(DATA_DIR, "train").images)
+    cfg = template.config
+    noise = initial_noise(derive_seed(params.seed, "merge-search"), sc.num_samples,
+                          (cfg.in_channels, cfg.sample_size, cfg.sample_size))
+    full = template.state_dict()
+
+    def score(weights: list[float]) -> float:
+        full.update(build(weights))
+        template.load_state_dict(full)
+        images = sample([template], scheduler, noise, sc.ddim_steps, batch_size=params.evaluate.batch_size,
+                        desc=f"search {[round(w, 3) for w in weights]}")
+        return metrics_mod.frechet_distance(metrics_mod.extract_features(clf, images), ref)
+
+    return score
+
+
 def merge(params: Params, run: Any = NullRun()) -> dict:
+    """theta + scale * merge(tau_1..tau_N), weights fixed or searched."""
     ranges, _ = load_partition(PARTITION_FILE)
-    n = len(ranges)
+    n, mc = len(ranges), params.merge
     weights = params.merge_weights
     if len(weights) != n:
         raise ValueError(f"merge.weights has {len(weights)} values for the partition's {n} ranges")
     template = load_unet(range_dir(0), what="range model 0")
     base = _base_like(template)
+    scheduler = load_scheduler(PRETRAINED_DIR)
     files = [TASK_VECTOR_DIR / f"range-{i}.safetensors" for i in range(n)]
-    merged_state = merge_files(base, files, weights, params.merge.method)
+    seed = derive_seed(params.seed, "merge")
+
+    def build(w: list[float]) -> dict:
+        return merge_files(base, files, w, mc.method, density=mc.density, scale=mc.scale, seed=seed)
+
+    search_info = None
+    with atomic_dir(MERGE_DIR) as tmp:
+        if mc.search.strategy != "none":
+            result = search_weights(n, _search_scorer(params, template, scheduler, build), mc.search, start=weights)
+            weights = list(result.best_weights)
+            write_candidates_tsv(result, tmp / "search.tsv")
+            plot_search(result, tmp / "search.png")
+            run.log_curve("search/score", [(c["index"], c["score"]) for c in result.candidates])
+            search_info = {"strategy": result.strategy, "evaluations": result.evaluations,
+                           "best_weights": weights, "best_score": result.best_score,
+                           "num_samples": mc.search.num_samples, "ddim_steps": mc.search.ddim_steps}
+        write_json(tmp / "weights.json", {"weights": weights, "method": mc.method, "scale": mc.scale,
+                                          "density": mc.density, "search": search_info})
+    for name in ("search.tsv", "search.png", "weights.json"):
+        run.log_artifact(MERGE_DIR / name, "merge")
+    merged_state = build(weights)
     full = template.state_dict()
     full.update(merged_state)
     template.load_state_dict(full)
-    scheduler = load_scheduler(PRETRAINED_DIR)
-    info = {"method": params.merge.method, "weights": weights, "ranges": [list(r) for r in ranges]}
-    save_model(template, scheduler, MERGED_DIR, info)
+    tau_norms = read_json(TASK_VECTOR_DIR / "norms.json", "task-vector norms")["total"]
+    applied = [mc.scale * w for w in weights]
+    info = {"method": mc.method, "weights": weights, "scale": mc.scale, "density": mc.density,
+            "ranges": [list(r) for r in ranges], "search": search_info}
+    save_model(template, scheduler, MERGED_DIR, info)  # the chosen weights sit next to the model
     return {
-        "method": params.merge.method,
+        "method": mc.method,
         "weights": weights,
         "weight_sum": float(sum(weights)),
+        "applied_scale": applied,
+        "tau_norms": tau_norms,
+        "applied_tau_norms": [a * t for a, t in zip(applied, tau_norms)],
         "distance_from_pretrained": parameter_distance(merged_state, base),
+        "search": search_info,
+        **({"search_best_score": search_info["best_score"]} if search_info else {}),
     }
 
 
@@ -333,132 +390,212 @@ def _load_eval_models(name: str):
     if name == "ensemble":
         ranges, _ = load_partition(PARTITION_FILE)
         models = [load_unet(range_dir(i), what=f"range model {i}") for i in range(len(ranges))]
-        return models, ranges
+        return models, ranges, load_scheduler(range_dir(0))
     if name not in EVAL_MODELS:
         raise ValueError(f"unknown model '{name}' to evaluate; choose one of {EVAL_MODELS}")
-    return [load_unet(Path("models") / name, what=f"{name} model")], None
+    path = Path("models") / name
+    return [load_unet(path, what=f"{name} model")], None, load_scheduler(path)
+
+
+def load_reference(features: str) -> dict:
+    if not REFERENCE_FILE.is_file():
+        raise FileNotFoundError(f"reference features '{REFERENCE_FILE}' are missing: run dvc repro classifier")
+    with np.load(REFERENCE_FILE) as ref:
+        out = {k: ref[k] for k in ref.files}
+    if str(out["features"]) != features:
+        raise ValueError(
+            f"'{REFERENCE_FILE}' holds {out['features']} features but evaluate.features is '{features}': "
+            "run dvc repro classifier"
+        )
+    return out
+
+
+def noise_seed(params: Params, index: int) -> int:
+    """Initial-noise seed ``index`` of the evaluation; never depends on the model (common random numbers)."""
+    return derive_seed(params.seed, "evaluate" if index == 0 else f"evaluate-{index}")
 
 
 def evaluate(params: Params, name: str, run: Any = NullRun()) -> dict:
     ev = params.evaluate
-    models, ranges = _load_eval_models(name)
-    scheduler = load_scheduler(range_dir(0) if name == "ensemble" else Path("models") / name)
-    classifier_model = metrics_mod.load_classifier(CLASSIFIER_DIR)
-    with np.load(REFERENCE_FILE) as ref:
-        train_feats, class_freq, n_floor = ref["train"], ref["class_freq"], len(ref["heldout"])
+    if ev.features == "inception":
+        metrics_mod.inception_weights(ev.inception_dir)  # fail before any sampling
+    models, ranges, scheduler = _load_eval_models(name)
+    classifier_model = metrics_mod.load_classifier(CLASSIFIER_DIR / "classifier")
+    ref = load_reference(ev.features)
+    extract = metrics_mod.feature_extractor(ev.features, classifier_model, ev.inception_dir)
     cfg = models[0].config
     shape = (cfg.in_channels, cfg.sample_size, cfg.sample_size)
-    # Common random numbers: the seed does not depend on the model name.
-    noise = initial_noise(derive_seed(params.seed, "evaluate"), ev.num_samples, shape)
-    start = time.perf_counter()
-    images = sample(models, scheduler, noise, ev.ddim_steps, ranges=ranges, eta=ev.eta,
-                    batch_size=ev.batch_size, seed=derive_seed(params.seed, "evaluate-eta"), desc=f"sample {name}")
-    seconds = time.perf_counter() - start
-    feats = metrics_mod.extract_features(classifier_model, images)
-    probs = torch.softmax(torch.as_tensor(metrics_mod.predict(classifier_model, images)), dim=1).numpy()
-    hist = np.bincount(probs.argmax(1), minlength=len(class_freq)) / len(probs)
+    per_seed, seconds = [], 0.0
+    for s in range(ev.noise_seeds):
+        noise = initial_noise(noise_seed(params, s), ev.num_samples, shape)
+        start = time.perf_counter()
+        images = sample(models, scheduler, noise, ev.ddim_steps, ranges=ranges, eta=ev.eta, batch_size=ev.batch_size,
+                        seed=derive_seed(params.seed, f"evaluate-eta-{s}"), desc=f"sample {name} (noise {s})")
+        seconds += time.perf_counter() - start
+        feats = extract(images)
+        per_seed.append(metrics_mod.distances(feats, ref["train"], ev.kid_subsets, ev.kid_subset_size,
+                                              ev.bootstrap_rounds, derive_seed(params.seed, "kid")))
+        if s == 0:
+            first_images, first_feats = images, feats
     grid = SAMPLES_DIR / f"{name}.png"
-    save_grid(images, grid, nrow=ev.grid_size)
+    save_grid(first_images, grid, nrow=ev.grid_size)
+    with atomic_path(SAMPLES_DIR / f"{name}.npz") as tmp:
+        with open(tmp, "wb") as handle:
+            np.savez(handle, features=first_feats)
     run.log_artifact(grid, "samples")
+    probs = torch.softmax(torch.as_tensor(metrics_mod.predict(classifier_model, first_images)), dim=1).numpy()
+    fds, kids = [r["fd"] for r in per_seed], [r["kid"] for r in per_seed]
+    n_floor = len(ref["heldout"])
     return {
         "model": name,
-        "fd": metrics_mod.frechet_distance(feats, train_feats),
-        "kid": metrics_mod.kernel_distance(
-            feats, train_feats, ev.kid_subsets, ev.kid_subset_size, derive_seed(params.seed, "kid")
-        ),
+        "features": ev.features,
+        "fd": float(np.mean(fds)),
+        "kid": float(np.mean(kids)),
+        "fd_ci": per_seed[0]["fd_ci"],
+        "kid_ci": per_seed[0]["kid_ci"],
+        "fd_per_seed": fds,
+        "kid_per_seed": kids,
+        "fd_seed_std": float(np.std(fds, ddof=1)) if len(fds) > 1 else 0.0,
+        "kid_seed_std": float(np.std(kids, ddof=1)) if len(kids) > 1 else 0.0,
         # FD is biased upwards at small n: this one is comparable with the
         # real-vs-real floor, which only has the held-out images.
-        "fd_at_floor_n": metrics_mod.frechet_distance(feats[:n_floor], train_feats),
-        "class_tv_distance": float(0.5 * np.abs(hist - class_freq).sum()),
-        "mean_confidence": float(probs.max(1).mean()),
-        "class_histogram": hist.tolist(),
+        "fd_at_floor_n": metrics_mod.frechet_distance(first_feats[:n_floor], ref["train"]),
+        **metrics_mod.class_coverage(probs, ref["class_freq"]),
         "num_samples": ev.num_samples,
+        "noise_seeds": ev.noise_seeds,
         "ddim_steps": ev.ddim_steps,
         "sample_seconds": seconds,
-        "images_per_second": ev.num_samples / seconds if seconds > 0 else None,
+        "images_per_second": ev.num_samples * ev.noise_seeds / seconds if seconds > 0 else None,
     }
 
 
 # ----------------------------------------------------------------- report
+def _paired_difference(params: Params, model: str, reference: np.ndarray) -> dict:
+    """FD(model) - FD(shared) with a paired bootstrap CI (both sampled from the same noise)."""
+    with np.load(SAMPLES_DIR / f"{model}.npz") as a, np.load(SAMPLES_DIR / "shared.npz") as b:
+        fa, fb = a["features"], b["features"]
+    fd = metrics_mod.frechet_distance
+    low, high = metrics_mod.bootstrap_ci(fa, reference, fd, params.evaluate.bootstrap_rounds,
+                                         derive_seed(params.seed, f"paired-{model}"), paired_with=fb)
+    delta = fd(fa, reference) - fd(fb, reference)
+    verdict = "better" if high < 0 else "worse" if low > 0 else "not distinguishable"
+    return {"fd_delta": delta, "fd_delta_ci": [low, high], "verdict": verdict}
+
+
 def report(params: Params, run: Any = NullRun()) -> dict:
     results = {name: read_json(METRICS_DIR / f"{name}.json", f"evaluation of {name}") for name in EVAL_MODELS}
-    classifier_metrics = read_json(METRICS_DIR / "classifier.json", "classifier metrics")
+    clf = read_json(METRICS_DIR / "classifier.json", "classifier metrics")
+    merge_info = read_json(METRICS_DIR / "merge.json", "merge metrics")
+    reference = load_reference(params.evaluate.features)["train"]
     base_fd, base_kid = results["shared"]["fd"], results["shared"]["kid"]
     table = {}
     for name, r in results.items():
         table[name] = {
-            "fd": r["fd"],
-            "kid": r["kid"],
-            "fd_at_floor_n": r["fd_at_floor_n"],
+            **{k: r[k] for k in ("fd", "kid", "fd_ci", "kid_ci", "fd_seed_std", "kid_seed_std", "fd_at_floor_n",
+                                 "class_tv_distance", "class_kl_divergence", "mean_confidence")},
             "fd_vs_shared": (r["fd"] - base_fd) / base_fd if base_fd else None,
             "kid_vs_shared": (r["kid"] - base_kid) / abs(base_kid) if base_kid else None,
-            "class_tv_distance": r["class_tv_distance"],
-            "mean_confidence": r["mean_confidence"],
         }
+    for name in ("merged", "ensemble", "pretrained"):
+        table[name]["vs_shared"] = _paired_difference(params, name, reference)
     comparison = {
         **table,
-        "floor": {
-            "fd": classifier_metrics["floor_fd"],
-            "kid": classifier_metrics["floor_kid"],
-            "num_samples": classifier_metrics["floor_num_samples"],
-        },
+        "floor": {"fd": clf["floor_fd"], "kid": clf["floor_kid"], "fd_ci": clf["floor_fd_ci"],
+                  "num_samples": clf["floor_num_samples"]},
+        "merge": {k: merge_info.get(k) for k in ("method", "weights", "applied_scale", "tau_norms",
+                                                  "distance_from_pretrained", "search")},
         "settings": {
+            "features": params.evaluate.features,
             "num_samples": params.evaluate.num_samples,
+            "noise_seeds": params.evaluate.noise_seeds,
             "ddim_steps": params.evaluate.ddim_steps,
+            "bootstrap_rounds": params.evaluate.bootstrap_rounds,
             "num_ranges": params.num_ranges,
             "finetune_steps_per_range": params.finetune.steps,
             "shared_steps": params.num_ranges * params.finetune.steps,
-            "merge_method": params.merge.method,
-            "merge_weights": params.merge_weights,
-            "classifier_heldout_accuracy": classifier_metrics["heldout_accuracy"],
+            "classifier_heldout_accuracy": clf["heldout_accuracy"],
+            "seed": params.seed,
         },
+        "params": flatten(params),
         "mlflow": {"parent_run_id": run.parent_id, "report_run_id": run.run_id},
     }
     write_json(REPORT_DIR / "comparison.json", comparison)
     with atomic_file(REPORT_DIR / "comparison.md") as handle:
         handle.write(render_markdown(comparison))
-    summary = {}
-    for name in EVAL_MODELS:
-        summary[f"{name}/fd"] = table[name]["fd"]
-        summary[f"{name}/kid"] = table[name]["kid"]
-    summary["merged_minus_shared/fd"] = table["merged"]["fd"] - base_fd
-    summary["floor/fd"] = classifier_metrics["floor_fd"]
+    summary = {f"{name}/{k}": table[name][k] for name in EVAL_MODELS for k in ("fd", "kid")}
+    summary["merged_minus_shared/fd"] = table["merged"]["vs_shared"]["fd_delta"]
+    summary["floor/fd"] = clf["floor_fd"]
     run.log_parent_metrics(summary)
     for name in ("comparison.json", "comparison.md"):
         run.log_parent_artifact(REPORT_DIR / name, "report")
     for name in EVAL_MODELS:
         run.log_parent_artifact(SAMPLES_DIR / f"{name}.png", "samples")
+    for plot in sorted(Path(TASK_VECTOR_DIR).glob("*.png")):
+        run.log_parent_artifact(plot, "task_vectors")
     return {f"{name}_fd": table[name]["fd"] for name in EVAL_MODELS}
 
 
 def render_markdown(c: dict) -> str:
-    s = c["settings"]
+    s, f, m = c["settings"], c["floor"], c["merge"]
+    fmt_ci = lambda ci, d=4: f"[{ci[0]:.{d}f}, {ci[1]:.{d}f}]"  # noqa: E731
+    pct = lambda v: "–" if v is None else f"{100 * v:+.1f}%"  # noqa: E731
+    space = "digit classifier" if s["features"] == "classifier" else "Inception (clean-fid, mode clean)"
     lines = [
         "# DeMe comparison",
         "",
-        f"N = {s['num_ranges']} ranges x {s['finetune_steps_per_range']} steps vs. shared fine-tune of "
-        f"{s['shared_steps']} steps (equal compute). {s['num_samples']} samples per model, DDIM {s['ddim_steps']} "
-        "steps, identical initial noise for every model. Features: digit classifier "
-        f"(held-out accuracy {s['classifier_heldout_accuracy']:.3f}).",
+        f"N = {s['num_ranges']} range models x {s['finetune_steps_per_range']} steps against a shared fine-tune of "
+        f"{s['shared_steps']} steps (equal compute). {s['num_samples']} samples per model x {s['noise_seeds']} noise "
+        f"seed(s), DDIM {s['ddim_steps']} steps, identical initial noise for every model. Feature space: {space} "
+        f"(classifier held-out accuracy {s['classifier_heldout_accuracy']:.3f}). Intervals are 95% bootstrap "
+        f"intervals over samples ({s['bootstrap_rounds']} resamples).",
         "",
-        f"| model | FD | KID | FD vs shared | KID vs shared | FD at n={c['floor']['num_samples']} | class TV "
-        "| mean confidence |",
-        "|---|---|---|---|---|---|---|---|",
+        f"| model | FD [95% CI] | KID [95% CI] | FD vs shared | KID vs shared | FD at n={f['num_samples']} "
+        "| class TV | class KL | confidence |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
-    pct = lambda v: "–" if v is None else f"{100 * v:+.1f}%"  # noqa: E731
     for name in EVAL_MODELS:
         r = c[name]
+        seed_sd = f" ± {r['fd_seed_std']:.4f}" if s["noise_seeds"] > 1 else ""
         lines.append(
-            f"| {name} | {r['fd']:.4f} | {r['kid']:.5f} | {pct(r['fd_vs_shared'])} | {pct(r['kid_vs_shared'])} "
-            f"| {r['fd_at_floor_n']:.4f} | {r['class_tv_distance']:.3f} | {r['mean_confidence']:.3f} |"
+            f"| {name} | {r['fd']:.4f}{seed_sd} {fmt_ci(r['fd_ci'])} | {r['kid']:.5f} {fmt_ci(r['kid_ci'], 5)} "
+            f"| {pct(r['fd_vs_shared'])} | {pct(r['kid_vs_shared'])} | {r['fd_at_floor_n']:.4f} "
+            f"| {r['class_tv_distance']:.3f} | {r['class_kl_divergence']:.4f} | {r['mean_confidence']:.3f} |"
         )
-    f = c["floor"]
     lines += [
-        f"| real held-out vs train (floor) | | | | | {f['fd']:.4f} (KID {f['kid']:.5f}) | | |",
+        f"| real held-out vs train (floor) | | | | | {f['fd']:.4f} {fmt_ci(f['fd_ci'])} | | | |",
         "",
-        f"Merge: {s['merge_method']} with weights {[round(w, 4) for w in s['merge_weights']]}.",
+        "## Against the shared baseline (paired bootstrap: same noise, same resampled indices)",
         "",
-        f"MLflow parent run: `{c['mlflow']['parent_run_id']}`.",
-        "",
+        "| model | FD − FD(shared) | 95% CI | verdict |",
+        "|---|---|---|---|",
     ]
+    for name in ("merged", "ensemble", "pretrained"):
+        v = c[name]["vs_shared"]
+        lines.append(f"| {name} | {v['fd_delta']:+.4f} | {fmt_ci(v['fd_delta_ci'])} | {v['verdict']} |")
+    weights = [round(w, 4) for w in (m.get("weights") or [])]
+    lines += ["", "## Merge", "", f"Method `{m.get('method')}`, weights {weights}."]
+    if m.get("tau_norms"):
+        lines.append(f"Task-vector norms by range (low t to high t): {[round(x, 4) for x in m['tau_norms']]}; "
+                     f"applied scale per range: {[round(x, 4) for x in (m.get('applied_scale') or [])]}.")
+    if m.get("distance_from_pretrained") is not None:
+        lines.append(f"Parameter distance of the merged model from the pretrained one: "
+                     f"{m['distance_from_pretrained']:.4f}.")
+    search = m.get("search")
+    if search:
+        lines += ["", f"Weight search ({search['strategy']}, {search['evaluations']} candidates, scored by FD on "
+                  f"{search['num_samples']} validation samples from the search seed): best {search['best_weights']} "
+                  f"with validation FD {search['best_score']:.4f}. Candidates: `merge/search.tsv`; "
+                  "plot: `merge/search.png`."]
+    lines += ["", "## Task vectors", ""]
+    for png, title in (("tv_norms.png", "norm by range"), ("tv_layer_heatmap.png", "per-layer norms"),
+                       ("tv_cosine.png", "cosine similarity")):
+        if (TASK_VECTOR_DIR / png).exists():
+            lines.append(f"![{title}](../{TASK_VECTOR_DIR}/{png})")
+    lines += ["", "## Samples (same initial noise)", "", "| " + " | ".join(EVAL_MODELS) + " |",
+              "|" + "---|" * len(EVAL_MODELS),
+              "| " + " | ".join(f"![{n}](../{SAMPLES_DIR}/{n}.png)" for n in EVAL_MODELS) + " |", ""]
+    lines += ["## Provenance", "", f"MLflow parent run `{c['mlflow']['parent_run_id']}`, report run "
+              f"`{c['mlflow']['report_run_id']}`.", "", "<details><summary>params</summary>", "", "```"]
+    lines += [f"{k}: {v}" for k, v in sorted(c["params"].items())]
+    lines += ["```", "", "</details>", ""]
     return "\n".join(lines)

@@ -108,3 +108,48 @@ def test_flatten_dotted(default_params_dict):
     assert flat["seed"] == 0
     assert not any(isinstance(v, dict) for v in flat.values())
     assert not math.isnan(flat["finetune.p"])
+
+
+@pytest.mark.parametrize(
+    "values, key",
+    [
+        ({"density": 0.0}, "merge.density"),
+        ({"density": 1.5}, "merge.density"),
+        ({"scale": 0.0}, "merge.scale"),
+        ({"scale": float("inf")}, "merge.scale"),
+        ({"method": "average"}, "merge.method"),
+        ({"search": {"values": []}}, "merge.search.values"),
+        ({"search": {"values": [0.5, float("nan")]}}, "merge.search.values"),
+        ({"search": {"values": [0.5, 0.5]}}, "merge.search.values"),
+        ({"search": {"max_evaluations": 0}}, "merge.search.max_evaluations"),
+        ({"search": {"num_samples": 1}}, "merge.search.num_samples"),
+        ({"search": {"ddim_steps": 0}}, "merge.search.ddim_steps"),
+        ({"search": {"strategy": "random"}}, "merge.search.strategy"),
+        ({"search": {"valuez": [1.0]}}, "merge.search.valuez"),
+    ],
+)
+def test_bad_merge_values_name_the_key(default_params_dict, values, key):
+    with pytest.raises(ConfigError) as exc:
+        parse_params(_with(default_params_dict, "merge", **values))
+    assert key in str(exc.value)
+
+
+def test_merge_defaults_and_methods(default_params_dict):
+    m = parse_params(default_params_dict).merge
+    assert (m.method, m.density, m.scale, m.search.strategy) == ("task_arithmetic", 0.5, 1.0, "none")
+    for method in ("ties", "dare_linear", "dare_ties", "magnitude_prune"):
+        assert parse_params(_with(default_params_dict, "merge", method=method, density=1.0)).merge.method == method
+    s = parse_params(_with(default_params_dict, "merge", search={})).merge.search
+    assert (s.strategy, s.values, s.max_evaluations, s.num_samples, s.ddim_steps) == (
+        "none", [0.0, 0.25, 0.5, 0.75, 1.0], 24, 500, 20
+    )
+
+
+def test_grid_search_must_fit_the_budget(default_params_dict):
+    grid = {"strategy": "grid", "values": [0.0, 0.5, 1.0]}  # 3**4 = 81 merges for N=4
+    with pytest.raises(ConfigError) as exc:
+        parse_params(_with(default_params_dict, "merge", search={**grid, "max_evaluations": 80}))
+    assert "merge.search.max_evaluations" in str(exc.value) and "merge.search.strategy" in str(exc.value)
+    assert parse_params(_with(default_params_dict, "merge", search={**grid, "max_evaluations": 81})).merge.search
+    # coordinate descent has no such limit
+    assert parse_params(_with(default_params_dict, "merge", search={**grid, "strategy": "coordinate"}))

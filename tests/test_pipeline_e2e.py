@@ -74,7 +74,8 @@ def test_dvc_repro_end_to_end(tmp_path):
     for path in ["data/prepared/train.npz", "models/classifier", "models/pretrained", "models/range-0",
                  "models/range-1", "models/shared", "models/merged", "task_vectors/range-1.safetensors",
                  "partition/ranges.json", "reports/comparison.md", "samples/ensemble.png",
-                 "plots/task_vector_norms.tsv", "metrics/finetune/range-0.json"]:
+                 "plots/task_vector_norms.tsv", "metrics/finetune/range-0.json", "task_vectors/tv_cosine.png",
+                 "task_vectors/tv_layer_heatmap.png", "merge/weights.json", "samples/merged.npz"]:
         assert (proj / path).exists(), path
     from diffusers import UNet2DModel
 
@@ -115,3 +116,22 @@ def test_dvc_repro_end_to_end(tmp_path):
     }
     # the report fills the new parent's summary, cached stages' numbers included
     assert "pretrained/fd" in newest.data.metrics and "shared/fd" in newest.data.metrics
+
+    # another merge method, then a weight search: merge onward only
+    ties = _run(["dvc", "exp", "run", "-S", "merge.method=ties"], proj, env)
+    assert stages_run(ties) == {"merge", "evaluate@merged", "report"}
+    search = _run(["dvc", "exp", "run", "-S", "merge.search.strategy=coordinate", "-S", "merge.search.max_evaluations=3",
+                   "-S", "merge.search.num_samples=40", "-S", "merge.search.ddim_steps=3"], proj, env)
+    assert stages_run(search) == {"merge", "evaluate@merged", "report"}
+    rows = (proj / "merge" / "search.tsv").read_text().strip().splitlines()
+    assert len(rows) == 1 + 3
+    merge_metrics = json.loads((proj / "metrics" / "merge.json").read_text())
+    assert merge_metrics["search"]["evaluations"] == 3
+    assert json.loads((proj / "models" / "merged" / "dtm_info.json").read_text())["weights"] == \
+        merge_metrics["search"]["best_weights"]
+    report = json.loads((proj / "reports" / "comparison.json").read_text())
+    assert report["merge"]["search"]["strategy"] == "coordinate"
+    assert report["merged"]["fd_ci"][0] <= report["merged"]["fd"] <= report["merged"]["fd_ci"][1]
+    assert report["merged"]["vs_shared"]["verdict"] in ("better", "worse", "not distinguishable")
+    md = (proj / "reports" / "comparison.md").read_text()
+    assert "Weight search (coordinate, 3 candidates" in md and "tv_cosine.png" in md

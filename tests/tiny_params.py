@@ -9,6 +9,7 @@ TINY_OVERRIDES = {
         "ddim_steps": 4,
         "batch_size": 80,
         "kid_subsets": 5,
+        "bootstrap_rounds": 10,
         "kid_subset_size": 50,
         "grid_size": 4,
         "classifier": {"steps": 40, "feature_dim": 16},
