@@ -7,7 +7,7 @@ BIN := $(CURDIR)/$(VENV)/bin
 STAMP := $(VENV)/.installed
 export PATH := $(BIN):$(PATH)
 
-.PHONY: setup repro test bench ui clean
+.PHONY: setup repro test bench ui regress bless ci clean
 
 setup: $(STAMP)
 
@@ -23,6 +23,14 @@ repro: setup
 
 test: setup
 	python -m pytest
+
+# the regression gate: compare reports/comparison.json with regression/reference.json
+regress: setup
+	python -m dtm_core.regress
+
+# make the current run the new reference (commit regression/reference.json on purpose)
+bless: setup
+	python -m dtm_core.regress --bless
 
 bench: setup
 	python benchmarks/step_overhead.py
