@@ -1,0 +1,117 @@
+"""Determinism (same params + seed -> bitwise-identical outs) and resume after SIGKILL."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from dtm_core.io import dir_digest, file_digest
+from stagehelp import PIPELINE, ROOT, new_project, run_stage
+
+VOLATILE = ("seconds", "per_second", "mlflow", "run_id")
+
+
+def _stable(obj):
+    if isinstance(obj, dict):
+        return {k: _stable(v) for k, v in obj.items() if not any(w in k for w in VOLATILE)}
+    return obj
+
+
+def _fingerprint(proj: Path) -> dict:
+    out = {}
+    for d in ("data/prepared", "models/classifier", "models/pretrained", "models/range-0", "models/range-1",
+              "models/shared", "models/merged", "task_vectors", "partition"):
+        out[d] = dir_digest(proj / d)
+    for f in sorted((proj / "samples").glob("*.png")):
+        out[str(f.relative_to(proj))] = file_digest(f)
+    for f in sorted((proj / "metrics").rglob("*.json")) + [proj / "reports" / "comparison.json"]:
+        out[str(f.relative_to(proj))] = _stable(json.loads(f.read_text()))
+    return out
+
+
+def _run_pipeline(proj: Path, monkeypatch) -> dict:
+    monkeypatch.chdir(proj)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{proj / 'mlflow.db'}")
+    for stage, args in PIPELINE:
+        assert run_stage(stage, *args) == 0, (stage, args)
+    return _fingerprint(proj)
+
+
+@pytest.mark.slow
+def test_same_params_and_seed_give_identical_outputs(tmp_path, monkeypatch):
+    a = tmp_path / "a"
+    b = tmp_path / "b"
+    new_project(a)
+    new_project(b)
+    fa = _run_pipeline(a, monkeypatch)
+    fb = _run_pipeline(b, monkeypatch)
+    assert fa == fb
+    # and the seed matters
+    c = tmp_path / "c"
+    new_project(c, {"seed": 1})
+    monkeypatch.chdir(c)
+    for stage in ("prepare", "pretrain"):
+        assert run_stage(stage) == 0
+    assert dir_digest(c / "models" / "pretrained") != fa["models/pretrained"]
+
+
+def _start_finetune(proj: Path) -> subprocess.Popen:
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{proj / 'mlflow.db'}"}
+    env.pop("DTM_PARENT_RUN_ID", None)
+    return subprocess.Popen([sys.executable, str(ROOT / "stages" / "finetune.py"), "--range", "0"], cwd=proj,
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+
+def _kill_after_checkpoint(proc: subprocess.Popen, proj: Path, step: int, timeout: float = 300) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if list((proj / ".dtm" / "checkpoints" / "range-0").glob(f"*/step-{step}/COMPLETE")):
+            proc.send_signal(signal.SIGKILL)
+            proc.wait()
+            return
+        if proc.poll() is not None:
+            pytest.fail(f"finetune ended before step {step}: {proc.stderr.read()[-2000:]}")
+        time.sleep(0.05)
+    proc.kill()
+    pytest.fail(f"no checkpoint at step {step} within {timeout}s")
+
+
+@pytest.mark.slow
+def test_finetune_killed_twice_resumes_bitwise_identical(tmp_path, monkeypatch):
+    overrides = {"finetune.steps": 40, "finetune.checkpoint_every": 10}
+    ref, proj = tmp_path / "ref", tmp_path / "killed"
+    new_project(ref, overrides)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{ref / 'mlflow.db'}")
+    monkeypatch.chdir(ref)
+    for stage in ("prepare", "partition", "pretrain"):
+        assert run_stage(stage) == 0
+    new_project(proj, overrides)
+    for d in ("data", "partition", "models"):
+        subprocess.run(["cp", "-r", str(ref / d), str(proj / d)], check=True)
+    assert run_stage("finetune", "--range", "0") == 0  # uninterrupted, in ref
+    expected = dir_digest(ref / "models" / "range-0")
+
+    for kill_at in (10, 30):
+        proc = _start_finetune(proj)
+        _kill_after_checkpoint(proc, proj, kill_at)
+        assert not (proj / "models" / "range-0").exists()  # nothing DVC could cache as good
+    proc = _start_finetune(proj)
+    assert proc.wait(timeout=600) == 0, proc.stderr.read()[-2000:]
+    assert dir_digest(proj / "models" / "range-0") == expected
+    assert not list((proj / "models").glob(".range-0.tmp-*"))
+    metrics = json.loads((proj / "metrics" / "finetune" / "range-0.json").read_text())
+    assert metrics["resumed_from_step"] == 30
+    assert not (proj / ".dtm" / "checkpoints" / "range-0").exists() or not any(
+        (proj / ".dtm" / "checkpoints" / "range-0").iterdir()
+    )
+    client = MlflowClient(f"sqlite:///{proj / 'mlflow.db'}")
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    statuses = sorted(r.info.status for r in runs if r.info.run_name == "finetune-range-0")
+    assert statuses == ["FINISHED", "KILLED", "KILLED"]
+    assert not [r for r in runs if r.info.status == "RUNNING"]
