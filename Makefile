@@ -7,7 +7,7 @@ BIN := $(CURDIR)/$(VENV)/bin
 STAMP := $(VENV)/.installed
 export PATH := $(BIN):$(PATH)
 
-.PHONY: setup repro test bench ui regress bless ci clean
+.PHONY: setup repro test bench ui regress bless aggregate clean
 
 setup: $(STAMP)
 
@@ -32,6 +32,10 @@ regress: setup
 bless: setup
 	python -m dtm_core.regress --bless
 
+# mean +- std over training seeds of the pipeline runs in MLflow
+aggregate: setup
+	python -m dtm_core.aggregate
+
 bench: setup
 	python benchmarks/step_overhead.py
 
@@ -39,4 +43,4 @@ ui: setup
 	mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db --host 127.0.0.1 --port 5000
 
 clean:
-	rm -rf data/prepared models task_vectors partition samples plots reports metrics .dtm mlflow.db mlartifacts
+	rm -rf data/prepared models task_vectors partition samples plots reports metrics merge .dtm mlflow.db mlartifacts

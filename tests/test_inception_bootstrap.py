@@ -71,7 +71,9 @@ def test_bootstrap_ci_covers_the_estimate_and_shrinks_with_n():
     small, large = rng.normal(0.3, size=(200, 4)), rng.normal(0.3, size=(3000, 4))
     lo_s, hi_s = metrics.bootstrap_ci(small, ref, metrics.frechet_distance, 100, seed=1)
     lo_l, hi_l = metrics.bootstrap_ci(large, ref, metrics.frechet_distance, 100, seed=1)
-    assert lo_l <= metrics.frechet_distance(large, ref) <= hi_l
+    # duplicates in a resample inflate FD; the interval is re-centred so it holds the estimate
+    assert lo_s < metrics.frechet_distance(small, ref) < hi_s
+    assert lo_l < metrics.frechet_distance(large, ref) < hi_l
     assert (hi_l - lo_l) < (hi_s - lo_s)
     assert metrics.bootstrap_ci(small, ref, metrics.frechet_distance, 50, seed=2) == \
         metrics.bootstrap_ci(small, ref, metrics.frechet_distance, 50, seed=2)
