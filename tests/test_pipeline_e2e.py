@@ -6,6 +6,7 @@ import re
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -117,12 +118,36 @@ def test_dvc_repro_end_to_end(tmp_path):
     # the report fills the new parent's summary, cached stages' numbers included
     assert "pretrained/fd" in newest.data.metrics and "shared/fd" in newest.data.metrics
 
-    # another merge method, then a weight search: merge onward only
-    ties = _run(["dvc", "exp", "run", "-S", "merge.method=ties"], proj, env)
-    assert stages_run(ties) == {"merge", "evaluate@merged", "report"}
-    search = _run(["dvc", "exp", "run", "-S", "merge.search.strategy=coordinate", "-S", "merge.search.max_evaluations=3",
-                   "-S", "merge.search.num_samples=40", "-S", "merge.search.ddim_steps=3"], proj, env)
-    assert stages_run(search) == {"merge", "evaluate@merged", "report"}
+    # another merge method and a weight search, queued and run in parallel by
+    # `dvc queue start -j 2`: each re-runs only merge onward, both log to the
+    # one store at the repo root, each under its own parent
+    _run(["dvc", "exp", "run", "--queue", "-n", "ties", "-S", "merge.method=ties"], proj, env)
+    _run(["dvc", "exp", "run", "--queue", "-n", "search", "-S", "merge.search.strategy=coordinate",
+          "-S", "merge.search.max_evaluations=3", "-S", "merge.search.num_samples=40",
+          "-S", "merge.search.ddim_steps=3"], proj, env)
+    # the workers outlive `dvc queue start`: give them no pipe of ours to hold open
+    subprocess.run(["dvc", "queue", "start", "-j", "2"], cwd=proj, env=env, check=True, timeout=120,
+                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 900
+    while True:
+        status = _run(["dvc", "queue", "status"], proj, env)
+        if not re.search(r"Queued|Running", status):
+            break
+        assert time.time() < deadline, status
+        time.sleep(5)
+    subprocess.run(["dvc", "queue", "stop"], cwd=proj, env=env, timeout=120,
+                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    assert status.count("Success") == 2, status
+    for name in ("ties", "search"):
+        assert stages_run(_run(["dvc", "queue", "logs", name], proj, env)) == {"merge", "evaluate@merged", "report"}
+    parents, children = runs_by_parent(proj)
+    by_name = {p.info.run_name: p for p in parents}
+    for name in ("ties", "search"):
+        assert set(children[by_name[name].info.run_id]) == {"merge", "evaluate-merged", "report"}
+        assert by_name[name].info.status == "FINISHED"
+    assert not list(proj.glob(".dvc/tmp/exps/**/mlflow.db"))
+
+    _run(["dvc", "exp", "apply", "search"], proj, env)
     rows = (proj / "merge" / "search.tsv").read_text().strip().splitlines()
     assert len(rows) == 1 + 3
     merge_metrics = json.loads((proj / "metrics" / "merge.json").read_text())
