@@ -150,6 +150,9 @@ def pretrain(params: Params, run: Any = NullRun()) -> dict:
     shape = train_ds.images.shape[1:]
     if params.model.pretrained_path:
         return _import_pretrained(params, shape)
+    # Some imported library reseeds torch's global generator at random, so the
+    # initial weights must be seeded here, not inherited from the process.
+    torch.manual_seed(derive_seed(params.seed, "pretrain-init"))
     unet = build_unet(params.model, sample_size=shape[-1], channels=shape[0])
     scheduler = build_scheduler(params.model)
     ckpt = checkpoint_dir("pretrain", params, ("seed", "model", "pretrain"), (DATA_DIR,))
