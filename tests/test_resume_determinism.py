@@ -115,3 +115,25 @@ def test_finetune_killed_twice_resumes_bitwise_identical(tmp_path, monkeypatch):
     statuses = sorted(r.info.status for r in runs if r.info.run_name == "finetune-range-0")
     assert statuses == ["FINISHED", "KILLED", "KILLED"]
     assert not [r for r in runs if r.info.status == "RUNNING"]
+
+
+@pytest.mark.slow
+def test_stages_are_identical_across_processes(tmp_path):
+    """Each stage is its own process under DVC: nothing may depend on process-global random state."""
+    proj = tmp_path / "p"
+    new_project(proj, {"pretrain.steps": 20})
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{proj / 'mlflow.db'}"}
+    env.pop("DTM_PARENT_RUN_ID", None)
+
+    def run(stage):
+        proc = subprocess.run([sys.executable, str(ROOT / "stages" / f"{stage}.py")], cwd=proj, env=env,
+                              capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+
+    run("prepare")
+    digests = []
+    for _ in range(2):
+        for stage in ("classifier", "pretrain"):
+            run(stage)
+        digests.append((dir_digest(proj / "models" / "classifier"), dir_digest(proj / "models" / "pretrained")))
+    assert digests[0] == digests[1]
