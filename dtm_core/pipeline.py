@@ -9,7 +9,10 @@ DVC-tracked metrics JSON.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
+import shutil
 import time
 from pathlib import Path
 from typing import Any, Optional
@@ -71,10 +74,6 @@ def checkpoint_dir(name: str, params: Params, sections: tuple[str, ...], inputs:
     A checkpoint is resumed only by a run with the same params sections and
     the same input files; checkpoints of other settings are dropped.
     """
-    import hashlib
-    import json
-    import shutil
-
     h = hashlib.sha256()
     selected = {k: v for s in sections for k, v in flatten(params.section(s), s).items()}
     h.update(json.dumps(selected, sort_keys=True, default=str).encode())
