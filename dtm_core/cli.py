@@ -18,23 +18,11 @@ import time
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
-from .config import ConfigError, load_params
-from .io import OutputError, write_json
+from .config import load_params
+from .errors import KNOWN_ERRORS
+from .io import write_json
 
 EXIT_USER_ERROR = 2
-
-
-def _known_errors() -> tuple[type[BaseException], ...]:
-    from .data import DataError
-    from .model import ModelLoadError
-    from .partition import PartitionError
-    from .task_vector import TaskVectorError
-    from .tracking import TrackingError
-
-    return (
-        ConfigError, DataError, ModelLoadError, PartitionError, TaskVectorError, TrackingError,
-        OutputError, FileNotFoundError, ValueError, FloatingPointError,
-    )
 
 
 def _numeric(metrics: dict) -> dict[str, float]:
@@ -79,7 +67,7 @@ def main(
                 run.log_artifact(path, "metrics")
             run.log_metrics(_numeric(metrics))
             run.set_tags({"dtm.metrics_file": metrics_file(args) if metrics_file else ""})
-    except _known_errors() as exc:
+    except KNOWN_ERRORS as exc:
         log.debug("stage failed", exc_info=True)
         print(f"error: {stage}: {exc}", file=sys.stderr)
         return EXIT_USER_ERROR

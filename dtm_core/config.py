@@ -16,9 +16,7 @@ from typing import Any, Literal, Optional
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-
-class ConfigError(ValueError):
-    """params.yaml is missing, unreadable or invalid."""
+from .errors import ConfigError
 
 
 class _Section(BaseModel):

@@ -19,12 +19,9 @@ import torch
 
 from .config import DataConfig
 from .io import atomic_dir
+from .errors import DataError
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
-
-
-class DataError(ValueError):
-    """The configured data source cannot be read."""
 
 
 @dataclass(frozen=True)

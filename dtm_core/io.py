@@ -17,9 +17,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Iterator
 
-
-class OutputError(RuntimeError):
-    """An output path cannot be written."""
+from .errors import OutputError
 
 
 def _check_writable_parent(path: Path) -> None:

@@ -25,13 +25,10 @@ from safetensors.torch import load_file
 
 from .config import ModelConfig
 from .io import atomic_dir
+from .errors import ModelLoadError
 
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
 PROJECTION_ATTR = "channel_projection"
-
-
-class ModelLoadError(RuntimeError):
-    """A model directory is missing, not a diffusers model, or corrupt."""
 
 
 def _identity_projection(channels: int) -> torch.nn.Conv2d:
@@ -234,3 +231,11 @@ def float_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 def num_parameters(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
+
+
+def pretrained_like(pretrained_dir: Path, ranged_model: UNet2DModel) -> dict[str, torch.Tensor]:
+    """The pretrained weights in a range model's layout (identity projections where it has them)."""
+    base = load_unet(pretrained_dir, what="pretrained model")
+    if has_projection(ranged_model):
+        base = with_projection(base, enabled=True)
+    return float_state(base)

@@ -13,12 +13,9 @@ import torch
 
 from .config import Params
 from .io import read_json, write_json
+from .errors import PartitionError
 
 Range = tuple[int, int]
-
-
-class PartitionError(ValueError):
-    """Ranges that do not tile [0, T)."""
 
 
 def uniform_ranges(T: int, n: int) -> list[Range]:

@@ -15,12 +15,9 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from .io import atomic_path
+from .errors import TaskVectorError
 
 StateDict = Mapping[str, torch.Tensor]
-
-
-class TaskVectorError(ValueError):
-    """Task vectors or state dicts that do not line up."""
 
 
 def _float_items(state: StateDict) -> dict[str, torch.Tensor]:

@@ -38,15 +38,12 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator, Optional, Sequence
 
 from .config import Params, flatten
+from .errors import TrackingError
 
 log = logging.getLogger(__name__)
 
 STATE_FILE = Path(".dtm") / "pipeline_run.json"
 PARENT_ENV = "DTM_PARENT_RUN_ID"
-
-
-class TrackingError(RuntimeError):
-    """The MLflow tracking store cannot be used."""
 
 
 def repo_root(start: Optional[Path] = None) -> Path:

@@ -1,7 +1,9 @@
 """DVC stage finetune@i: DeMe fine-tune of the pretrained model for range i -> models/range-<i>/."""
 import sys
 
-from dtm_core import cli, pipeline
+from dtm_core import cli
+from dtm_core.steps import common
+from dtm_core.steps import finetune as step
 
 
 def _args(parser):
@@ -10,9 +12,9 @@ def _args(parser):
 
 if __name__ == "__main__":
     sys.exit(cli.main(
-        "finetune", lambda params, args, run: pipeline.finetune_range(params, args.range, run),
+        "finetune", lambda params, args, run: step.finetune_range(params, args.range, run),
         sections=("seed", "finetune", "partition"),
-        metrics_file=lambda a: pipeline.FINETUNE_METRICS_DIR / f"range-{a.range}.json",
+        metrics_file=lambda a: common.FINETUNE_METRICS_DIR / f"range-{a.range}.json",
         run_name=lambda a: f"finetune-range-{a.range}", dvc_stage=lambda a: f"finetune@{a.range}",
         add_args=_args,
     ))

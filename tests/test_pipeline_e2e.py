@@ -101,6 +101,20 @@ def test_dvc_repro_end_to_end(tmp_path):
     assert stages_run(again) == set()
     assert len(runs_by_parent(proj)[0]) == 1
 
+    # code deps are per stage: an edit invalidates the stages that run that file, not training
+    for edited, invalidated in (
+        ("dtm_core/steps/report.py", {"report"}),
+        ("dtm_core/metrics.py", {"classifier", "merge", "evaluate@pretrained", "evaluate@shared",
+                                 "evaluate@merged", "evaluate@ensemble", "report"}),
+    ):
+        code = proj / edited
+        original = code.read_text()
+        code.write_text(original + "\n# an edit\n")
+        status = subprocess.run(["dvc", "status", "--json"], cwd=proj, env=env, capture_output=True, text=True)
+        code.write_text(original)
+        assert set(json.loads(status.stdout)) == invalidated, (edited, status.stdout)
+    assert stages_run(_run(["dvc", "repro"], proj, env)) == set()
+
     # a variant re-runs only what p affects
     _run(["git", "add", "-A"], proj, env)
     _run(["git", "commit", "-qm", "baseline run"], proj, env)

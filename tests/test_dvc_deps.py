@@ -1,0 +1,106 @@
+"""Each stage in dvc.yaml depends on exactly the library files its script runs.
+
+A missing dep would let `dvc repro` reuse an out that a code change made
+stale; an extra one re-runs stages for nothing (editing the report would
+re-train every model). The files a stage runs are found by following its
+script's imports (every import statement, also inside functions) through
+the ``dtm_core`` package.
+"""
+
+import ast
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGE = "dtm_core"
+
+
+def _module_file(dotted: str) -> Path | None:
+    base = ROOT.joinpath(*dotted.split("."))
+    if (base / "__init__.py").is_file():
+        return base / "__init__.py"
+    if base.with_suffix(".py").is_file():
+        return base.with_suffix(".py")
+    return None
+
+
+def _package_of(path: Path) -> str:
+    rel = path.relative_to(ROOT).with_suffix("")
+    parts = rel.parts[:-1] if rel.name != "__init__" else rel.parts[:-1]
+    return ".".join(parts)
+
+
+def _imported_modules(path: Path) -> set[str]:
+    """Dotted names of the dtm_core modules ``path`` imports (and their parent packages)."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            names = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                package = _package_of(path).split(".")
+                base = package[: len(package) - node.level + 1]
+                module = ".".join(base + ([node.module] if node.module else []))
+            else:
+                module = node.module or ""
+            # `from pkg import name`: name may be a submodule or an attribute
+            names = [module] + [f"{module}.{alias.name}" for alias in node.names]
+        else:
+            continue
+        for name in names:
+            if name.split(".")[0] != PACKAGE:
+                continue
+            parts = name.split(".")
+            for i in range(1, len(parts) + 1):  # importing a.b.c runs a and a.b too
+                found.add(".".join(parts[:i]))
+    return {m for m in found if _module_file(m) is not None}
+
+
+def library_closure(script: Path) -> set[str]:
+    """Repository-relative paths of every dtm_core file that running ``script`` imports."""
+    seen: set[str] = set()
+    todo = [script]
+    files: set[str] = set()
+    while todo:
+        path = todo.pop()
+        for module in _imported_modules(path):
+            if module in seen:
+                continue
+            seen.add(module)
+            file = _module_file(module)
+            files.add(file.relative_to(ROOT).as_posix())
+            todo.append(file)
+    return files
+
+
+def _stages() -> list[tuple[str, dict]]:
+    stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+    out = []
+    for name, stage in stages.items():
+        body = stage.get("do", stage)  # foreach ... do:
+        out.append((name, body))
+    return out
+
+
+@pytest.mark.parametrize("name,stage", _stages(), ids=[n for n, _ in _stages()])
+def test_stage_depends_on_exactly_the_library_files_it_imports(name, stage):
+    script = stage["cmd"].split()[1]
+    assert script == f"stages/{name}.py", f"{name}: unexpected command {stage['cmd']!r}"
+    assert script in stage["deps"], f"{name}: the stage script itself must be a dep"
+    listed = {d for d in stage["deps"] if d == PACKAGE or d.startswith(PACKAGE + "/")}
+    assert PACKAGE not in listed, f"{name}: list the dtm_core files it runs, not the whole package"
+    needed = library_closure(ROOT / script)
+    assert not needed - listed, f"{name}: dvc.yaml misses deps {sorted(needed - listed)}"
+    assert not listed - needed, f"{name}: dvc.yaml lists files the stage never imports {sorted(listed - needed)}"
+
+
+def test_the_closure_follows_relative_and_lazy_imports(tmp_path):
+    """The import walk itself: a report-only edit must not count as a training dep."""
+    report = library_closure(ROOT / "stages/report.py")
+    finetune = library_closure(ROOT / "stages/finetune.py")
+    assert "dtm_core/steps/report.py" in report and "dtm_core/metrics.py" in report
+    assert "dtm_core/train.py" in finetune and "dtm_core/tracking.py" in finetune  # tracking: a lazy import in cli
+    assert "dtm_core/steps/report.py" not in finetune and "dtm_core/metrics.py" not in finetune
+    assert {"dtm_core/__init__.py", "dtm_core/steps/__init__.py"} <= finetune
