@@ -27,9 +27,8 @@ def _module_file(dotted: str) -> Path | None:
 
 
 def _package_of(path: Path) -> str:
-    rel = path.relative_to(ROOT).with_suffix("")
-    parts = rel.parts[:-1] if rel.name != "__init__" else rel.parts[:-1]
-    return ".".join(parts)
+    """The package a file's relative imports start from (its directory, for __init__.py too)."""
+    return ".".join(path.relative_to(ROOT).parts[:-1])
 
 
 def _imported_modules(path: Path) -> set[str]:
@@ -84,7 +83,10 @@ def _stages() -> list[tuple[str, dict]]:
     return out
 
 
-@pytest.mark.parametrize("name,stage", _stages(), ids=[n for n, _ in _stages()])
+STAGES = _stages()
+
+
+@pytest.mark.parametrize("name,stage", STAGES, ids=[n for n, _ in STAGES])
 def test_stage_depends_on_exactly_the_library_files_it_imports(name, stage):
     script = stage["cmd"].split()[1]
     assert script == f"stages/{name}.py", f"{name}: unexpected command {stage['cmd']!r}"
@@ -96,7 +98,7 @@ def test_stage_depends_on_exactly_the_library_files_it_imports(name, stage):
     assert not listed - needed, f"{name}: dvc.yaml lists files the stage never imports {sorted(listed - needed)}"
 
 
-def test_the_closure_follows_relative_and_lazy_imports(tmp_path):
+def test_the_closure_follows_relative_and_lazy_imports():
     """The import walk itself: a report-only edit must not count as a training dep."""
     report = library_closure(ROOT / "stages/report.py")
     finetune = library_closure(ROOT / "stages/finetune.py")
