@@ -7,7 +7,7 @@ BIN := $(CURDIR)/$(VENV)/bin
 STAMP := $(VENV)/.installed
 export PATH := $(BIN):$(PATH)
 
-.PHONY: setup repro test bench ui regress bless aggregate clean
+.PHONY: setup repro test lint bench ui regress seeds base clean
 
 setup: $(STAMP)
 
@@ -24,17 +24,20 @@ repro: setup
 test: setup
 	python -m pytest
 
-# the regression gate: compare reports/comparison.json with regression/reference.json
+lint: setup
+	ruff check .
+
+# the regression gate: the workspace's reports/comparison.json against the committed one
 regress: setup
-	python -m dtm_core.regress
+	python -m tools.regress
 
-# make the current run the new reference (commit regression/reference.json on purpose)
-bless: setup
-	python -m dtm_core.regress --bless
+# the default comparison for training seeds 0, 1, 2 (DVC experiments) -> reports/seeds.{md,json}
+seeds: setup
+	python -m tools.seeds
 
-# mean +- std over training seeds of the pipeline runs in MLflow
-aggregate: setup
-	python -m dtm_core.aggregate
+# regenerate the shipped base checkpoint (base/) bit for bit: about an hour on 2 cores
+base: setup
+	python -m tools.make_base
 
 bench: setup
 	python benchmarks/step_overhead.py
@@ -43,4 +46,4 @@ ui: setup
 	mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db --host 127.0.0.1 --port 5000
 
 clean:
-	rm -rf data/prepared models task_vectors partition samples plots reports metrics merge .dtm mlflow.db mlartifacts
+	rm -rf data/prepared models task_vectors samples evaluation merge/search reports/figures timings .dtm mlflow.db mlartifacts

@@ -9,7 +9,6 @@ Target: DeMe/plain <= 1.35. Run: `make bench` (or python benchmarks/step_overhea
 from __future__ import annotations
 
 import argparse
-import time
 
 import torch
 

@@ -8,10 +8,8 @@ say what would fix it.
 
 from __future__ import annotations
 
-import hashlib
-import math
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Literal, Optional, Sequence
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -22,7 +20,8 @@ from .errors import ConfigError
 class _Section(BaseModel):
     # Unknown keys are errors: a misspelled key must not silently fall back
     # to a default.
-    model_config = ConfigDict(extra="forbid", frozen=True, strict=False)
+    # NaN and infinity are refused for every float field.
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=False, allow_inf_nan=False)
 
 
 class DataConfig(_Section):
@@ -33,6 +32,9 @@ class DataConfig(_Section):
     image_size: int = Field(8, ge=4, le=1024)
     channels: Literal[1, 3] = 1
     holdout_fraction: float = Field(0.2, gt=0.0, lt=1.0)
+    # The train/held-out split's own seed: a training-seed sweep (seed) must not
+    # change which images a model may train on, nor the reference set.
+    split_seed: int = Field(0, ge=0)
 
     @model_validator(mode="after")
     def _folder_needed(self) -> "DataConfig":
@@ -70,7 +72,9 @@ class ModelConfig(_Section):
         return self
 
 
-class _Optim(_Section):
+class OptimConfig(_Section):
+    """An optimiser recipe: AdamW, gradient clipping, an EMA of the weights, a learning-rate schedule."""
+
     steps: int = Field(..., ge=1)
     batch_size: int = Field(128, ge=1)
     lr: float = Field(..., gt=0.0, le=1.0)
@@ -81,6 +85,10 @@ class _Optim(_Section):
     ema_max_decay: float = Field(0.9999, ge=0.0, lt=1.0)
     ema_inv_gamma: float = Field(1.0, gt=0.0)
     ema_power: float = Field(0.75, gt=0.0)
+    # constant, or cosine decay to 0 after a linear warm-up of warmup_steps
+    # (as diffusers' unconditional training example schedules it).
+    lr_schedule: Literal["constant", "cosine"] = "constant"
+    warmup_steps: int = Field(0, ge=0)
     log_every: int = Field(10, ge=1)
     # Save resumable training state every this many steps (0: never). A killed
     # run resumes from the newest checkpoint under .dtm/checkpoints/.
@@ -94,13 +102,6 @@ class _Optim(_Section):
         # `no` into false; accept it as Accelerate's "no".
         return "no" if v is False else v
 
-    @field_validator("lr", "weight_decay", "adam_eps", "grad_clip")
-    @classmethod
-    def _finite(cls, v: float) -> float:
-        if not math.isfinite(v):
-            raise ValueError("must be a finite number")
-        return v
-
     @field_validator("adam_betas")
     @classmethod
     def _betas(cls, v: tuple[float, float]) -> tuple[float, float]:
@@ -109,7 +110,7 @@ class _Optim(_Section):
         return v
 
 
-class PretrainConfig(_Optim):
+class PretrainConfig(OptimConfig):
     steps: int = Field(1500, ge=1)
     lr: float = Field(1e-3, gt=0.0, le=1.0)
     ema_max_decay: float = Field(0.999, ge=0.0, lt=1.0)
@@ -134,20 +135,22 @@ class PartitionConfig(_Section):
         return v
 
 
-class FinetuneConfig(_Optim):
+class FinetuneConfig(OptimConfig):
     steps: int = Field(200, ge=1)  # per range model; the shared baseline gets N x steps
     lr: float = Field(2e-4, gt=0.0, le=1.0)
+    # The shared baseline's own learning rate (null: finetune.lr). Each method's
+    # rate is chosen by the same validation protocol (docs/RESULTS.md).
+    shared_lr: Optional[float] = Field(None, gt=0.0, le=1.0)
+    # The shared baseline's loss weighting over timesteps (paper Table 1's
+    # baselines; dtm_core/weighting.py): none | snr_plus_one | trunc_snr |
+    # min_snr | p2, with weighting_gamma (null: 5 for min_snr, 1 for p2).
+    weighting: Literal["none", "snr_plus_one", "trunc_snr", "min_snr", "p2"] = "none"
+    weighting_gamma: Optional[float] = Field(None, gt=0.0)
     p: float = Field(0.3, ge=0.0, le=1.0)  # probability a batch draws t from all of [0, T)
     antithetic: bool = True
     consistency_weight: float = Field(1.0, ge=0.0)
     channel_projection: bool = True
 
-    @field_validator("p", "consistency_weight")
-    @classmethod
-    def _finite_knob(cls, v: float) -> float:
-        if not math.isfinite(v):
-            raise ValueError("must be a finite number")
-        return v
 
 
 class SearchConfig(_Section):
@@ -166,9 +169,7 @@ class SearchConfig(_Section):
 
     @field_validator("values")
     @classmethod
-    def _finite_distinct(cls, v: list[float]) -> list[float]:
-        if not all(math.isfinite(x) for x in v):
-            raise ValueError("every candidate weight must be a finite number")
+    def _distinct(cls, v: list[float]) -> list[float]:
         if len(set(v)) != len(v):
             raise ValueError("candidate weights must be distinct: a repeated value only re-scores the same merge")
         return v
@@ -185,22 +186,10 @@ class MergeConfig(_Section):
     scale: float = Field(1.0, gt=0.0)
     search: SearchConfig = Field(default_factory=SearchConfig)
 
-    @field_validator("weights")
-    @classmethod
-    def _finite_weights(cls, v: Optional[list[float]]) -> Optional[list[float]]:
-        if v is not None and not all(math.isfinite(w) for w in v):
-            raise ValueError(f"every weight must be a finite number (got {v})")
-        return v
-
-    @field_validator("scale")
-    @classmethod
-    def _finite_scale(cls, v: float) -> float:
-        if not math.isfinite(v):
-            raise ValueError("must be a finite number")
-        return v
 
 
 class ClassifierConfig(_Section):
+    seed: int = Field(0, ge=0)  # the feature space's own seed: fixed across training seeds
     steps: int = Field(600, ge=1)
     batch_size: int = Field(128, ge=1)
     lr: float = Field(2e-3, gt=0.0, le=1.0)
@@ -212,6 +201,11 @@ class EvaluateConfig(_Section):
     # "inception" (clean-fid's standard mode="clean" Inception, the one
     # comparable with published FIDs; its weight file must be on disk).
     features: Literal["classifier", "inception"] = "classifier"
+    # The test noise, bootstrap and KID-subset seed. Independent of the training
+    # seed, so a seed sweep measures every run with the same ruler; validation
+    # (merge-weight search, recipe sweeps) uses noise derived from it under
+    # another name, never the test noise itself.
+    seed: int = Field(0, ge=0)
     inception_dir: Optional[str] = None  # holds inception-2015-12-05.pt; null: where clean-fid looks (/tmp)
     num_samples: int = Field(2000, ge=2)
     ddim_steps: int = Field(50, ge=1)
@@ -222,6 +216,13 @@ class EvaluateConfig(_Section):
     kid_subsets: int = Field(100, ge=1)
     kid_subset_size: int = Field(1000, ge=2)
     grid_size: int = Field(8, ge=1, le=32)
+    # Held-out denoising loss: the eps-MSE of every model on the held-out split
+    # at this many timesteps spread evenly over [0, T), with fixed noise.
+    heldout_timesteps: int = Field(50, ge=2)
+    # Memorisation: a sample counts as memorised when it lies closer to its
+    # nearest train image than this percentile of the held-out images' own
+    # nearest-train distances.
+    memorisation_percentile: float = Field(5.0, gt=0.0, lt=100.0)
     classifier: ClassifierConfig = Field(default_factory=ClassifierConfig)
 
     @property
@@ -285,7 +286,8 @@ class Params(_Section):
                         f"partition.boundaries must be strictly increasing: {lo} then {hi} would "
                         "make ranges overlap or be empty"
                     )
-        if self.merge.search.strategy != "none" and self.merge.search.num_samples <= self.evaluate.classifier.feature_dim:
+        search, feature_dim = self.merge.search, self.evaluate.classifier.feature_dim
+        if search.strategy != "none" and search.num_samples <= feature_dim:
             raise ValueError(
                 f"merge.search.num_samples ({self.merge.search.num_samples}) must exceed the classifier's feature "
                 f"dimension evaluate.classifier.feature_dim ({self.evaluate.classifier.feature_dim}) that scores "
@@ -319,14 +321,6 @@ class Params(_Section):
             return [1.0 / self.num_ranges] * self.num_ranges
         return list(self.merge.weights)
 
-    def section(self, name: str) -> Any:
-        return getattr(self, name)
-
-
-def derive_seed(root_seed: int, name: str) -> int:
-    """A stage's own seed: stable for (root seed, name), distinct across names."""
-    digest = hashlib.sha256(f"{root_seed}:{name}".encode()).digest()
-    return int.from_bytes(digest[:4], "little") & 0x7FFFFFFF
 
 
 def _format_error(exc: ValidationError, source: str) -> str:
@@ -381,4 +375,20 @@ def flatten(data: Any, prefix: str = "") -> dict[str, Any]:
                 out[name] = value
     else:
         out[prefix] = data
+    return out
+
+
+def select(params: Params, keys: Sequence[str]) -> dict[str, Any]:
+    """The flat values of the params ``keys`` name: whole sections (``finetune``) or dotted keys (``finetune.lr``).
+
+    A stage declares the keys it reads once; this picks exactly those for its
+    MLflow run and its resumable-checkpoint fingerprint.
+    """
+    flat = flatten(params)
+    out: dict[str, Any] = {}
+    for key in keys:
+        hits = {k: v for k, v in flat.items() if k == key or k.startswith(key + ".")}
+        if not hits:
+            raise KeyError(f"no parameter '{key}' in Params")  # a wrong declaration: a bug, not user input
+        out.update(hits)
     return out

@@ -13,13 +13,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import torch
 
 from .config import DataConfig
-from .io import atomic_dir
 from .errors import DataError
+from .io import atomic_dir, write_json
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
 
@@ -105,10 +106,13 @@ def split(dataset: Dataset, holdout_fraction: float, seed: int) -> tuple[Dataset
     return pick(~mask), pick(mask)
 
 
-def save_splits(out_dir: str | Path, train: Dataset, heldout: Dataset) -> None:
+def save_splits(out_dir: str | Path, train: Dataset, heldout: Dataset, info: Optional[dict] = None) -> None:
+    """``train.npz`` and ``heldout.npz`` (and ``info.json`` when given), atomically."""
     with atomic_dir(out_dir) as tmp:
         for name, ds in (("train", train), ("heldout", heldout)):
             np.savez(tmp / f"{name}.npz", images=ds.images, labels=ds.labels, classes=np.asarray(ds.classes))
+        if info is not None:
+            write_json(tmp / "info.json", info)
 
 
 def load_split(data_dir: str | Path, name: str) -> Dataset:
@@ -147,3 +151,9 @@ class BatchSampler:
         self._order = state["order"].clone()
         self._pos = int(state["pos"])
         self.generator.set_state(state["generator"])
+
+
+def to_uint8(images: np.ndarray) -> np.ndarray:
+    """[-1, 1] NCHW floats to uint8 NHWC."""
+    arr = ((np.clip(images, -1, 1) + 1) * 127.5).round().astype(np.uint8)
+    return arr.transpose(0, 2, 3, 1)

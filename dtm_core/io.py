@@ -17,7 +17,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Iterator
 
-from .errors import OutputError
+from .errors import MissingInputError, OutputError
 
 
 def _check_writable_parent(path: Path) -> None:
@@ -113,15 +113,11 @@ def write_json(path: str | os.PathLike, data: Any) -> None:
 def read_json(path: str | os.PathLike, what: str = "file") -> Any:
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(
-            f"{what} '{path}' is missing: run the stage that produces it (dvc repro)."
-        )
+        raise MissingInputError(f"{what} '{path}' is missing: run the stage that produces it (dvc repro).")
     try:
         return json.loads(path.read_text())
     except json.JSONDecodeError as exc:
-        raise ValueError(
-            f"{what} '{path}' is not valid JSON ({exc}); delete it and re-run dvc repro."
-        ) from exc
+        raise MissingInputError(f"{what} '{path}' is not valid JSON ({exc}); re-run the stage that writes it.") from exc
 
 
 def file_digest(path: str | os.PathLike, algo: str = "sha256") -> str:

@@ -15,18 +15,17 @@ reproducible and does not depend on the order tensors are visited in.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import math
 import warnings
 from pathlib import Path
-from typing import Callable, Iterator, Mapping, Sequence
+from typing import Callable, Mapping, Sequence
 
 import torch
-from safetensors import SafetensorError, safe_open
 
-from .config import derive_seed
-from .task_vector import StateDict, TaskVectorError
+from .errors import ConfigError, TaskVectorError
+from .seeding import derive_seed
+from .task_vector import StateDict, open_task_vectors, stacked
 
 MergeFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -100,11 +99,11 @@ def get_method(name: str, density: float = 0.5) -> MergeFn:
     try:
         fn = METHODS[name]
     except KeyError:
-        raise ValueError(f"merge.method '{name}' is unknown; choose one of {sorted(METHODS)}") from None
+        raise ConfigError(f"merge.method '{name}' is unknown; choose one of {sorted(METHODS)}") from None
     if name not in USES_DENSITY:
         return fn
     if not 0.0 < density <= 1.0:
-        raise ValueError(f"merge.density must lie in (0, 1] for method '{name}' (got {density})")
+        raise ConfigError(f"merge.density must lie in (0, 1] for method '{name}' (got {density})")
     return functools.partial(fn, density=density)
 
 
@@ -137,36 +136,6 @@ def merge_tensor(
         return fn(task_tensors.cpu(), weights.cpu()).to(device)
 
 
-@contextlib.contextmanager
-def open_task_vectors(files: Sequence[str | Path]) -> Iterator[tuple[list, list[str]]]:
-    """Open task-vector safetensors files lazily; yield (handles, sorted keys).
-
-    Every file must exist, be readable and cover the same tensors. Tensors are
-    read one at a time with :func:`stacked`, never all at once.
-    """
-    if not files:
-        raise ValueError("no task vector files given: run dvc repro task_vectors")
-    with contextlib.ExitStack() as stack:
-        handles = []
-        for path in files:
-            if not Path(path).is_file():
-                raise FileNotFoundError(f"task vector '{path}' is missing: run dvc repro task_vectors")
-            try:
-                handles.append(stack.enter_context(safe_open(str(path), framework="pt")))
-            except (SafetensorError, OSError) as exc:
-                raise TaskVectorError(f"task vector '{path}' is corrupt ({exc}); re-run dvc repro task_vectors") from exc
-        keys = set(handles[0].keys())
-        for path, h in zip(files, handles):
-            if set(h.keys()) != keys:
-                raise TaskVectorError(f"task vector '{path}' covers different tensors than '{files[0]}'")
-        yield handles, sorted(keys)
-
-
-def stacked(handles: Sequence, key: str) -> torch.Tensor:
-    """Tensor ``key`` of every open task vector, as float32 stacked along dim 0."""
-    return torch.stack([h.get_tensor(key).float() for h in handles])
-
-
 def merge_files(
     base: StateDict,
     task_vector_files: Sequence[str | Path],
@@ -185,7 +154,7 @@ def merge_files(
     if len(weights) != len(task_vector_files):
         raise ValueError(f"{len(weights)} merge weights for {len(task_vector_files)} task vectors")
     if not math.isfinite(scale):
-        raise ValueError(f"merge.scale must be a finite number (got {scale})")
+        raise ConfigError(f"merge.scale must be a finite number (got {scale})")
     get_method(method, density)  # fail on a bad method or density before reading anything
     w = torch.tensor(list(weights), dtype=torch.float32)
     merged = {k: v.clone() for k, v in base.items()}

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Sequence
 
+from .errors import ConfigError
 from .io import atomic_file
 
 if TYPE_CHECKING:  # only its fields strategy, values and max_evaluations are read
@@ -88,7 +89,7 @@ class _Scorer:
 def _grid(n: int, scorer: _Scorer, cfg: SearchConfig) -> None:
     size = len(cfg.values) ** n
     if size > cfg.max_evaluations:
-        raise ValueError(
+        raise ConfigError(
             f"a grid of {len(cfg.values)} values over N={n} ranges is {size} merges, more than "
             f"merge.search.max_evaluations ({cfg.max_evaluations}); raise it or set merge.search.strategy: coordinate"
         )
@@ -132,7 +133,7 @@ def search_weights(n: int, score: ScoreFn, cfg: SearchConfig, start: Sequence[fl
     elif cfg.strategy == "coordinate":
         _coordinate(scorer, cfg, [float(w) for w in start])
     else:
-        raise ValueError(f"merge.search.strategy '{cfg.strategy}' is unknown; choose grid or coordinate")
+        raise ConfigError(f"merge.search.strategy '{cfg.strategy}' is unknown; choose grid or coordinate")
     best = _best(scorer.candidates)
     assert best is not None  # the start or the first grid point is always scored
     return SearchResult(
@@ -152,27 +153,3 @@ def write_candidates_tsv(result: SearchResult, path: str | Path) -> None:
         handle.write("\t".join(columns) + "\n")
         for row in rows:
             handle.write("\t".join(str(row[c]) if c == "index" else f"{row[c]:.6g}" for c in columns) + "\n")
-
-
-def plot_search(result: SearchResult, path: str | Path) -> None:
-    """Score by evaluation index, the best candidate marked, as a PNG."""
-    from .analysis import new_figure, save_figure
-
-    fig, ax = new_figure(6.0, 3.5)
-    xs = [c["index"] for c in result.candidates]
-    ys = [c["score"] if math.isfinite(c["score"]) else math.nan for c in result.candidates]
-    ax.plot(xs, ys, "o", color="tab:blue", markersize=4, label="candidate")
-    running, low = [], math.inf
-    for c in result.candidates:
-        low = min(low, _rank(c["score"]))
-        running.append(low if math.isfinite(low) else math.nan)
-    ax.step(xs, running, where="post", color="tab:gray", linewidth=1, label="best so far")
-    best = _best(result.candidates)
-    if best is not None and math.isfinite(best["score"]):
-        label = "best: w=[" + ", ".join(f"{w:.3g}" for w in best["weights"]) + f"], score {best['score']:.4g}"
-        ax.plot([best["index"]], [best["score"]], "*", color="tab:red", markersize=14, label=label)
-    ax.set_xlabel("evaluation")
-    ax.set_ylabel("score (lower is better)")
-    ax.set_title(f"merge weight search ({result.strategy}, {result.evaluations} evaluations)")
-    ax.legend(fontsize=7, loc="best")
-    save_figure(fig, path)

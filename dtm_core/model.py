@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import inspect
 import json
+import re
 from pathlib import Path
 from typing import Optional
 
@@ -24,8 +25,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from .config import ModelConfig
-from .io import atomic_dir
 from .errors import ModelLoadError
+from .io import atomic_dir
 
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
 PROJECTION_ATTR = "channel_projection"
@@ -78,7 +79,10 @@ class DeMeUNet2DModel(UNet2DModel):
 def _block_out_channels(block: torch.nn.Module) -> int:
     resnets = getattr(block, "resnets", None)
     if not resnets:
-        raise ValueError(f"cannot find the output channels of {type(block).__name__}")
+        raise ModelLoadError(
+            f"cannot attach a channel projection to a {type(block).__name__}: it has no resnets to read the "
+            "output channels from; set finetune.channel_projection: false for this checkpoint"
+        )
     return resnets[-1].out_channels
 
 
@@ -154,32 +158,60 @@ def save_model(unet: UNet2DModel, scheduler: DDPMScheduler, path: str | Path, ex
             (tmp / "dtm_info.json").write_text(json.dumps(extra, indent=2, sort_keys=True) + "\n")
 
 
-def _unet_dir(path: Path) -> Path:
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def _hub_hint(path: Path) -> str:
+    """Advice for a path that looks like a Hugging Face Hub id (``org/name``) rather than a directory."""
+    text = str(path)
+    if not HUB_ID.match(text):
+        return ""
+    local = text.split("/")[-1]
+    return (
+        f" '{text}' looks like a Hugging Face Hub id, and this pipeline never downloads. On a machine with "
+        f"internet access run: python -c \"from diffusers import DiffusionPipeline; "
+        f"DiffusionPipeline.from_pretrained('{text}').save_pretrained('{local}')\" "
+        f"(or: huggingface-cli download {text} --local-dir {local}), copy the '{local}' directory here and "
+        f"set model.pretrained_path to its path."
+    )
+
+
+def _unet_dir(path: Path, what: str, user_supplied: bool) -> Path:
     if (path / "config.json").is_file():
         return path
     if (path / "unet" / "config.json").is_file():
         return path / "unet"
+    fix = "point model.pretrained_path at such a directory" if user_supplied else "re-run the stage that writes it"
     raise ModelLoadError(
-        f"'{path}' is not a diffusers UNet2DModel directory: expected config.json and {WEIGHTS_NAME} "
-        "(or a pipeline directory with unet/config.json). Save one with "
-        "UNet2DModel.save_pretrained(path) or point model.pretrained_path elsewhere."
+        f"{what}: '{path}' is not a diffusers UNet2DModel directory: expected config.json and {WEIGHTS_NAME} "
+        f"(or a pipeline directory with unet/config.json). Save one with UNet2DModel.save_pretrained(path), "
+        f"or {fix}."
     )
 
 
-def load_unet(path: str | Path, what: str = "model") -> UNet2DModel:
+def load_unet(path: str | Path, what: str = "model", user_supplied: bool = False) -> UNet2DModel:
     """Load a UNet from a local directory, never from a hub.
 
     Returns a DeMeUNet2DModel when the config asks for projection layers,
-    a stock UNet2DModel otherwise. Errors name the directory and the fix.
+    a stock UNet2DModel otherwise. Errors name the directory and the fix:
+    for a pipeline output (re-run the stage), or, with ``user_supplied``,
+    for a checkpoint the user named (fix the path, re-export the checkpoint;
+    never "delete it and re-run").
     """
-    path = Path(path)
+    path = Path(path).expanduser()
     if not path.exists():
-        raise ModelLoadError(f"{what} directory '{path}' does not exist: run dvc repro to produce it, or fix the path.")
-    unet_dir = _unet_dir(path)
+        if user_supplied:
+            raise ModelLoadError(
+                f"{what} '{path}' does not exist: point it at a local diffusers UNet2DModel directory or a "
+                f"pipeline directory with unet/.{_hub_hint(path)}"
+            )
+        raise ModelLoadError(f"{what} directory '{path}' does not exist: run dvc repro to produce it.")
+    unet_dir = _unet_dir(path, what, user_supplied)
+    redo = "re-export or re-download the checkpoint" if user_supplied else "re-run the stage that writes it (dvc repro)"
     try:
         config = json.loads((unet_dir / "config.json").read_text())
     except json.JSONDecodeError as exc:
-        raise ModelLoadError(f"{what}: '{unet_dir / 'config.json'}' is not valid JSON ({exc}).") from exc
+        raise ModelLoadError(f"{what}: '{unet_dir / 'config.json'}' is not valid JSON ({exc}); {redo}.") from exc
     cls_name = config.get("_class_name")
     if cls_name not in ("UNet2DModel", "DeMeUNet2DModel"):
         raise ModelLoadError(
@@ -190,15 +222,12 @@ def load_unet(path: str | Path, what: str = "model") -> UNet2DModel:
     if not weights.is_file():
         raise ModelLoadError(
             f"{what}: weight file '{weights}' is missing. Re-save the model with "
-            "save_pretrained(..., safe_serialization=True) or re-run the stage that writes it."
+            f"save_pretrained(..., safe_serialization=True), or {redo}."
         )
     try:
         state = load_file(str(weights))
-    except (SafetensorError, OSError, ValueError) as exc:
-        raise ModelLoadError(
-            f"{what}: weight file '{weights}' is corrupt or truncated ({exc}). "
-            "Delete the directory and re-run dvc repro (or re-export the checkpoint)."
-        ) from exc
+    except (SafetensorError, OSError) as exc:
+        raise ModelLoadError(f"{what}: weight file '{weights}' is corrupt or truncated ({exc}); {redo}.") from exc
     cls = DeMeUNet2DModel if config.get(PROJECTION_ATTR) else UNet2DModel
     init = {k: v for k, v in config.items() if not k.startswith("_")}
     if cls is UNet2DModel:
@@ -208,20 +237,39 @@ def load_unet(path: str | Path, what: str = "model") -> UNet2DModel:
         model.load_state_dict(state, strict=True)
     except (RuntimeError, TypeError, ValueError) as exc:
         raise ModelLoadError(
-            f"{what}: '{weights}' does not match its config.json ({str(exc).splitlines()[0]}). "
-            "The checkpoint is inconsistent; re-export it."
+            f"{what}: '{weights}' does not match its config.json ({str(exc).splitlines()[0]}); "
+            f"the checkpoint is inconsistent: {redo}."
         ) from exc
     return model.eval()
 
 
-def load_scheduler(path: str | Path, fallback: Optional[ModelConfig] = None) -> DDPMScheduler:
+def read_unet_config(path: str | Path) -> Optional[dict]:
+    """The UNet's config.json of a model or pipeline directory, or None where there is none."""
+    path = Path(path).expanduser()
+    for candidate in (path / "config.json", path / "unet" / "config.json"):
+        if candidate.is_file():
+            try:
+                return json.loads(candidate.read_text())
+            except json.JSONDecodeError:
+                return None
+    return None
+
+
+def find_scheduler(path: str | Path) -> Optional[DDPMScheduler]:
+    """The noise schedule saved beside a model (or in a pipeline's scheduler/), or None."""
     path = Path(path)
     for candidate in (path / "scheduler_config.json", path / "scheduler" / "scheduler_config.json"):
         if candidate.is_file():
             return DDPMScheduler.from_pretrained(candidate.parent)
-    if fallback is None:
-        raise ModelLoadError(f"no scheduler_config.json next to the model in '{path}'")
-    return build_scheduler(fallback)
+    return None
+
+
+def load_scheduler(path: str | Path) -> DDPMScheduler:
+    """The noise schedule of a model this pipeline saved (always stored beside it)."""
+    scheduler = find_scheduler(path)
+    if scheduler is None:
+        raise ModelLoadError(f"no scheduler_config.json next to the model in '{path}': re-run dvc repro")
+    return scheduler
 
 
 def float_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:

@@ -9,11 +9,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Sequence
 
+import numpy as np
 import torch
 
 from .config import Params
-from .io import read_json, write_json
 from .errors import PartitionError
+from .io import read_json, write_json
 
 Range = tuple[int, int]
 
@@ -98,3 +99,8 @@ def sample_timesteps(
     else:
         t = torch.randint(low, high, (batch_size,), generator=generator)
     return t.long(), use_global
+
+
+def range_columns(timesteps: np.ndarray, ranges: Sequence[Range]) -> list[np.ndarray]:
+    """For each range, the indices of the grid's timesteps inside it."""
+    return [np.flatnonzero((timesteps >= lo) & (timesteps < hi)) for lo, hi in ranges]

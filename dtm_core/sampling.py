@@ -15,6 +15,7 @@ import torch
 from diffusers import DDIMScheduler, DDPMScheduler, UNet2DModel
 from tqdm.auto import tqdm
 
+from .data import to_uint8
 from .io import atomic_file
 from .partition import Range, range_of
 
@@ -34,7 +35,7 @@ def _pick_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def sample(
     models: Sequence[UNet2DModel],
     train_scheduler: DDPMScheduler,
@@ -74,12 +75,6 @@ def sample(
         out.append(x.clamp(-1, 1).float().cpu())
     bar.close()
     return torch.cat(out).numpy()
-
-
-def to_uint8(images: np.ndarray) -> np.ndarray:
-    """[-1, 1] NCHW floats to uint8 NHWC."""
-    arr = ((np.clip(images, -1, 1) + 1) * 127.5).round().astype(np.uint8)
-    return arr.transpose(0, 2, 3, 1)
 
 
 def save_grid(images: np.ndarray, path, nrow: int = 8, scale: int = 4) -> None:

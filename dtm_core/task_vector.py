@@ -1,21 +1,27 @@
-"""Task vectors as values: tau = theta_finetuned - theta_base.
+"""Task vectors as values, and their file format.
 
-Only floating-point tensors take part (integer buffers are skipped). A task
-vector supports ``+``, unary ``-``, scaling by a number, and ``apply_to`` a
-base state dict; it is saved as one safetensors file.
+tau = theta_finetuned - theta_base over the floating-point tensors (integer
+buffers are skipped). A task vector supports ``+``, unary ``-``, scaling by a
+number, and ``apply_to`` a base state dict.
+
+On disk a task vector is one safetensors file: tensor name -> float32 delta.
+:func:`open_task_vectors` opens several lazily and :func:`stacked` reads one
+tensor of each at a time, so merging and analysis never hold N whole task
+vectors in memory.
 """
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
-from typing import Mapping
+from typing import Iterator, Mapping, Sequence
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
+from .errors import MissingInputError, TaskVectorError
 from .io import atomic_path
-from .errors import TaskVectorError
 
 StateDict = Mapping[str, torch.Tensor]
 
@@ -99,8 +105,40 @@ class TaskVector:
     def load(cls, path: str | Path) -> "TaskVector":
         path = Path(path)
         if not path.is_file():
-            raise FileNotFoundError(f"task vector '{path}' is missing: run dvc repro task_vectors")
+            raise MissingInputError(f"task vector '{path}' is missing: run dvc repro task_vectors")
         try:
             return cls(load_file(str(path)))
         except (SafetensorError, OSError) as exc:
             raise TaskVectorError(f"task vector '{path}' is corrupt ({exc}); re-run dvc repro task_vectors") from exc
+
+
+@contextlib.contextmanager
+def open_task_vectors(files: Sequence[str | Path]) -> Iterator[tuple[list, list[str]]]:
+    """Open task-vector safetensors files lazily; yield (handles, sorted keys).
+
+    Every file must exist, be readable and cover the same tensors. Tensors are
+    read one at a time with :func:`stacked`, never all at once.
+    """
+    if not files:
+        raise MissingInputError("no task vector files given: run dvc repro task_vectors")
+    with contextlib.ExitStack() as stack:
+        handles = []
+        for path in files:
+            if not Path(path).is_file():
+                raise MissingInputError(f"task vector '{path}' is missing: run dvc repro task_vectors")
+            try:
+                handles.append(stack.enter_context(safe_open(str(path), framework="pt")))
+            except (SafetensorError, OSError) as exc:
+                raise TaskVectorError(
+                    f"task vector '{path}' is corrupt ({exc}); re-run dvc repro task_vectors"
+                ) from exc
+        keys = set(handles[0].keys())
+        for path, h in zip(files, handles):
+            if set(h.keys()) != keys:
+                raise TaskVectorError(f"task vector '{path}' covers different tensors than '{files[0]}'")
+        yield handles, sorted(keys)
+
+
+def stacked(handles: Sequence, key: str) -> torch.Tensor:
+    """Tensor ``key`` of every open task vector, as float32 stacked along dim 0."""
+    return torch.stack([h.get_tensor(key).float() for h in handles])

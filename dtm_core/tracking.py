@@ -37,7 +37,7 @@ import time
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Optional, Sequence
 
-from .config import Params, flatten
+from .config import Params, flatten, select
 from .errors import TrackingError
 
 log = logging.getLogger(__name__)
@@ -244,8 +244,46 @@ def _log_params(client, run_id: str, values: dict[str, Any]) -> None:
         client.log_batch(run_id, params=items[i : i + 100])
 
 
-class StageRun:
-    """What a stage logs to its child run."""
+class NullRun:
+    """The logging interface of a stage, logging nothing (library use, unit tests).
+
+    :class:`StageRun` implements the same methods against MLflow; a
+    misspelled method fails on both.
+    """
+
+    run_id: Optional[str] = None
+    parent_id: Optional[str] = None
+
+    def log_params(self, values: dict[str, Any]) -> None:
+        pass
+
+    def log_metrics(self, values: dict[str, float], step: int = 0, run_id: Optional[str] = None) -> None:
+        pass
+
+    def log_curve(self, name: str, points: Iterable[tuple[int, float]]) -> None:
+        pass
+
+    def log_artifact(self, path: str | Path, artifact_path: Optional[str] = None, run_id: Optional[str] = None) -> None:
+        _require_file(path)
+
+    def set_tags(self, tags: dict[str, Any], run_id: Optional[str] = None) -> None:
+        pass
+
+    def log_parent_metrics(self, values: dict[str, float]) -> None:
+        pass
+
+    def log_parent_artifact(self, path: str | Path, artifact_path: Optional[str] = None) -> None:
+        _require_file(path)
+
+
+def _require_file(path: str | Path) -> None:
+    # Logging a file that is not there is a bug in the stage, not user input.
+    if not Path(path).exists():
+        raise FileNotFoundError(f"artifact '{path}' to log does not exist")
+
+
+class StageRun(NullRun):
+    """What a stage logs to its child run (and, for the report, to the parent)."""
 
     def __init__(self, client, run_id: str, parent_id: str):
         self.client = client
@@ -262,7 +300,7 @@ class StageRun:
         items = [
             Metric(k, float(v), now, step)
             for k, v in sorted(values.items())
-            if isinstance(v, (int, float)) and v == v  # skip NaN
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and v == v  # skip NaN
         ]
         for i in range(0, len(items), 500):
             self.client.log_batch(run_id or self.run_id, metrics=items[i : i + 500])
@@ -276,8 +314,8 @@ class StageRun:
             self.client.log_batch(self.run_id, metrics=items[i : i + 500])
 
     def log_artifact(self, path: str | Path, artifact_path: Optional[str] = None, run_id: Optional[str] = None) -> None:
-        if Path(path).exists():
-            self.client.log_artifact(run_id or self.run_id, str(path), artifact_path)
+        _require_file(path)
+        self.client.log_artifact(run_id or self.run_id, str(path), artifact_path)
 
     def set_tags(self, tags: dict[str, Any], run_id: Optional[str] = None) -> None:
         for k, v in tags.items():
@@ -296,9 +334,9 @@ def stage_run(
     params: Params,
     run_name: str,
     dvc_stage: str,
-    sections: Sequence[str],
+    keys: Sequence[str],
 ) -> Iterator[StageRun]:
-    """A child run under the pipeline's parent, logging the params it reads.
+    """A child run under the pipeline's parent, logging the params ``keys`` the stage reads.
 
     On an exception the child and its parent are marked FAILED (nothing is
     left RUNNING) and the exception propagates.
@@ -327,7 +365,7 @@ def stage_run(
     }
     child = client.create_run(exp_id, run_name=run_name, tags=tags)
     run = StageRun(client, child.info.run_id, parent_id)
-    run.log_params({k: v for s in sections for k, v in flatten(params.section(s), s).items()})
+    run.log_params(select(params, keys))
     try:
         yield run
     except BaseException:

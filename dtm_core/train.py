@@ -18,6 +18,7 @@ stopped and ends as an uninterrupted run would.
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 import shutil
@@ -34,8 +35,9 @@ from diffusers import DDPMScheduler, UNet2DModel
 from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
 
-from .config import _Optim
+from .config import OptimConfig
 from .data import BatchSampler
+from .errors import TrainingDivergedError
 
 log = logging.getLogger(__name__)
 
@@ -93,6 +95,16 @@ class _LoopState:
         self.running = list(state["running"])
 
 
+def lr_factor(step: int, total: int, schedule: str, warmup: int) -> float:
+    """The learning-rate multiplier at ``step`` (0-based) of ``total``: linear warm-up, then constant or cosine to 0."""
+    if warmup and step < warmup:
+        return (step + 1) / warmup
+    if schedule == "constant":
+        return 1.0
+    progress = (step - warmup) / max(1, total - warmup)
+    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
 def _latest_checkpoint(checkpoint_dir: Path) -> Optional[Path]:
     done = [p for p in checkpoint_dir.glob("step-*") if (p / "COMPLETE").is_file()]
     return max(done, key=lambda p: int(p.name.split("-")[1]), default=None)
@@ -102,21 +114,29 @@ def train(
     model: UNet2DModel,
     scheduler: DDPMScheduler,
     images: torch.Tensor,
-    cfg: _Optim,
+    cfg: OptimConfig,
     seed: int,
     steps: Optional[int] = None,
     timestep_sampler: Optional[TimestepSampler] = None,
     teacher: Optional[UNet2DModel] = None,
     consistency_weight: float = 0.0,
+    loss_weights: Optional[torch.Tensor] = None,
     checkpoint_dir: Optional[Path] = None,
     checkpoint_every: int = 0,
     stop_after: Optional[int] = None,
+    snapshot_every: int = 0,
+    on_snapshot: Optional[Callable[[int, UNet2DModel], None]] = None,
     desc: str = "train",
 ) -> TrainResult:
     """Train ``model`` (in place) and return its EMA weights.
 
+    ``loss_weights`` (length T) weights each sample's eps-MSE by its
+    timestep (the loss-reweighting baselines, :mod:`dtm_core.weighting`).
     ``stop_after`` ends the loop early after that many total steps, without
     producing a result (used by tests to simulate an interrupted run).
+    ``on_snapshot(step, ema_model)`` is called every ``snapshot_every`` steps
+    with a CPU copy holding the EMA weights (convergence curves); it draws no
+    random numbers from the loop's streams, so the run is unchanged by it.
     """
     steps = cfg.steps if steps is None else steps
     T = scheduler.config.num_train_timesteps
@@ -145,6 +165,8 @@ def train(
     if use_teacher:
         teacher = teacher.to(device).eval().requires_grad_(False)
     alphas = scheduler.alphas_cumprod.to(device)
+    if loss_weights is not None:
+        loss_weights = loss_weights.to(device)
 
     resumed_from = 0
     if checkpoint_dir is not None:
@@ -165,6 +187,8 @@ def train(
         if stop_after is not None and state.step >= stop_after:
             bar.close()
             return TrainResult(model=accelerator.unwrap_model(model), steps=state.step)
+        for group in optimizer.param_groups:  # a function of the step alone, so a resumed run continues it exactly
+            group["lr"] = cfg.lr * lr_factor(state.step, steps, cfg.lr_schedule, cfg.warmup_steps)
         x0 = state.sampler.next()
         t = timestep_sampler(x0.shape[0], state.generator)
         noise = torch.randn(x0.shape, generator=state.generator)
@@ -172,7 +196,11 @@ def train(
         x_t = add_noise(x0, noise, t)
         with accelerator.autocast():
             pred = model(x_t, t).sample
-            loss = F.mse_loss(pred.float(), noise)
+            if loss_weights is None:
+                loss = F.mse_loss(pred.float(), noise)
+            else:
+                per_sample = ((pred.float() - noise) ** 2).flatten(1).mean(dim=1)
+                loss = (loss_weights[t] * per_sample).mean()
             total = loss
             if use_teacher:
                 with torch.no_grad():
@@ -180,7 +208,7 @@ def train(
                 c_loss = F.mse_loss(pred.float(), target.float())
                 total = loss + consistency_weight * c_loss
         if not torch.isfinite(total):
-            raise FloatingPointError(
+            raise TrainingDivergedError(
                 f"{desc}: loss became {total.item()} at step {state.step + 1}; lower the learning rate (lr)"
             )
         accelerator.backward(total)
@@ -200,8 +228,13 @@ def train(
             if use_teacher:
                 state.consistency.append((state.step, r[1] / r[2]))
             state.running = [0.0, 0.0, 0]
-        if checkpoint_dir is not None and checkpoint_every and state.step % checkpoint_every == 0 and state.step < steps:
+        due = checkpoint_every and state.step % checkpoint_every == 0 and state.step < steps
+        if checkpoint_dir is not None and due:
             _save_checkpoint(accelerator, checkpoint_dir, state.step)
+        if on_snapshot is not None and snapshot_every and state.step % snapshot_every == 0:
+            snap = copy.deepcopy(accelerator.unwrap_model(model))
+            ema.copy_to(snap.parameters())
+            on_snapshot(state.step, snap.to("cpu").eval())
     bar.close()
     seconds = time.perf_counter() - start
 

@@ -1,20 +1,71 @@
-"""DVC stage finetune@i: DeMe fine-tune of the pretrained model for range i -> models/range-<i>/."""
+"""DVC stage finetune@i: DeMe fine-tune of the pretrained model for timestep range i -> models/ranges/range-<i>/.
+
+Probabilistic timestep sampling (paper Eq. 6), the consistency loss to the
+frozen pretrained model (Eq. 5) and identity-initialised channel-wise
+projections, all switchable in params.yaml's ``finetune`` section.
+"""
+
+from __future__ import annotations
+
 import sys
+from pathlib import Path
 
-from dtm_core import cli
-from dtm_core.steps import common
-from dtm_core.steps import finetune as step
+import torch
+
+from dtm_core import data as data_mod
+from dtm_core.config import Params
+from dtm_core.errors import PartitionError
+from dtm_core.model import load_scheduler, load_unet, num_parameters, save_model, with_projection
+from dtm_core.partition import load_partition, sample_timesteps
+from dtm_core.seeding import derive_seed
+from dtm_core.tracking import NullRun
+from dtm_core.train import TrainResult, clear_checkpoints, smoothed, train
+from stages.common import DATA_DIR, PARTITION_FILE, PRETRAINED_DIR, checkpoint_dir, main, range_dir
 
 
-def _args(parser):
-    parser.add_argument("--range", type=int, required=True, help="range index i in 0..N-1")
+def load_inputs():
+    """The train images, the pretrained model and its noise schedule: what every fine-tune starts from."""
+    images = torch.as_tensor(data_mod.load_split(DATA_DIR, "train").images)
+    return images, load_unet(PRETRAINED_DIR, what="pretrained model"), load_scheduler(PRETRAINED_DIR)
+
+
+def finish(res: TrainResult, scheduler, out: Path, ckpt: Path, info: dict, run) -> dict:
+    """Log the loss curves, save the EMA weights with ``info``, drop the resumable state; the stage's numbers."""
+    run.log_curve("train/loss", res.losses)
+    if res.consistency:
+        run.log_curve("train/consistency_loss", res.consistency)
+    info = {**info, "steps": res.steps, "final_loss": smoothed(res.losses),
+            "parameters": num_parameters(res.model)}
+    if res.consistency:
+        info["final_consistency_loss"] = smoothed(res.consistency)
+    save_model(res.model, scheduler, out, info)
+    clear_checkpoints(ckpt)
+    return {**info, "steps_per_second": res.steps_per_second, "resumed_from_step": res.resumed_from}
+
+
+def finetune_range(params: Params, run=NullRun(), index: int = 0) -> dict:
+    """Fine-tune a copy of the pretrained model for timestep range ``index`` (DeMe)."""
+    ranges, T = load_partition(PARTITION_FILE)
+    if not 0 <= index < len(ranges):
+        raise PartitionError(
+            f"range index {index} is outside the partition's {len(ranges)} ranges (partition.ranges)"
+        )
+    lo, hi = ranges[index]
+    ft = params.finetune
+    images, base, scheduler = load_inputs()
+    model = with_projection(base, enabled=ft.channel_projection)
+
+    def draw(batch_size: int, generator: torch.Generator) -> torch.Tensor:
+        return sample_timesteps(batch_size, lo, hi, T, ft.p, generator, ft.antithetic)[0]
+
+    ckpt = checkpoint_dir("finetune", params, index)
+    res = train(
+        model, scheduler, images, ft, seed=derive_seed(params.seed, f"finetune-{index}"),
+        timestep_sampler=draw, teacher=base, consistency_weight=ft.consistency_weight,
+        checkpoint_dir=ckpt, checkpoint_every=ft.checkpoint_every, desc=f"finetune range {index} [{lo},{hi})",
+    )
+    return finish(res, scheduler, range_dir(index), ckpt, {"range": [lo, hi], "index": index}, run)
 
 
 if __name__ == "__main__":
-    sys.exit(cli.main(
-        "finetune", lambda params, args, run: step.finetune_range(params, args.range, run),
-        sections=("seed", "finetune", "partition"),
-        metrics_file=lambda a: common.FINETUNE_METRICS_DIR / f"range-{a.range}.json",
-        run_name=lambda a: f"finetune-range-{a.range}", dvc_stage=lambda a: f"finetune@{a.range}",
-        add_args=_args,
-    ))
+    sys.exit(main("finetune", finetune_range))

@@ -1,13 +1,43 @@
-"""DVC stage finetune_shared: the shared-parameter baseline, N x steps on all t -> models/shared/."""
+"""DVC stage finetune_shared: the shared-parameter baseline -> models/shared/.
+
+The paper's N = 1 row: the same optimiser recipe as the range models on all
+of [0, T), plain eps-MSE, no projection, no consistency loss, for N x
+``finetune.steps`` steps (equal compute). ``finetune.shared_lr`` gives it a
+learning rate of its own; ``finetune.weighting`` turns it into one of the
+paper's Table 1 loss-reweighting baselines (SNR+1, truncated SNR,
+Min-SNR-gamma, P2).
+"""
+
+from __future__ import annotations
+
 import sys
 
-from dtm_core import cli
-from dtm_core.steps import common
-from dtm_core.steps import finetune as step
+from dtm_core.config import Params
+from dtm_core.seeding import derive_seed
+from dtm_core.tracking import NullRun
+from dtm_core.train import train
+from dtm_core.weighting import timestep_weights
+from stages.common import SHARED_DIR, checkpoint_dir, main
+from stages.finetune import finish, load_inputs
+
+
+def finetune_shared(params: Params, run=NullRun()) -> dict:
+    ft = params.finetune
+    if ft.shared_lr is not None:
+        ft = ft.model_copy(update={"lr": ft.shared_lr})
+    steps = params.num_ranges * ft.steps
+    images, base, scheduler = load_inputs()
+    ckpt = checkpoint_dir("finetune_shared", params)
+    weights = None
+    if ft.weighting != "none":
+        weights = timestep_weights(ft.weighting, scheduler.alphas_cumprod, ft.weighting_gamma)
+    res = train(
+        base, scheduler, images, ft, seed=derive_seed(params.seed, "finetune-shared"), steps=steps,
+        loss_weights=weights, checkpoint_dir=ckpt, checkpoint_every=ft.checkpoint_every, desc="finetune shared",
+    )
+    info = {"baseline": "shared", "weighting": ft.weighting, "lr": ft.lr}
+    return finish(res, scheduler, SHARED_DIR, ckpt, info, run)
+
 
 if __name__ == "__main__":
-    sys.exit(cli.main(
-        "finetune_shared", lambda params, args, run: step.finetune_shared(params, run),
-        sections=("seed", "finetune", "partition"), metrics_file=lambda a: common.METRICS_DIR / "finetune_shared.json",
-        run_name=lambda a: "finetune-shared",
-    ))
+    sys.exit(main("finetune_shared", finetune_shared))

@@ -1,12 +1,61 @@
-"""DVC stage merge: theta + sum_i w_i tau_i -> models/merged/."""
+"""DVC stage merge: theta + scale * merge(tau_1..tau_N) with the weights of merge/weights.json -> models/merged/."""
+
+from __future__ import annotations
+
 import sys
 
-from dtm_core import cli
-from dtm_core.steps import common
-from dtm_core.steps import merge as step
+from dtm_core.config import Params
+from dtm_core.errors import MissingInputError
+from dtm_core.io import read_json
+from dtm_core.merge import merge_files, parameter_distance
+from dtm_core.model import load_scheduler, load_unet, pretrained_like, save_model
+from dtm_core.partition import load_partition
+from dtm_core.seeding import derive_seed
+from dtm_core.tracking import NullRun
+from stages.common import (
+    MERGED_DIR,
+    PARTITION_FILE,
+    PRETRAINED_DIR,
+    TASK_VECTOR_DIR,
+    WEIGHTS_FILE,
+    main,
+    range_dir,
+)
+
+
+def merge_inputs(n: int):
+    """The merged model's template (range model 0), the pretrained weights in its layout, the N task vectors."""
+    template = load_unet(range_dir(0), what="range model 0")
+    base = pretrained_like(PRETRAINED_DIR, template)
+    return template, base, [TASK_VECTOR_DIR / f"range-{i}.safetensors" for i in range(n)]
+
+
+def merged_state(params: Params, base: dict, files: list, weights: list[float]) -> dict:
+    """The merged weights for ``weights`` with the configured method, density, scale and seed."""
+    mc = params.merge
+    return merge_files(base, files, weights, mc.method, density=mc.density, scale=mc.scale,
+                       seed=derive_seed(params.seed, "merge"))
+
+
+def merge(params: Params, run=NullRun()) -> dict:
+    ranges, _ = load_partition(PARTITION_FILE)
+    mc = params.merge
+    weights = read_json(WEIGHTS_FILE, "merge weights")["weights"]
+    if len(weights) != len(ranges):
+        raise MissingInputError(
+            f"'{WEIGHTS_FILE}' holds {len(weights)} weights for the partition's {len(ranges)} ranges: "
+            "re-run dvc repro merge_weights"
+        )
+    template, base, files = merge_inputs(len(ranges))
+    merged = merged_state(params, base, files, weights)
+    full = template.state_dict()
+    full.update(merged)
+    template.load_state_dict(full)
+    info = {"method": mc.method, "scale": mc.scale, "density": mc.density, "weights_file": str(WEIGHTS_FILE),
+            "ranges": [list(r) for r in ranges]}
+    save_model(template, load_scheduler(PRETRAINED_DIR), MERGED_DIR, info)
+    return {"distance_from_pretrained": parameter_distance(merged, base)}
+
 
 if __name__ == "__main__":
-    sys.exit(cli.main(
-        "merge", lambda params, args, run: step.merge(params, run),
-        sections=("merge",), metrics_file=lambda a: common.METRICS_DIR / "merge.json",
-    ))
+    sys.exit(main("merge", merge))

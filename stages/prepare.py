@@ -1,12 +1,57 @@
-"""DVC stage prepare: load the data source, split train/held-out -> data/prepared/."""
+"""DVC stage prepare: read the image source, split it into train and held-out -> data/prepared/.
+
+With ``model.pretrained_path`` set, the checkpoint's image size and channels
+are checked against the data here, before any training.
+"""
+
+from __future__ import annotations
+
 import sys
 
-from dtm_core import cli
-from dtm_core.steps import common
-from dtm_core.steps import prepare as step
+from dtm_core import data as data_mod
+from dtm_core.config import Params
+from dtm_core.errors import ModelLoadError
+from dtm_core.model import read_unet_config
+from dtm_core.seeding import derive_seed
+from dtm_core.tracking import NullRun
+from stages.common import DATA_DIR, main
+
+
+def check_checkpoint_shape(params: Params) -> None:
+    """A user's checkpoint must take the images the data source yields."""
+    path = params.model.pretrained_path
+    if not path:
+        return
+    cfg = read_unet_config(path)
+    if cfg is None:
+        return  # pretrain names the missing or broken checkpoint with its own message
+    d = params.data
+    size, channels = cfg.get("sample_size"), cfg.get("in_channels")
+    if isinstance(size, (list, tuple)):
+        size = size[0]
+    if (size, channels) != (d.image_size, d.channels):
+        raise ModelLoadError(
+            f"model.pretrained_path '{path}' takes {channels}-channel {size}x{size} images but the data are "
+            f"{d.channels}-channel {d.image_size}x{d.image_size} (data.channels, data.image_size): set "
+            f"data.image_size: {size} and data.channels: {channels}, or use a checkpoint made for this data."
+        )
+
+
+def prepare(params: Params, run=NullRun()) -> dict:
+    check_checkpoint_shape(params)
+    dataset = data_mod.load_source(params.data)
+    train_ds, held_ds = data_mod.split(
+        dataset, params.data.holdout_fraction, derive_seed(params.data.split_seed, "prepare")
+    )
+    info = {
+        "train_images": len(train_ds),
+        "heldout_images": len(held_ds),
+        "classes": list(dataset.classes),
+        "image_shape": list(dataset.images.shape[1:]),
+    }
+    data_mod.save_splits(DATA_DIR, train_ds, held_ds, info)
+    return {k: v for k, v in info.items() if k != "classes"} | {"num_classes": len(dataset.classes)}
+
 
 if __name__ == "__main__":
-    sys.exit(cli.main(
-        "prepare", lambda params, args, run: step.prepare(params, run),
-        sections=("seed", "data"), metrics_file=lambda a: common.METRICS_DIR / "prepare.json",
-    ))
+    sys.exit(main("prepare", prepare))

@@ -1,12 +1,100 @@
-"""DVC stage pretrain: train the embedded base model, or import model.pretrained_path -> models/pretrained/."""
-import sys
+"""DVC stage pretrain: import model.pretrained_path, or train the small base model -> models/pretrained/.
 
-from dtm_core import cli
-from dtm_core.steps import common
-from dtm_core.steps import pretrain as step
+The default imports the converged base checkpoint that ships in base/ (see
+base/README.md for the one command that regenerates it bit for bit); a user's
+own diffusers checkpoint is imported the same way. With
+``model.pretrained_path: null`` the stage trains a base model from scratch on
+the prepared train split.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+import torch
+
+from dtm_core import data as data_mod
+from dtm_core.config import Params
+from dtm_core.errors import ModelLoadError
+from dtm_core.model import (
+    build_scheduler,
+    build_unet,
+    find_scheduler,
+    has_projection,
+    load_unet,
+    num_parameters,
+    save_model,
+)
+from dtm_core.seeding import derive_seed
+from dtm_core.tracking import NullRun
+from dtm_core.train import clear_checkpoints, smoothed, train
+from stages.common import DATA_DIR, PRETRAINED_DIR, checkpoint_dir, main
+
+log = logging.getLogger("dtm.pretrain")
+
+
+def pretrain(params: Params, run=NullRun()) -> dict:
+    if params.model.pretrained_path:
+        return import_pretrained(params, run)  # prepare checked its image shape against the data
+    train_ds = data_mod.load_split(DATA_DIR, "train")
+    # Some imported library reseeds torch's global generator at random, so the
+    # initial weights must be seeded here, not inherited from the process.
+    torch.manual_seed(derive_seed(params.seed, "pretrain-init"))
+    shape = train_ds.images.shape[1:]
+    unet = build_unet(params.model, sample_size=shape[-1], channels=shape[0])
+    scheduler = build_scheduler(params.model)
+    ckpt = checkpoint_dir("pretrain", params)
+    res = train(unet, scheduler, torch.as_tensor(train_ds.images), params.pretrain,
+                seed=derive_seed(params.seed, "pretrain"), checkpoint_dir=ckpt,
+                checkpoint_every=params.pretrain.checkpoint_every, desc="pretrain")
+    run.log_curve("train/loss", res.losses)
+    info = {"source": "embedded", "steps": res.steps, "final_loss": smoothed(res.losses),
+            "parameters": num_parameters(res.model)}
+    save_model(res.model, scheduler, PRETRAINED_DIR, info)
+    clear_checkpoints(ckpt)
+    return {**info, "steps_per_second": res.steps_per_second}
+
+
+def import_pretrained(params: Params, run=NullRun()) -> dict:
+    """Validate and copy a local diffusers checkpoint (model or pipeline directory); never a hub."""
+    src = Path(params.model.pretrained_path).expanduser()
+    unet = load_unet(src, what="model.pretrained_path", user_supplied=True)
+    if has_projection(unet):
+        raise ModelLoadError(
+            f"model.pretrained_path '{src}' already has channel-projection layers; "
+            "start DeMe from a plain UNet2DModel checkpoint."
+        )
+    scheduler = find_scheduler(src)
+    if scheduler is None:
+        # Say it loudly and record it: the schedule then comes from params, and
+        # nothing can check it against how the checkpoint was trained.
+        log.warning(
+            "model.pretrained_path '%s' has no scheduler_config.json (nor scheduler/): building the noise "
+            "schedule from params.yaml's model section (num_train_timesteps=%d, beta_schedule=%s). If the "
+            "checkpoint was trained with another schedule, save its scheduler beside it.",
+            src, params.model.num_train_timesteps, params.model.beta_schedule,
+        )
+        scheduler, schedule_source = build_scheduler(params.model), "params (the checkpoint has none)"
+    else:
+        schedule_source = "checkpoint"
+        T = scheduler.config.num_train_timesteps
+        if T != params.model.num_train_timesteps:
+            raise ModelLoadError(
+                f"model.pretrained_path '{src}' was trained with {T} timesteps but model.num_train_timesteps is "
+                f"{params.model.num_train_timesteps}: set model.num_train_timesteps: {T}."
+            )
+        if scheduler.config.prediction_type != "epsilon":
+            raise ModelLoadError(
+                f"model.pretrained_path '{src}' predicts '{scheduler.config.prediction_type}'; only "
+                "epsilon-prediction checkpoints are supported"
+            )
+    run.set_tags({"dtm.schedule_source": schedule_source})
+    info = {"source": str(src), "schedule_source": schedule_source, "parameters": num_parameters(unet)}
+    save_model(unet, scheduler, PRETRAINED_DIR, info)
+    return info
+
 
 if __name__ == "__main__":
-    sys.exit(cli.main(
-        "pretrain", lambda params, args, run: step.pretrain(params, run),
-        sections=("seed", "model", "pretrain"), metrics_file=lambda a: common.METRICS_DIR / "pretrain.json",
-    ))
+    sys.exit(main("pretrain", pretrain))

@@ -1,11 +1,236 @@
-"""DVC stage report: the comparison table -> reports/comparison.{json,md}; fills the MLflow parent."""
-import sys
+"""DVC stage report: the comparison against the shared baseline and the pretrained model.
 
-from dtm_core import cli
-from dtm_core.steps import report as step
+-> reports/comparison.{json,md}, reports/figures/, plots/heldout_loss.tsv,
+metrics/comparison.json (the contrasts DVC compares across experiments), and
+the MLflow parent run's summary (metrics, description, artifacts).
+
+Every contrast is paired: FD differences bootstrap both models' samples with
+the same indices (they share their initial noise); held-out loss differences
+bootstrap held-out images (every model saw the same images and noise).
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from dtm_core import distances
+from dtm_core.config import Params
+from dtm_core.io import atomic_dir, atomic_file, read_json, write_json
+from dtm_core.partition import load_partition, range_columns
+from dtm_core.plots import plot_heldout_loss
+from dtm_core.seeding import derive_seed
+from dtm_core.tracking import NullRun
+from stages.common import (
+    EVAL_MODELS,
+    EVALUATION_DIR,
+    HELDOUT_LOSS_TSV,
+    METRICS_DIR,
+    PARTITION_FILE,
+    REPORT_DIR,
+    SAMPLES_DIR,
+    TASK_VECTOR_DIR,
+    WEIGHTS_FILE,
+    load_reference,
+    main,
+)
+
+FIGURES_DIR = REPORT_DIR / "figures"
+# (model, baseline) pairs the report contrasts
+CONTRASTS = (("merged", "shared"), ("ensemble", "shared"), ("pretrained", "shared"), ("merged", "pretrained"),
+             ("ensemble", "pretrained"))
+
+
+def _load(name: str) -> dict:
+    with np.load(SAMPLES_DIR / f"{name}.npz") as npz:
+        return {k: npz[k] for k in npz.files}
+
+
+def _verdict(ci: list[float]) -> str:
+    return "lower" if ci[1] < 0 else "higher" if ci[0] > 0 else "not distinguishable"
+
+
+def fd_contrast(a: dict, b: dict, reference: np.ndarray, rounds: int, seed: int) -> dict:
+    """FD(a) - FD(b) with a paired bootstrap interval (same noise, same resampled indices)."""
+    fd = distances.frechet_distance
+    delta = fd(a["features"], reference) - fd(b["features"], reference)
+    ci = distances.bootstrap_ci(a["features"], reference, fd, rounds, seed, delta, paired_with=b["features"])
+    return {"fd": delta, "fd_ci": list(ci), "verdict": _verdict(ci)}
+
+
+def loss_contrast(a: np.ndarray, b: np.ndarray, cols: np.ndarray, rounds: int, seed: int) -> dict:
+    """Mean held-out loss difference over timestep columns ``cols``, paired by image, with its interval."""
+    diff = (a[:, cols] - b[:, cols]).mean(axis=1)
+    ci = distances.paired_mean_ci(diff, rounds, seed)
+    return {"delta": float(diff.mean()), "ci": list(ci), "relative": float(diff.mean() / b[:, cols].mean()),
+            "verdict": _verdict(ci)}
+
+
+def report(params: Params, run=NullRun()) -> dict:
+    ev = params.evaluate
+    rounds = ev.bootstrap_rounds
+    ranges, T = load_partition(PARTITION_FILE)
+    headline = {m: read_json(METRICS_DIR / f"{m}.json", f"metrics of {m}") for m in EVAL_MODELS}
+    details = {m: read_json(EVALUATION_DIR / f"{m}.json", f"evaluation of {m}") for m in EVAL_MODELS}
+    clf = read_json(METRICS_DIR / "classifier.json", "classifier metrics")
+    weights = read_json(WEIGHTS_FILE, "merge weights")
+    reference = load_reference()["train"]
+    data = {m: _load(m) for m in EVAL_MODELS}
+    grid = data["shared"]["timesteps"]
+    cols_by_range = range_columns(grid, ranges)
+    all_cols = np.arange(len(grid))
+
+    contrasts = {}
+    for a, b in CONTRASTS:
+        key = f"{a}_minus_{b}"
+        la, lb = data[a]["losses"], data[b]["losses"]
+        contrasts[key] = {
+            **fd_contrast(data[a], data[b], reference, rounds, derive_seed(ev.seed, f"paired-{key}")),
+            "heldout_loss": loss_contrast(la, lb, all_cols, rounds, derive_seed(ev.seed, f"loss-{key}")),
+            "heldout_loss_by_range": [
+                loss_contrast(la, lb, cols, rounds, derive_seed(ev.seed, f"loss-{key}-{i}"))
+                for i, cols in enumerate(cols_by_range)
+            ],
+        }
+    # does range model i beat the base (and the shared model) on its own range?
+    range_losses = data["ensemble"]["range_losses"]
+    specialisation = [
+        {"range": list(ranges[i]),
+         "vs_pretrained": loss_contrast(range_losses[i], data["pretrained"]["losses"], cols, rounds,
+                                        derive_seed(ev.seed, f"special-{i}")),
+         "vs_shared": loss_contrast(range_losses[i], data["shared"]["losses"], cols, rounds,
+                                    derive_seed(ev.seed, f"special-shared-{i}"))}
+        for i, cols in enumerate(cols_by_range)
+    ]
+    models = {
+        m: {**headline[m], **{k: details[m][k] for k in (
+            "fd_ci", "kid_ci", "fd_at_floor_n", "fd_per_noise_seed", "class_tv_distance", "class_kl_divergence",
+            "mean_confidence")},
+            "heldout_loss_by_range": [float(data[m]["losses"][:, c].mean()) for c in cols_by_range]}
+        for m in EVAL_MODELS
+    }
+    comparison = {
+        "models": models,
+        "contrasts": contrasts,
+        "range_models": specialisation,
+        "floor": {"fd": clf["floor_fd"], "num_samples": clf["floor_num_samples"]},
+        "merge": weights,
+        "heldout_loss_curves": {"timesteps": grid.tolist(),
+                                **{m: details[m]["heldout_loss_curve"] for m in EVAL_MODELS},
+                                "range_models": details["ensemble"]["range_model_heldout_loss_curves"]},
+        "settings": {
+            **details["shared"]["settings"], "bootstrap_rounds": rounds, "num_ranges": len(ranges),
+            "ranges": [list(r) for r in ranges], "finetune_steps_per_range": params.finetune.steps,
+            "shared_steps": len(ranges) * params.finetune.steps, "seed": params.seed,
+            "classifier_heldout_accuracy": clf["heldout_accuracy"], "data_source": params.data.source,
+            "heldout_images": int(data["shared"]["losses"].shape[0]),
+        },
+    }
+    write_json(REPORT_DIR / "comparison.json", comparison)
+    with atomic_file(HELDOUT_LOSS_TSV) as handle:
+        handle.write("\t".join(["t", *EVAL_MODELS]) + "\n")
+        for j, t in enumerate(grid):
+            handle.write("\t".join([str(int(t)), *(f"{details[m]['heldout_loss_curve'][j]:.6g}" for m in EVAL_MODELS)])
+                         + "\n")
+    with atomic_dir(FIGURES_DIR) as tmp:
+        plot_heldout_loss(comparison["heldout_loss_curves"], ranges, tmp / "heldout_loss.png")
+    markdown = render_markdown(comparison)
+    with atomic_file(REPORT_DIR / "comparison.md") as handle:
+        handle.write(markdown)
+
+    summary = {f"{m}/{k}": models[m][k] for m in EVAL_MODELS for k in ("fd", "kid", "heldout_loss",
+                                                                           "memorised_fraction")}
+    summary.update({f"{key}/fd": c["fd"] for key, c in contrasts.items()})
+    summary["floor/fd"] = clf["floor_fd"]
+    run.log_parent_metrics(summary)
+    run.set_tags({"mlflow.note.content": markdown}, run_id=run.parent_id)
+    for path in (REPORT_DIR / "comparison.json", REPORT_DIR / "comparison.md", FIGURES_DIR / "heldout_loss.png"):
+        run.log_parent_artifact(path, "report")
+    for m in EVAL_MODELS:
+        run.log_parent_artifact(SAMPLES_DIR / f"{m}.png", "samples")
+    for plot in sorted(Path(TASK_VECTOR_DIR).glob("*.png")):
+        run.log_parent_artifact(plot, "task_vectors")
+    return {key: {"fd": c["fd"], "heldout_loss": c["heldout_loss"]["delta"]}
+            for key, c in contrasts.items() if key in ("merged_minus_shared", "ensemble_minus_shared",
+                                                      "merged_minus_pretrained")}
+
+
+def _ci(ci: list[float], d: int = 4) -> str:
+    return f"[{ci[0]:+.{d}f}, {ci[1]:+.{d}f}]"
+
+
+def render_markdown(c: dict) -> str:
+    s, f, models = c["settings"], c["floor"], c["models"]
+    space = (f"a classifier trained on the {s['data_source']} train split (held-out accuracy "
+             f"{s['classifier_heldout_accuracy']:.3f})" if s["features"] == "classifier"
+             else "Inception (clean-fid, mode clean)")
+    lines = [
+        "# DeMe comparison",
+        "",
+        f"Training seed {s['seed']}. N = {s['num_ranges']} range models x {s['finetune_steps_per_range']} steps "
+        f"against a shared fine-tune of {s['shared_steps']} steps (equal compute). {s['num_samples']} samples per "
+        f"model x {s['noise_seeds']} noise seed(s), DDIM {s['ddim_steps']} steps, identical initial noise for every "
+        f"model. FD and KID in the feature space of {space}, against the train split. Held-out loss: eps-MSE on "
+        f"the {s['heldout_images']} held-out images at {len(c['heldout_loss_curves']['timesteps'])} timesteps, the "
+        f"same noise for every model. Intervals: 95% bootstrap ({s['bootstrap_rounds']} resamples).",
+        "",
+        "| model | FD [95% CI] | KID [95% CI] | held-out loss | memorised (pixels / features) "
+        f"| FD at n={f['num_samples']} | class TV |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for m, r in models.items():
+        lines.append(
+            f"| {m} | {r['fd']:.4f} [{r['fd_ci'][0]:.4f}, {r['fd_ci'][1]:.4f}] | {r['kid']:.5f} "
+            f"[{r['kid_ci'][0]:.5f}, {r['kid_ci'][1]:.5f}] | {r['heldout_loss']:.5f} | "
+            f"{r['memorised_fraction']:.4f} / {r['memorised_fraction_features']:.4f} | {r['fd_at_floor_n']:.4f} | "
+            f"{r['class_tv_distance']:.3f} |"
+        )
+    lines += [
+        f"| real held-out vs train (floor) | | | | | {f['fd']:.4f} | |",
+        "",
+        "A sample counts as memorised when it lies closer to a train image than 95% of the held-out images do; a "
+        "model that generalises scores about 0.05.",
+        "",
+        "## Paired contrasts",
+        "",
+        "| contrast | FD difference [95% CI] | verdict | held-out loss difference [95% CI] | relative | verdict |",
+        "|---|---|---|---|---|---|",
+    ]
+    for key, v in c["contrasts"].items():
+        h = v["heldout_loss"]
+        lines.append(f"| {key.replace('_minus_', ' − ')} | {v['fd']:+.4f} {_ci(v['fd_ci'])} | {v['verdict']} "
+                     f"| {h['delta']:+.6f} {_ci(h['ci'], 6)} | {100 * h['relative']:+.2f}% | {h['verdict']} |")
+    lines += ["", "## Held-out loss by timestep range", "",
+              "| range | " + " | ".join(c["models"]) + " | merged − shared [95% CI] | range model i − pretrained "
+              "[95% CI] | range model i − shared [95% CI] |",
+              "|---|" + "---|" * (len(c["models"]) + 3)]
+    for i, r in enumerate(c["range_models"]):
+        ms = c["contrasts"]["merged_minus_shared"]["heldout_loss_by_range"][i]
+        vp, vs = r["vs_pretrained"], r["vs_shared"]
+        lines.append(
+            f"| [{r['range'][0]}, {r['range'][1]}) | "
+            + " | ".join(f"{models[m]['heldout_loss_by_range'][i]:.5f}" for m in c["models"])
+            + f" | {ms['delta']:+.6f} {_ci(ms['ci'], 6)} | {vp['delta']:+.6f} {_ci(vp['ci'], 6)} ({vp['verdict']}) "
+            f"| {vs['delta']:+.6f} {_ci(vs['ci'], 6)} ({vs['verdict']}) |"
+        )
+    w = c["merge"]
+    lines += ["", "![held-out loss by timestep](figures/heldout_loss.png)", "", "## Merge", "",
+              f"Weights {[round(x, 4) for x in w['weights']]} (search: {w['search']['strategy']})."]
+    if w["search"].get("evaluations"):
+        lines.append(f"The search scored {w['search']['evaluations']} candidates by FD on "
+                     f"{w['search']['num_samples']} validation samples from their own noise seed; best validation "
+                     f"FD {w['search']['best_score']:.4f}. Candidates: `merge/search/search.tsv`.")
+    lines += ["", "## Task vectors", ""]
+    for png, title in (("tv_norms.png", "norm by range"), ("tv_layer_heatmap.png", "per-layer norms"),
+                       ("tv_cosine.png", "cosine similarity")):
+        lines.append(f"![{title}](../{TASK_VECTOR_DIR}/{png})")
+    lines += ["", "## Samples (same initial noise)", "", "| " + " | ".join(c["models"]) + " |",
+              "|" + "---|" * len(c["models"]),
+              "| " + " | ".join(f"![{n}](../{SAMPLES_DIR}/{n}.png)" for n in c["models"]) + " |", ""]
+    return "\n".join(lines)
+
 
 if __name__ == "__main__":
-    sys.exit(cli.main(
-        "report", lambda params, args, run: step.report(params, run),
-        sections=("seed", "partition", "finetune", "merge", "evaluate"), metrics_file=None,
-    ))
+    sys.exit(main("report", report))

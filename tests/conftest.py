@@ -7,6 +7,7 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).parent))
+sys.path.insert(0, str(ROOT))  # the stages package (not installed: it is the pipeline, not the library)
 
 from tiny_params import tiny_params  # noqa: E402
 

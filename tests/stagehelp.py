@@ -1,11 +1,11 @@
 """Helpers for tests that run stage scripts in a scratch project directory."""
 
+import os
 import runpy
 import sys
 from pathlib import Path
 
 import yaml
-
 from tiny_params import tiny_params
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -14,7 +14,7 @@ ROOT = Path(__file__).resolve().parents[1]
 PIPELINE = [
     ("prepare", ()), ("classifier", ()), ("pretrain", ()), ("partition", ()),
     ("finetune", ("--range", "0")), ("finetune", ("--range", "1")), ("finetune_shared", ()),
-    ("task_vectors", ()), ("merge", ()),
+    ("task_vectors", ()), ("merge_weights", ()), ("merge", ()),
     *[("evaluate", ("--model", m)) for m in ("pretrained", "shared", "merged", "ensemble")],
     ("report", ()),
 ]
@@ -34,11 +34,11 @@ def set_param(params: dict, dotted: str, value) -> dict:
 
 
 def run_stage(stage: str, *args: str) -> int:
-    """Run stages/<stage>.py in this process (cwd = the project); its exit status."""
+    """Run ``python -m stages.<stage>`` in this process (cwd = the project); its exit status."""
     argv = sys.argv
     sys.argv = [f"stages/{stage}.py", *args]
     try:
-        runpy.run_path(str(ROOT / "stages" / f"{stage}.py"), run_name="__main__")
+        runpy.run_module(f"stages.{stage}", run_name="__main__", alter_sys=False)
     except SystemExit as exc:
         return int(exc.code or 0)
     finally:
@@ -55,3 +55,16 @@ def new_project(proj: Path, overrides: dict | None = None) -> dict:
         set_param(params, key, value)
     write_params(proj, params)
     return params
+
+
+def stage_command(stage: str, *args: str) -> list[str]:
+    """The command line DVC runs for a stage; run it with :func:`stage_env` from any directory."""
+    return [sys.executable, "-m", f"stages.{stage}", *args]
+
+
+def stage_env(proj: Path) -> dict:
+    """A subprocess environment for a stage in ``proj``: this repo's stages/ importable, its own store."""
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{proj / 'mlflow.db'}"}
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    env.pop("DTM_PARENT_RUN_ID", None)
+    return env

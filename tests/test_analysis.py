@@ -5,6 +5,7 @@ import torch
 from PIL import Image
 
 from dtm_core.analysis import layer_of, range_labels, task_vector_stats, write_analysis
+from dtm_core.errors import MissingInputError
 from dtm_core.task_vector import TaskVector, TaskVectorError
 
 SHAPES = {
@@ -68,7 +69,7 @@ def test_layer_of():
 def test_range_labels():
     assert range_labels(2, [(0, 500), (500, 1000)]) == ["[0, 500)", "[500, 1000)"]
     assert range_labels(2) == ["range 0", "range 1"]
-    with pytest.raises(ValueError, match="3 timestep ranges for 2 task vectors"):
+    with pytest.raises(TaskVectorError, match="3 timestep ranges for 2 task vectors"):
         range_labels(2, [(0, 1), (1, 2), (2, 3)])
 
 
@@ -77,7 +78,7 @@ def test_mismatched_and_missing_files(tmp_path):
     TaskVector({"other": torch.zeros(3)}).save(tmp_path / "odd.safetensors")
     with pytest.raises(TaskVectorError, match="odd.safetensors"):
         task_vector_stats([files[0], tmp_path / "odd.safetensors"])
-    with pytest.raises(FileNotFoundError, match="range-7"):
+    with pytest.raises(MissingInputError, match="range-7"):
         task_vector_stats([files[0], tmp_path / "range-7.safetensors"])
 
 
@@ -96,10 +97,11 @@ def test_write_analysis_writes_pngs_and_json(tmp_path):
     assert data["cosine"][0][0] == pytest.approx(1.0)
     assert data["cosine"][3][0] is None  # undefined for the zero vector
     assert stats["total_norm"][3] == 0.0
-    assert sorted(p.name for p in out.iterdir()) == ["cosine.json", "tv_cosine.png", "tv_layer_heatmap.png", "tv_norms.png"]
+    assert sorted(p.name for p in out.iterdir()) == [
+        "cosine.json", "tv_cosine.png", "tv_layer_heatmap.png", "tv_norms.png"]
 
 
 def test_write_analysis_checks_ranges_first(tmp_path):
-    with pytest.raises(ValueError, match="2 timestep ranges for 3 task vectors"):
+    with pytest.raises(TaskVectorError, match="2 timestep ranges for 3 task vectors"):
         write_analysis(_save(tmp_path, _vectors(3)), [(0, 1), (1, 2)], tmp_path / "out")
     assert not (tmp_path / "out").exists()

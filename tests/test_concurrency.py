@@ -11,7 +11,6 @@ from pathlib import Path
 
 import pytest
 from mlflow.tracking import MlflowClient
-
 from stagehelp import PIPELINE, new_project, run_stage
 
 STAGES_PER_PIPELINE = 6
@@ -120,11 +119,7 @@ def test_tiny_pipeline_against_a_real_mlflow_server(tmp_path, mlflow_server, mon
     parents = [r for r in runs if r.data.tags.get("dtm.kind") == "pipeline"]
     assert len(parents) == 1
     kids = {r.info.run_name for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id}
-    assert kids == {
-        "prepare", "classifier", "pretrain", "partition", "finetune-range-0", "finetune-range-1",
-        "finetune-shared", "task-vectors", "merge", "evaluate-pretrained", "evaluate-shared",
-        "evaluate-merged", "evaluate-ensemble", "report",
-    }
+    assert kids == {stage if not args else f"{stage}@{args[1]}" for stage, args in PIPELINE}
     assert "merged/fd" in client.get_run(parents[0].info.run_id).data.metrics
     assert "report" in {a.path for a in client.list_artifacts(parents[0].info.run_id)}
     # artifacts went through the server, not to the local disk

@@ -2,7 +2,8 @@ import math
 
 import pytest
 
-from dtm_core.config import ConfigError, derive_seed, flatten, load_params, parse_params
+from dtm_core.config import ConfigError, flatten, load_params, parse_params, select
+from dtm_core.seeding import derive_seed
 
 
 def _with(d: dict, section: str, **values) -> dict:
@@ -153,3 +154,25 @@ def test_grid_search_must_fit_the_budget(default_params_dict):
     assert parse_params(_with(default_params_dict, "merge", search={**grid, "max_evaluations": 81})).merge.search
     # coordinate descent has no such limit
     assert parse_params(_with(default_params_dict, "merge", search={**grid, "strategy": "coordinate"}))
+
+
+def test_select_picks_sections_and_dotted_keys(default_params_dict):
+    p = parse_params(default_params_dict)
+    picked = select(p, ["seed", "finetune.lr", "merge.search"])
+    assert picked["seed"] == 0 and picked["finetune.lr"] == p.finetune.lr
+    assert "merge.search.strategy" in picked and "merge.method" not in picked and "finetune.p" not in picked
+    with pytest.raises(KeyError):
+        select(p, ["finetune.lrr"])
+
+
+@pytest.mark.parametrize("key", ["lr", "weight_decay", "grad_clip", "p", "consistency_weight"])
+def test_non_finite_floats_are_refused_everywhere(default_params_dict, key):
+    for bad in (float("nan"), float("inf")):
+        with pytest.raises(ConfigError, match=f"finetune.{key}"):
+            parse_params(_with(default_params_dict, "finetune", **{key: bad}))
+
+
+def test_params_yaml_spells_out_every_key(default_params_dict):
+    """Every parameter is explicit in params.yaml, so `dvc params diff` and MLflow show all of them."""
+    parsed = flatten(parse_params(default_params_dict))
+    assert set(parsed) == set(flatten(default_params_dict))

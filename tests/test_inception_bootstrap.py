@@ -4,8 +4,9 @@ import numpy as np
 import pytest
 import torch
 
-from dtm_core import metrics
+from dtm_core import distances, features
 from dtm_core.config import ConfigError, parse_params
+from dtm_core.errors import WeightsMissingError
 
 
 class _StandIn(torch.nn.Module):
@@ -23,39 +24,39 @@ class _StandIn(torch.nn.Module):
 
 @pytest.fixture
 def standin_dir(tmp_path):
-    torch.jit.script(_StandIn()).save(str(tmp_path / metrics.INCEPTION_FILE))
+    torch.jit.script(_StandIn()).save(str(tmp_path / features.INCEPTION_FILE))
     return tmp_path
 
 
 def test_missing_weights_message_names_file_and_fix(tmp_path):
-    with pytest.raises(metrics.InceptionWeightsMissing) as exc:
-        metrics.inception_weights(str(tmp_path))
+    with pytest.raises(WeightsMissingError) as exc:
+        features.inception_weights(str(tmp_path))
     msg = str(exc.value)
     assert str(tmp_path / "inception-2015-12-05.pt") in msg
     assert "evaluate.inception_dir" in msg and "curl -L -o inception-2015-12-05.pt https://" in msg
 
 
 def test_inception_wiring_resize_batching_stats(standin_dir):
-    extract = metrics.InceptionFeatures(metrics.inception_weights(str(standin_dir)), batch_size=3)
+    extract = features.InceptionFeatures(features.inception_weights(str(standin_dir)), batch_size=3)
     rng = np.random.default_rng(0)
     images = rng.uniform(-1, 1, size=(7, 1, 8, 8)).astype(np.float32)
     feats = extract(images)
     assert feats.shape == (7, 2048) and np.isfinite(feats).all()
     # batching does not change features
-    np.testing.assert_allclose(metrics.InceptionFeatures(standin_dir / metrics.INCEPTION_FILE, batch_size=7)(images),
+    np.testing.assert_allclose(features.InceptionFeatures(standin_dir / features.INCEPTION_FILE, batch_size=7)(images),
                                feats, rtol=1e-5, atol=1e-5)
     # grayscale is repeated to RGB: identical to feeding a 3-channel copy
     np.testing.assert_allclose(extract(np.repeat(images, 3, axis=1)), feats, rtol=1e-5, atol=1e-5)
     # the resize is clean-fid's: 8x8 uint8 -> 299x299 float, per channel, PIL bicubic
     assert extract.resize(np.zeros((8, 8, 3), dtype=np.uint8)).shape == (299, 299, 3)
     # and the features feed the distance functions
-    assert metrics.frechet_distance(np.repeat(feats, 400, axis=0)[:2100] + rng.normal(size=(2100, 2048)),
+    assert distances.frechet_distance(np.repeat(feats, 400, axis=0)[:2100] + rng.normal(size=(2100, 2048)),
                                     rng.normal(size=(2100, 2048))) > 0
 
 
 def test_feature_extractor_selects_inception(standin_dir):
-    fx = metrics.feature_extractor("inception", classifier=None, inception_dir=str(standin_dir))
-    assert isinstance(fx, metrics.InceptionFeatures)
+    fx = features.feature_extractor("inception", classifier=None, inception_dir=str(standin_dir))
+    assert isinstance(fx, features.InceptionFeatures)
 
 
 def test_inception_needs_more_samples_than_2048(default_params_dict):
@@ -69,14 +70,26 @@ def test_bootstrap_ci_covers_the_estimate_and_shrinks_with_n():
     rng = np.random.default_rng(0)
     ref = rng.normal(size=(3000, 4))
     small, large = rng.normal(0.3, size=(200, 4)), rng.normal(0.3, size=(3000, 4))
-    lo_s, hi_s = metrics.bootstrap_ci(small, ref, metrics.frechet_distance, 100, seed=1)
-    lo_l, hi_l = metrics.bootstrap_ci(large, ref, metrics.frechet_distance, 100, seed=1)
-    # duplicates in a resample inflate FD; the interval is re-centred so it holds the estimate
-    assert lo_s < metrics.frechet_distance(small, ref) < hi_s
-    assert lo_l < metrics.frechet_distance(large, ref) < hi_l
+    fd = distances.frechet_distance
+    est_s, est_l = fd(small, ref), fd(large, ref)
+    lo_s, hi_s = distances.bootstrap_ci(small, ref, fd, 100, seed=1, estimate=est_s)
+    lo_l, hi_l = distances.bootstrap_ci(large, ref, fd, 100, seed=1, estimate=est_l)
+    # duplicates in a resample inflate FD; the interval is placed around the estimate
+    assert lo_s < est_s < hi_s
+    assert lo_l < est_l < hi_l
     assert (hi_l - lo_l) < (hi_s - lo_s)
-    assert metrics.bootstrap_ci(small, ref, metrics.frechet_distance, 50, seed=2) == \
-        metrics.bootstrap_ci(small, ref, metrics.frechet_distance, 50, seed=2)
+    assert distances.bootstrap_ci(small, ref, fd, 50, seed=2, estimate=est_s) == \
+        distances.bootstrap_ci(small, ref, fd, 50, seed=2, estimate=est_s)
+
+
+def test_kid_interval_holds_the_reported_kid_on_a_small_folder():
+    """The bootstrap uses fewer KID subsets than the estimate; the interval must still hold the estimate
+    (seen before on a user's small folder: KID 9.67 with an interval of [10.80, 10.90])."""
+    rng = np.random.default_rng(3)
+    feats, ref = rng.normal(0.5, size=(60, 8)) * 3, rng.normal(size=(90, 8))
+    d = distances.distances(feats, ref, kid_subsets=100, kid_subset_size=1000, bootstrap_rounds=30, seed=0)
+    assert d["kid_ci"][0] <= d["kid"] <= d["kid_ci"][1]
+    assert d["fd_ci"][0] <= d["fd"] <= d["fd_ci"][1]
 
 
 def test_paired_bootstrap_sees_a_consistent_difference():
@@ -84,18 +97,28 @@ def test_paired_bootstrap_sees_a_consistent_difference():
     ref = rng.normal(size=(2000, 4))
     noise = rng.normal(size=(1000, 4))  # common random numbers: the same noise, two 'models'
     good, bad = noise * 1.0, noise * 1.0 + 0.4
-    lo, hi = metrics.bootstrap_ci(bad, ref, metrics.frechet_distance, 100, seed=0, paired_with=good)
-    assert lo > 0  # worse, beyond the interval
-    lo2, hi2 = metrics.bootstrap_ci(good, ref, metrics.frechet_distance, 100, seed=0, paired_with=good)
+    fd = distances.frechet_distance
+    delta = fd(bad, ref) - fd(good, ref)
+    lo, hi = distances.bootstrap_ci(bad, ref, fd, 100, seed=0, estimate=delta, paired_with=good)
+    assert 0 < lo < delta < hi  # worse, beyond the interval
+    lo2, hi2 = distances.bootstrap_ci(good, ref, fd, 100, seed=0, estimate=0.0, paired_with=good)
     assert lo2 == hi2 == 0.0
+
+
+def test_paired_mean_ci():
+    rng = np.random.default_rng(0)
+    lo, hi = distances.paired_mean_ci(rng.normal(0.5, 1.0, size=400), 200, seed=0)
+    assert 0.3 < lo < 0.5 < hi < 0.7
+    lo0, hi0 = distances.paired_mean_ci(rng.normal(0.0, 1.0, size=400), 200, seed=0)
+    assert lo0 < 0 < hi0
 
 
 def test_distances_and_coverage():
     rng = np.random.default_rng(0)
-    d = metrics.distances(rng.normal(size=(300, 4)), rng.normal(size=(300, 4)), 10, 100, 20, seed=0)
+    d = distances.distances(rng.normal(size=(300, 4)), rng.normal(size=(300, 4)), 10, 100, 20, seed=0)
     assert d["fd_ci"][0] <= d["fd_ci"][1] and d["kid_ci"][0] <= d["kid_ci"][1]
     probs = np.eye(3)[[0, 0, 1, 1]]
-    cov = metrics.class_coverage(probs, np.array([0.25, 0.25, 0.5]))
+    cov = distances.class_coverage(probs, np.array([0.25, 0.25, 0.5]))
     assert cov["class_histogram"] == [0.5, 0.5, 0.0]
     assert cov["class_tv_distance"] == pytest.approx(0.5)
     assert cov["class_kl_divergence"] > 1.0 and cov["mean_confidence"] == 1.0

@@ -2,6 +2,7 @@ import os
 
 import pytest
 
+from dtm_core.errors import MissingInputError
 from dtm_core.io import OutputError, atomic_dir, atomic_file, read_json, write_json
 
 
@@ -36,9 +37,9 @@ def test_json_roundtrip_and_nan(tmp_path):
     write_json(tmp_path / "a.json", {"x": 1.5, "nan": float("nan"), "l": (1, 2)})
     assert read_json(tmp_path / "a.json") == {"x": 1.5, "nan": None, "l": [1, 2]}
     (tmp_path / "bad.json").write_text("{")
-    with pytest.raises(ValueError, match="not valid JSON"):
+    with pytest.raises(MissingInputError, match="not valid JSON"):
         read_json(tmp_path / "bad.json")
-    with pytest.raises(FileNotFoundError, match="dvc repro"):
+    with pytest.raises(MissingInputError, match="dvc repro"):
         read_json(tmp_path / "none.json")
 
 

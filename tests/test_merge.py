@@ -2,6 +2,7 @@ import pytest
 import torch
 from peft.utils import merge_utils as peft_merge
 
+from dtm_core.errors import ConfigError, MissingInputError
 from dtm_core.merge import (
     METHODS,
     dare_linear,
@@ -76,7 +77,7 @@ def test_weight_count_mismatch(tmp_path):
 def test_missing_and_mismatched_files(tmp_path):
     base, models = _states(2)
     files = _save(tmp_path, base, models)
-    with pytest.raises(FileNotFoundError, match="range-9"):
+    with pytest.raises(MissingInputError, match="range-9"):
         merge_files(base, [files[0], tmp_path / "range-9.safetensors"], [0.5, 0.5])
     small = {"w": torch.zeros(2, 2), "b": torch.zeros(4)}
     with pytest.raises(TaskVectorError, match="'w'"):
@@ -84,7 +85,7 @@ def test_missing_and_mismatched_files(tmp_path):
 
 
 def test_unknown_method():
-    with pytest.raises(ValueError, match="merge.method"):
+    with pytest.raises(ConfigError, match="merge.method"):
         get_method("mean")
 
 
@@ -220,16 +221,16 @@ def test_ties_merge_files_matches_per_tensor(tmp_path):
 @pytest.mark.parametrize("density", [0.0, -0.5, 1.5])
 def test_bad_density_names_the_key(tmp_path, density):
     base, models = _states(2)
-    with pytest.raises(ValueError, match="merge.density"):
+    with pytest.raises(ConfigError, match="merge.density"):
         merge_files(base, _save(tmp_path, base, models), [0.5, 0.5], "ties", density=density)
 
 
 def test_unknown_method_in_merge_files(tmp_path):
     base, models = _states(2)
-    with pytest.raises(ValueError, match="merge.method 'mean' is unknown"):
+    with pytest.raises(ConfigError, match="merge.method 'mean' is unknown"):
         merge_files(base, _save(tmp_path, base, models), [0.5, 0.5], "mean")
 
 
 def test_no_task_vectors():
-    with pytest.raises(ValueError, match="no task vector files"):
+    with pytest.raises(MissingInputError, match="no task vector files"):
         merge_files({"w": torch.zeros(2)}, [], [])

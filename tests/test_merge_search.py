@@ -4,7 +4,9 @@ import pytest
 from PIL import Image
 
 from dtm_core.config import SearchConfig
-from dtm_core.merge_search import SearchResult, plot_search, search_weights, write_candidates_tsv
+from dtm_core.errors import ConfigError
+from dtm_core.merge_search import SearchResult, search_weights, write_candidates_tsv
+from dtm_core.plots import plot_search
 
 VALUES = [0.0, 0.25, 0.5, 0.75, 1.0]
 
@@ -37,7 +39,7 @@ def test_grid_finds_exact_optimum_in_product_order():
 
 def test_grid_larger_than_budget_is_an_error():
     score, _ = _bowl([0, 0])
-    with pytest.raises(ValueError, match="merge.search.max_evaluations"):
+    with pytest.raises(ConfigError, match="merge.search.max_evaluations"):
         search_weights(2, score, _cfg(strategy="grid", max_evaluations=24), start=[0.5, 0.5])
 
 

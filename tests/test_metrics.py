@@ -3,14 +3,9 @@ import pytest
 
 from dtm_core.config import ClassifierConfig
 from dtm_core.data import load_digits_source, split
-from dtm_core.metrics import (
-    extract_features,
-    frechet_distance,
-    kernel_distance,
-    load_classifier,
-    save_classifier,
-    train_classifier,
-)
+from dtm_core.distances import frechet_distance, kernel_distance, memorisation, nearest_distances
+from dtm_core.errors import MissingInputError
+from dtm_core.features import extract_features, load_classifier, save_classifier, train_classifier
 
 
 def _gauss(n, d, shift=0.0, seed=0):
@@ -46,7 +41,8 @@ def test_kid_is_seeded_and_near_zero_for_same_distribution():
 def trained():
     ds = load_digits_source()
     tr, ho = split(ds, 0.2, seed=0)
-    res = train_classifier(tr.images, tr.labels, ho.images, ho.labels, 10, ClassifierConfig(steps=300, feature_dim=32), 0)
+    cfg = ClassifierConfig(steps=300, feature_dim=32)
+    res = train_classifier(tr.images, tr.labels, ho.images, ho.labels, 10, cfg, 0)
     return res, tr, ho
 
 
@@ -68,5 +64,28 @@ def test_classifier_save_load(tmp_path, trained):
     save_classifier(res.model, tmp_path / "c")
     back = load_classifier(tmp_path / "c")
     np.testing.assert_array_equal(extract_features(back, ho.images), extract_features(res.model, ho.images))
-    with pytest.raises(FileNotFoundError, match="dvc repro classifier"):
+    with pytest.raises(MissingInputError, match="dvc repro classifier"):
         load_classifier(tmp_path / "missing")
+
+
+def test_nearest_distances_match_brute_force():
+    rng = np.random.default_rng(0)
+    q, bank = rng.normal(size=(37, 2, 3)), rng.normal(size=(11, 2, 3))
+    brute = np.array([min(np.linalg.norm(a.ravel() - b.ravel()) for b in bank) for a in q])
+    np.testing.assert_allclose(nearest_distances(q, bank, batch_size=5), brute, rtol=1e-9, atol=1e-9)
+
+
+def test_memorisation_tells_copies_from_fresh_draws():
+    rng = np.random.default_rng(1)
+    train, heldout = rng.normal(size=(300, 6)), rng.normal(size=(200, 6))
+    fresh = rng.normal(size=(400, 6))
+    copies = train[rng.integers(0, 300, 400)] + rng.normal(scale=1e-3, size=(400, 6))
+    m_fresh = memorisation(fresh, heldout, train, percentile=5.0)
+    m_copy = memorisation(copies, heldout, train, percentile=5.0)
+    # a fresh draw from the same distribution is as close as held-out data: about 5% below the 5th percentile
+    assert 0.0 < m_fresh["memorised_fraction"] < 0.15
+    assert m_copy["memorised_fraction"] == 1.0
+    assert m_copy["sample_nn_median"] < 0.01 < m_fresh["sample_nn_median"]
+    half = np.concatenate([fresh[:200], copies[:200]])
+    assert memorisation(half, heldout, train, 5.0)["memorised_fraction"] == pytest.approx(
+        0.5 + m_fresh["memorised_fraction"] / 2, abs=0.05)

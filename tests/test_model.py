@@ -53,11 +53,13 @@ def test_projection_changes_output_when_trained(unet, xt):
         assert not torch.allclose(unet(x, t).sample, proj(x, t).sample)
 
 
-def test_projection_adds_about_one_to_three_percent(unet):
+def test_projection_adds_one_c_by_c_map_per_block_one_to_three_percent(unet):
     proj = with_projection(unet, enabled=True)
     n0 = sum(p.numel() for p in unet.parameters())
     n1 = sum(p.numel() for p in proj.parameters())
-    assert 0.005 < (n1 - n0) / n0 < 0.05
+    # down blocks 32, 64; mid 64; up blocks 64, 32 output channels: one bias-free C x C map each
+    assert n1 - n0 == 32**2 + 64**2 + 64**2 + 64**2 + 32**2
+    assert 0.01 <= (n1 - n0) / n0 <= 0.03
 
 
 def test_deepcopy_keeps_its_own_projection(unet, xt):
@@ -98,8 +100,33 @@ def test_plain_model_loads_with_stock_unet2dmodel(tmp_path, unet, xt):
 
 
 def test_load_missing_dir(tmp_path):
-    with pytest.raises(ModelLoadError, match="does not exist"):
+    with pytest.raises(ModelLoadError, match="does not exist: run dvc repro"):
         load_unet(tmp_path / "absent")
+
+
+def test_missing_user_checkpoint_gets_no_pipeline_advice(tmp_path):
+    with pytest.raises(ModelLoadError) as exc:
+        load_unet(tmp_path / "absent", what="model.pretrained_path", user_supplied=True)
+    assert "model.pretrained_path" in str(exc.value) and "dvc repro" not in str(exc.value)
+
+
+def test_hub_id_is_recognised_with_how_to_download(monkeypatch, tmp_path):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ModelLoadError) as exc:
+        load_unet("google/ddpm-cifar10-32", what="model.pretrained_path", user_supplied=True)
+    msg = str(exc.value)
+    assert "Hugging Face Hub id" in msg and "DiffusionPipeline.from_pretrained('google/ddpm-cifar10-32')" in msg
+    assert "set model.pretrained_path" in msg
+
+
+def test_corrupt_user_checkpoint_is_never_told_to_delete_and_rerun(tmp_path, unet):
+    save_model(unet, build_scheduler(ModelConfig()), tmp_path / "m")
+    f = tmp_path / "m" / "diffusion_pytorch_model.safetensors"
+    f.write_bytes(f.read_bytes()[:100])
+    with pytest.raises(ModelLoadError) as exc:
+        load_unet(tmp_path / "m", what="model.pretrained_path", user_supplied=True)
+    assert "re-export or re-download the checkpoint" in str(exc.value)
+    assert "Delete" not in str(exc.value) and "dvc repro" not in str(exc.value)
 
 
 def test_load_not_a_diffusers_dir(tmp_path):

@@ -12,16 +12,12 @@ from pathlib import Path
 import pytest
 import yaml
 from mlflow.tracking import MlflowClient
-
+from stagehelp import PIPELINE
 from tiny_params import tiny_params
 
 ROOT = Path(__file__).resolve().parents[1]
-COPY = ["dtm_core", "stages", "dvc.yaml", "params.yaml", "pyproject.toml", ".dvcignore", ".gitignore"]
-EXPECTED_CHILDREN = {
-    "prepare", "classifier", "pretrain", "partition", "finetune-range-0", "finetune-range-1",
-    "finetune-shared", "task-vectors", "merge", "evaluate-pretrained", "evaluate-shared",
-    "evaluate-merged", "evaluate-ensemble", "report",
-}
+COPY = ["dtm_core", "stages", "base", "dvc.yaml", "params.yaml", "pyproject.toml", ".dvcignore", ".gitignore"]
+EXPECTED_CHILDREN = {stage if not args else f"{stage}@{args[1]}" for stage, args in PIPELINE}
 
 
 def _run(cmd, cwd, env):
@@ -59,9 +55,18 @@ def runs_by_parent(root: Path):
     exp = client.get_experiment_by_name("decouple-then-merge")
     runs = client.search_runs([exp.experiment_id])
     parents = [r for r in runs if r.data.tags.get("dtm.kind") == "pipeline"]
-    children = {p.info.run_id: {r.info.run_name: r for r in runs if r.data.tags.get("mlflow.parentRunId") == p.info.run_id}
-                for p in parents}
+    children = {p.info.run_id: {r.info.run_name: r for r in runs
+                                if r.data.tags.get("mlflow.parentRunId") == p.info.run_id} for p in parents}
     return parents, children
+
+
+def _status(proj, env) -> set[str]:
+    status = subprocess.run(["dvc", "status", "--json"], cwd=proj, env=env, capture_output=True, text=True)
+    return set(json.loads(status.stdout))
+
+
+def _git_dirty(proj, env) -> list[str]:
+    return [line for line in _run(["git", "status", "--porcelain"], proj, env).splitlines() if line.strip()]
 
 
 @pytest.mark.slow
@@ -70,13 +75,15 @@ def test_dvc_repro_end_to_end(tmp_path):
     proj.mkdir()
     env = make_project(proj)
     out = _run(["dvc", "repro"], proj, env)
+    assert stages_run(out) == EXPECTED_CHILDREN
 
     # every out exists where users and scripts expect it
-    for path in ["data/prepared/train.npz", "models/classifier", "models/pretrained", "models/range-0",
-                 "models/range-1", "models/shared", "models/merged", "task_vectors/range-1.safetensors",
-                 "partition/ranges.json", "reports/comparison.md", "samples/ensemble.png",
-                 "plots/task_vector_norms.tsv", "metrics/finetune/range-0.json", "task_vectors/tv_cosine.png",
-                 "task_vectors/tv_layer_heatmap.png", "merge/weights.json", "samples/merged.npz"]:
+    for path in ["data/prepared/train.npz", "models/classifier", "models/pretrained", "models/ranges/range-0",
+                 "models/ranges/range-1", "models/shared", "models/merged", "task_vectors/range-1.safetensors",
+                 "partition/ranges.json", "reports/comparison.md", "samples/ensemble.png", "evaluation/merged.json",
+                 "plots/task_vector_norms.tsv", "plots/heldout_loss.tsv", "task_vectors/tv_cosine.png",
+                 "reports/figures/heldout_loss.png", "merge/weights.json", "samples/merged.npz",
+                 "metrics/comparison.json"]:
         assert (proj / path).exists(), path
     from diffusers import UNet2DModel
 
@@ -84,16 +91,32 @@ def test_dvc_repro_end_to_end(tmp_path):
         assert type(UNet2DModel.from_pretrained(proj / "models" / name)) is UNet2DModel
     report = json.loads((proj / "reports/comparison.json").read_text())
     for name in ("pretrained", "shared", "merged", "ensemble"):
-        assert report[name]["fd"] > 0 and "kid" in report[name]
-    assert report["shared"]["fd_vs_shared"] == 0
-    assert report["floor"]["fd"] < report["pretrained"]["fd"]
+        m = report["models"][name]
+        assert m["fd"] > 0 and m["heldout_loss"] > 0 and 0 <= m["memorised_fraction"] <= 1
+        assert m["fd_ci"][0] <= m["fd"] <= m["fd_ci"][1] and m["kid_ci"][0] <= m["kid"] <= m["kid_ci"][1]
+        assert json.loads((proj / "metrics" / f"{name}.json").read_text())["fd"] == m["fd"]
+    c = report["contrasts"]["merged_minus_shared"]
+    assert c["fd"] == pytest.approx(report["models"]["merged"]["fd"] - report["models"]["shared"]["fd"])
+    assert c["fd_ci"][0] <= c["fd"] <= c["fd_ci"][1]
+    assert len(c["heldout_loss_by_range"]) == 2 and len(report["range_models"]) == 2
+    assert report["floor"]["fd"] < report["models"]["pretrained"]["fd"]
 
+    # MLflow: one parent, one child per stage, each child logging exactly the params its stage declares
     parents, children = runs_by_parent(proj)
     assert len(parents) == 1
-    assert set(children[parents[0].info.run_id]) == EXPECTED_CHILDREN
+    kids = children[parents[0].info.run_id]
+    assert set(kids) == EXPECTED_CHILDREN
     assert parents[0].info.status == "FINISHED"
-    assert parents[0].data.metrics["merged/fd"] == pytest.approx(report["merged"]["fd"])
-    assert report["mlflow"]["parent_run_id"] == parents[0].info.run_id
+    assert parents[0].data.metrics["merged/fd"] == pytest.approx(report["models"]["merged"]["fd"])
+    assert "DeMe comparison" in parents[0].data.tags["mlflow.note.content"]
+    from dtm_core.config import load_params, select
+    from stages.common import STAGES
+
+    params = load_params(proj / "params.yaml")
+    for name, run in kids.items():
+        declared = select(params, STAGES[name.split("@")[0]].params)
+        assert set(run.data.params) == set(declared), name
+        assert "stage_seconds" in run.data.metrics
     assert not [p for p in proj.rglob("*.tmp-*")]
 
     # a second repro does nothing and logs nothing
@@ -103,37 +126,54 @@ def test_dvc_repro_end_to_end(tmp_path):
 
     # code deps are per stage: an edit invalidates the stages that run that file, not training
     for edited, invalidated in (
-        ("dtm_core/steps/report.py", {"report"}),
-        ("dtm_core/metrics.py", {"classifier", "merge", "evaluate@pretrained", "evaluate@shared",
-                                 "evaluate@merged", "evaluate@ensemble", "report"}),
+        ("stages/report.py", {"report"}),
+        ("dtm_core/distances.py", {"classifier", "merge_weights", "evaluate@pretrained", "evaluate@shared",
+                                   "evaluate@merged", "evaluate@ensemble", "report"}),
     ):
         code = proj / edited
         original = code.read_text()
         code.write_text(original + "\n# an edit\n")
-        status = subprocess.run(["dvc", "status", "--json"], cwd=proj, env=env, capture_output=True, text=True)
+        status = _status(proj, env)
         code.write_text(original)
-        assert set(json.loads(status.stdout)) == invalidated, (edited, status.stdout)
+        assert status == invalidated, (edited, status)
     assert stages_run(_run(["dvc", "repro"], proj, env)) == set()
 
-    # a variant re-runs only what p affects
+    # DVC's conventions: dvc.lock and the cache: false files are committed; a fresh clone shows the
+    # committed metrics before any run, and re-running everything from scratch leaves git clean
     _run(["git", "add", "-A"], proj, env)
     _run(["git", "commit", "-qm", "baseline run"], proj, env)
+    assert _git_dirty(proj, env) == []
+    clone = tmp_path / "clone"
+    _run(["git", "clone", "-q", str(proj), str(clone)], tmp_path, env)
+    shown = subprocess.run(["dvc", "metrics", "show", "--json"], cwd=clone, env=env, capture_output=True, text=True)
+    assert shown.returncode == 0, shown.stderr
+    committed = json.loads(shown.stdout)
+    assert "metrics/merged.json" in json.dumps(committed) and "metrics/comparison.json" in json.dumps(committed)
+    rerun = _run(["dvc", "repro"], clone, env)
+    # partition's only out is committed, so a clone has it: every other stage runs
+    assert stages_run(rerun) == EXPECTED_CHILDREN - {"partition"}
+    assert _git_dirty(clone, env) == [], "a fresh clone's repro changed committed files"
+
+    # a variant re-runs only what p affects
     variant = _run(["dvc", "exp", "run", "-S", "finetune.p=0.5"], proj, env)
     assert stages_run(variant) == {
-        "finetune@0", "finetune@1", "task_vectors", "merge", "evaluate@merged", "evaluate@ensemble", "report",
+        "finetune@0", "finetune@1", "task_vectors", "merge_weights", "merge", "evaluate@merged",
+        "evaluate@ensemble", "report",
     }
     parents, children = runs_by_parent(proj)
-    assert len(parents) == 2
     newest = max(parents, key=lambda r: r.info.start_time)
     assert set(children[newest.info.run_id]) == {
-        "finetune-range-0", "finetune-range-1", "task-vectors", "merge", "evaluate-merged",
-        "evaluate-ensemble", "report",
+        "finetune@0", "finetune@1", "task_vectors", "merge_weights", "merge", "evaluate@merged",
+        "evaluate@ensemble", "report",
     }
     # the report fills the new parent's summary, cached stages' numbers included
     assert "pretrained/fd" in newest.data.metrics and "shared/fd" in newest.data.metrics
+    _run(["git", "checkout", "--", "."], proj, env)  # back to the committed baseline
+    _run(["dvc", "checkout"], proj, env)
+    assert _status(proj, env) == set()
 
     # another merge method and a weight search, queued and run in parallel by
-    # `dvc queue start -j 2`: each re-runs only merge onward, both log to the
+    # `dvc queue start -j 2`: each re-runs only the weights onward, both log to the
     # one store at the repo root, each under its own parent
     _run(["dvc", "exp", "run", "--queue", "-n", "ties", "-S", "merge.method=ties"], proj, env)
     _run(["dvc", "exp", "run", "--queue", "-n", "search", "-S", "merge.search.strategy=coordinate",
@@ -152,25 +192,26 @@ def test_dvc_repro_end_to_end(tmp_path):
     subprocess.run(["dvc", "queue", "stop"], cwd=proj, env=env, timeout=120,
                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     assert status.count("Success") == 2, status
-    for name in ("ties", "search"):
-        assert stages_run(_run(["dvc", "queue", "logs", name], proj, env)) == {"merge", "evaluate@merged", "report"}
+    # evaluate@merged is skipped when the merged model comes out unchanged (a search may keep the start)
+    needed, possible = {"merge_weights", "merge", "report"}, {"merge_weights", "merge", "evaluate@merged", "report"}
     parents, children = runs_by_parent(proj)
     by_name = {p.info.run_name: p for p in parents}
     for name in ("ties", "search"):
-        assert set(children[by_name[name].info.run_id]) == {"merge", "evaluate-merged", "report"}
+        log = _run(["dvc", "queue", "logs", name], proj, env)
+        ran = stages_run(log)
+        assert needed <= ran <= possible, (name, ran, log[-3000:])
+        assert set(children[by_name[name].info.run_id]) == ran
         assert by_name[name].info.status == "FINISHED"
+    ties_log = _run(["dvc", "queue", "logs", "ties"], proj, env)
+    assert "evaluate@merged" in stages_run(ties_log), ties_log[-3000:]
     assert not list(proj.glob(".dvc/tmp/exps/**/mlflow.db"))
 
     _run(["dvc", "exp", "apply", "search"], proj, env)
-    rows = (proj / "merge" / "search.tsv").read_text().strip().splitlines()
+    rows = (proj / "merge" / "search" / "search.tsv").read_text().strip().splitlines()
     assert len(rows) == 1 + 3
-    merge_metrics = json.loads((proj / "metrics" / "merge.json").read_text())
-    assert merge_metrics["search"]["evaluations"] == 3
-    assert json.loads((proj / "models" / "merged" / "dtm_info.json").read_text())["weights"] == \
-        merge_metrics["search"]["best_weights"]
+    weights = json.loads((proj / "merge" / "weights.json").read_text())
+    assert weights["search"]["evaluations"] == 3 and weights["search"]["strategy"] == "coordinate"
     report = json.loads((proj / "reports" / "comparison.json").read_text())
-    assert report["merge"]["search"]["strategy"] == "coordinate"
-    assert report["merged"]["fd_ci"][0] <= report["merged"]["fd"] <= report["merged"]["fd_ci"][1]
-    assert report["merged"]["vs_shared"]["verdict"] in ("better", "worse", "not distinguishable")
+    assert report["merge"]["weights"] == weights["weights"]
     md = (proj / "reports" / "comparison.md").read_text()
-    assert "Weight search (coordinate, 3 candidates" in md and "tv_cosine.png" in md
+    assert "The search scored 3 candidates" in md and "tv_cosine.png" in md

@@ -1,18 +1,16 @@
 """Determinism (same params + seed -> bitwise-identical outs) and resume after SIGKILL."""
 
 import json
-import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 from mlflow.tracking import MlflowClient
+from stagehelp import PIPELINE, new_project, run_stage, stage_command, stage_env
 
 from dtm_core.io import dir_digest, file_digest
-from stagehelp import PIPELINE, ROOT, new_project, run_stage
 
 VOLATILE = ("seconds", "per_second", "mlflow", "run_id")
 
@@ -25,12 +23,13 @@ def _stable(obj):
 
 def _fingerprint(proj: Path) -> dict:
     out = {}
-    for d in ("data/prepared", "models/classifier", "models/pretrained", "models/range-0", "models/range-1",
-              "models/shared", "models/merged", "task_vectors", "partition"):
+    for d in ("data/prepared", "models/classifier", "models/pretrained", "models/ranges", "models/shared",
+              "models/merged", "task_vectors", "partition", "merge", "evaluation"):
         out[d] = dir_digest(proj / d)
     for f in sorted((proj / "samples").glob("*.png")):
         out[str(f.relative_to(proj))] = file_digest(f)
     for f in sorted((proj / "metrics").rglob("*.json")) + [proj / "reports" / "comparison.json"]:
+        assert not any(w in json.dumps(json.loads(f.read_text())) for w in VOLATILE), f  # committed: stable
         out[str(f.relative_to(proj))] = _stable(json.loads(f.read_text()))
     return out
 
@@ -62,16 +61,14 @@ def test_same_params_and_seed_give_identical_outputs(tmp_path, monkeypatch):
 
 
 def _start_finetune(proj: Path) -> subprocess.Popen:
-    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{proj / 'mlflow.db'}"}
-    env.pop("DTM_PARENT_RUN_ID", None)
-    return subprocess.Popen([sys.executable, str(ROOT / "stages" / "finetune.py"), "--range", "0"], cwd=proj,
-                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(stage_command("finetune", "--range", "0"), cwd=proj, env=stage_env(proj),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
 
 
 def _kill_after_checkpoint(proc: subprocess.Popen, proj: Path, step: int, timeout: float = 300) -> None:
     deadline = time.time() + timeout
     while time.time() < deadline:
-        if list((proj / ".dtm" / "checkpoints" / "range-0").glob(f"*/step-{step}/COMPLETE")):
+        if list((proj / ".dtm" / "checkpoints" / "finetune-0").glob(f"*/step-{step}/COMPLETE")):
             proc.send_signal(signal.SIGKILL)
             proc.wait()
             return
@@ -95,25 +92,24 @@ def test_finetune_killed_twice_resumes_bitwise_identical(tmp_path, monkeypatch):
     for d in ("data", "partition", "models"):
         subprocess.run(["cp", "-r", str(ref / d), str(proj / d)], check=True)
     assert run_stage("finetune", "--range", "0") == 0  # uninterrupted, in ref
-    expected = dir_digest(ref / "models" / "range-0")
+    expected = dir_digest(ref / "models" / "ranges" / "range-0")
 
     for kill_at in (10, 30):
         proc = _start_finetune(proj)
         _kill_after_checkpoint(proc, proj, kill_at)
-        assert not (proj / "models" / "range-0").exists()  # nothing DVC could cache as good
+        assert not (proj / "models" / "ranges" / "range-0").exists()  # nothing DVC could cache as good
     proc = _start_finetune(proj)
     assert proc.wait(timeout=600) == 0, proc.stderr.read()[-2000:]
-    assert dir_digest(proj / "models" / "range-0") == expected
-    assert not list((proj / "models").glob(".range-0.tmp-*"))
-    metrics = json.loads((proj / "metrics" / "finetune" / "range-0.json").read_text())
-    assert metrics["resumed_from_step"] == 30
-    assert not (proj / ".dtm" / "checkpoints" / "range-0").exists() or not any(
-        (proj / ".dtm" / "checkpoints" / "range-0").iterdir()
+    assert dir_digest(proj / "models" / "ranges" / "range-0") == expected
+    assert not list((proj / "models" / "ranges").glob(".range-0.tmp-*"))
+    assert not (proj / ".dtm" / "checkpoints" / "finetune-0").exists() or not any(
+        (proj / ".dtm" / "checkpoints" / "finetune-0").iterdir()
     )
     client = MlflowClient(f"sqlite:///{proj / 'mlflow.db'}")
     runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
-    statuses = sorted(r.info.status for r in runs if r.info.run_name == "finetune-range-0")
-    assert statuses == ["FINISHED", "KILLED", "KILLED"]
+    mine = [r for r in runs if r.info.run_name == "finetune@0"]
+    assert sorted(r.info.status for r in mine) == ["FINISHED", "KILLED", "KILLED"]
+    assert next(r for r in mine if r.info.status == "FINISHED").data.metrics["resumed_from_step"] == 30
     assert not [r for r in runs if r.info.status == "RUNNING"]
 
 
@@ -122,12 +118,9 @@ def test_stages_are_identical_across_processes(tmp_path):
     """Each stage is its own process under DVC: nothing may depend on process-global random state."""
     proj = tmp_path / "p"
     new_project(proj, {"pretrain.steps": 20})
-    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{proj / 'mlflow.db'}"}
-    env.pop("DTM_PARENT_RUN_ID", None)
-
     def run(stage):
-        proc = subprocess.run([sys.executable, str(ROOT / "stages" / f"{stage}.py")], cwd=proj, env=env,
-                              capture_output=True, text=True, timeout=600)
+        proc = subprocess.run(stage_command(stage), cwd=proj, env=stage_env(proj), capture_output=True, text=True,
+                              timeout=600)
         assert proc.returncode == 0, proc.stderr[-2000:]
 
     run("prepare")

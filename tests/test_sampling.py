@@ -25,7 +25,7 @@ def test_ddim_is_deterministic_and_batch_independent():
     a = sample([_unet(0)], sched, noise, steps=5, batch_size=6)
     b = sample([_unet(0)], sched, noise, steps=5, batch_size=4)
     assert a.shape == (6, 1, 8, 8) and a.min() >= -1 and a.max() <= 1
-    np.testing.assert_allclose(a, b, atol=1e-5)
+    np.testing.assert_allclose(a, b, atol=1e-4)  # batch size changes the float kernels, not the result
 
 
 def test_ensemble_of_identical_models_equals_single_model():

@@ -87,3 +87,13 @@ def test_artifacts_land_in_the_repo_store(in_tmp, tiny):
     with tracking.stage_run(tiny, "a", "a", ["seed"]) as run:
         run.log_artifact(f, "metrics")
     assert list(Path(in_tmp / "mlartifacts").rglob("m.json"))
+
+
+def test_null_run_has_exactly_the_stage_run_interface(tmp_path):
+    public = lambda cls: {n for n in dir(cls) if not n.startswith("_") and callable(getattr(cls, n))}  # noqa: E731
+    assert public(tracking.NullRun) == public(tracking.StageRun)
+    run = tracking.NullRun()
+    with pytest.raises(AttributeError):
+        run.log_metric({"x": 1.0})  # a misspelled method fails instead of logging nothing
+    with pytest.raises(FileNotFoundError):
+        run.log_artifact(tmp_path / "absent.png")  # a missing artifact is a bug, not silently skipped

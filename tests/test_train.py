@@ -3,9 +3,10 @@ import torch
 
 from dtm_core.config import FinetuneConfig, ModelConfig
 from dtm_core.data import load_digits_source
+from dtm_core.errors import TrainingDivergedError
 from dtm_core.model import build_scheduler, build_unet, float_state, with_projection
 from dtm_core.partition import sample_timesteps
-from dtm_core.train import smoothed, train
+from dtm_core.train import lr_factor, smoothed, train
 
 CFG = ModelConfig(block_out_channels=[16, 32], norm_num_groups=8)
 
@@ -47,9 +48,17 @@ def test_same_seed_same_weights(images):
 def test_consistency_loss_is_logged_and_pulls_towards_teacher(images):
     teacher = _base().eval()
     draw = lambda b, g: sample_timesteps(b, 0, 250, 1000, 0.3, g)[0]  # noqa: E731
-    with_c = train(with_projection(teacher, True), build_scheduler(CFG), images, _ft(consistency_weight=1.0), seed=1,
-                   timestep_sampler=draw, teacher=teacher, consistency_weight=1.0)
-    assert len(with_c.consistency) == 3 and all(v >= 0 for _, v in with_c.consistency)
+    ft = _ft(steps=20, lr=3e-3)
+    runs = {w: train(with_projection(teacher, True), build_scheduler(CFG), images, ft, seed=1, timestep_sampler=draw,
+                     teacher=teacher, consistency_weight=w) for w in (0.0, 10.0)}
+    assert len(runs[10.0].consistency) == 10 and not runs[0.0].consistency
+    # the same steps and noise: the run with the consistency term ends closer to the frozen model
+    g = torch.Generator().manual_seed(5)
+    x, t = torch.randn(64, 1, 8, 8, generator=g), torch.randint(0, 250, (64,), generator=g)
+    with torch.no_grad():
+        target = teacher(x, t).sample
+        gap = {w: torch.mean((r.model(x, t).sample - target) ** 2).item() for w, r in runs.items()}
+    assert gap[10.0] < 0.5 * gap[0.0]
 
 
 def test_resume_after_interruption_matches_uninterrupted(images, tmp_path):
@@ -68,5 +77,30 @@ def test_resume_after_interruption_matches_uninterrupted(images, tmp_path):
 
 
 def test_divergence_is_reported(images):
-    with pytest.raises(FloatingPointError, match="lower the learning rate"):
+    with pytest.raises(TrainingDivergedError, match="lower the learning rate"):
         train(_base(), build_scheduler(CFG), images * float("nan"), _ft(), seed=0)
+
+
+def test_lr_schedule_warmup_then_cosine_and_resume_safe():
+    assert [lr_factor(s, 10, "constant", 0) for s in (0, 5, 9)] == [1.0, 1.0, 1.0]
+    assert [lr_factor(s, 10, "constant", 4) for s in (0, 1, 3, 4)] == [0.25, 0.5, 1.0, 1.0]
+    cos = [lr_factor(s, 104, "cosine", 4) for s in range(104)]
+    assert cos[3] == 1.0 and cos[4] == pytest.approx(1.0) and cos[54] == pytest.approx(0.5)
+    assert all(a >= b for a, b in zip(cos[4:], cos[5:])) and cos[-1] < 0.01
+
+
+def test_cosine_schedule_is_applied_to_the_optimiser(images):
+    const = train(_base(), build_scheduler(CFG), images, _ft(), seed=1).model
+    cos = train(_base(), build_scheduler(CFG), images, _ft(lr_schedule="cosine", warmup_steps=2), seed=1).model
+    sa, sb = float_state(const), float_state(cos)
+    assert any(not torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def test_loss_weights_reweight_by_timestep(images):
+    plain = train(_base(), build_scheduler(CFG), images, _ft(), seed=1)
+    ones = train(_base(), build_scheduler(CFG), images, _ft(), seed=1, loss_weights=torch.ones(1000))
+    for k, v in float_state(plain.model).items():
+        torch.testing.assert_close(float_state(ones.model)[k], v, rtol=1e-4, atol=1e-6)
+    skewed = torch.linspace(0.01, 2.0, 1000)
+    other = train(_base(), build_scheduler(CFG), images, _ft(), seed=1, loss_weights=skewed)
+    assert any(not torch.allclose(float_state(other.model)[k], v) for k, v in float_state(plain.model).items())

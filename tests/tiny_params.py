@@ -1,6 +1,8 @@
 """A tiny params profile: the full pipeline in well under a minute of compute."""
 
 TINY_OVERRIDES = {
+    # a tiny base trained in the pipeline instead of importing the shipped one
+    "model": {"pretrained_path": None},
     "pretrain": {"steps": 30, "batch_size": 64, "lr": 0.002, "ema_max_decay": 0.99, "checkpoint_every": 0},
     "partition": {"ranges": [0, 1]},
     "finetune": {"steps": 10, "batch_size": 32, "checkpoint_every": 0},
@@ -13,6 +15,7 @@ TINY_OVERRIDES = {
         "kid_subset_size": 50,
         "grid_size": 4,
         "classifier": {"steps": 40, "feature_dim": 16},
+        "heldout_timesteps": 10,
     },
 }
 

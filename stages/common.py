@@ -1,0 +1,246 @@
+"""What the stages share: where outs land, what each stage reads and writes, and the runner.
+
+This module is the one declaration of the pipeline's shape on the Python
+side. For every stage, :data:`STAGES` names the params it reads (logged to its
+MLflow run and hashed into its resumable-checkpoint fingerprint), the files
+it reads, and the files it writes. ``dvc.yaml`` says the same for DVC;
+``tests/test_dvc_yaml.py`` fails when the two disagree.
+
+A stage script (``stages/<name>.py``) holds that stage's glue: it reads its
+params, calls ``dtm_core``, writes its outs and logs to MLflow, through
+:func:`main`. ``dtm_core`` itself knows no pipeline paths.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import os
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Optional, Sequence
+
+from dtm_core.config import Params, load_params, select
+from dtm_core.errors import DtmError, MissingInputError
+from dtm_core.io import dir_digest, write_json
+
+EXIT_USER_ERROR = 2
+
+# --------------------------------------------------------------- where outs land
+DATA_DIR = Path("data/prepared")
+CLASSIFIER_DIR = Path("models/classifier")
+REFERENCE_FILE = CLASSIFIER_DIR / "reference_features.npz"  # features of the real data, per data version
+BASE_DIR = Path("base")  # the shipped, pre-converged base checkpoint(s): see base/README.md
+PRETRAINED_DIR = Path("models/pretrained")
+RANGES_DIR = Path("models/ranges")
+SHARED_DIR = Path("models/shared")
+MERGED_DIR = Path("models/merged")
+PARTITION_FILE = Path("partition/ranges.json")
+TASK_VECTOR_DIR = Path("task_vectors")
+TASK_VECTOR_NORMS_TSV = Path("plots/task_vector_norms.tsv")
+WEIGHTS_FILE = Path("merge/weights.json")
+SEARCH_DIR = Path("merge/search")
+METRICS_DIR = Path("metrics")
+SAMPLES_DIR = Path("samples")
+EVALUATION_DIR = Path("evaluation")
+REPORT_DIR = Path("reports")
+HELDOUT_LOSS_TSV = Path("plots/heldout_loss.tsv")
+TIMINGS_DIR = Path("timings")  # stage seconds: not DVC outs, so a re-run leaves git clean
+CHECKPOINT_DIR = Path(".dtm/checkpoints")
+
+# The models every run evaluates and compares (dvc.yaml's evaluate foreach).
+EVAL_MODELS = ("pretrained", "shared", "merged", "ensemble")
+
+
+def range_dir(i: int) -> Path:
+    return RANGES_DIR / f"range-{i}"
+
+
+def eval_model_dir(name: str) -> Path:
+    """The directory evaluate@<name> reads: the model, or every range model for the ensemble."""
+    return RANGES_DIR if name == "ensemble" else Path("models") / name
+
+
+# ------------------------------------------------------- what each stage reads and writes
+# The fine-tune recipe both methods share, and what only DeMe's range models use.
+OPTIM_KEYS = tuple(
+    f"finetune.{k}" for k in (
+        "steps", "batch_size", "lr", "lr_schedule", "warmup_steps", "weight_decay", "adam_betas", "adam_eps",
+        "grad_clip", "ema_max_decay", "ema_inv_gamma", "ema_power", "mixed_precision", "log_every",
+    )
+)
+DEME_KEYS = tuple(f"finetune.{k}" for k in ("p", "antithetic", "consistency_weight", "channel_projection"))
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One DVC stage: ``{item}`` in a path is the matrix/foreach value (a range index, a model name)."""
+
+    params: tuple[str, ...]  # params.yaml keys or sections it reads
+    deps: tuple[str, ...] = ()  # data and model files it reads (code deps: tests/test_dvc_deps.py)
+    outs: tuple[str, ...] = ()  # cached outs
+    uncached: tuple[str, ...] = ()  # cache: false outs, committed to git
+    metrics: tuple[str, ...] = ()  # cache: false metrics files, committed to git
+    plots: tuple[str, ...] = ()  # cache: false plot files, committed to git
+    item: Optional[str] = None  # the command-line argument that selects the instance
+
+
+STAGES: dict[str, Stage] = {
+    "prepare": Stage(params=("data", "model.pretrained_path"), outs=(str(DATA_DIR),)),
+    "classifier": Stage(
+        params=("evaluate.seed", "evaluate.features", "evaluate.inception_dir", "evaluate.classifier",
+                "evaluate.kid_subsets", "evaluate.kid_subset_size", "evaluate.bootstrap_rounds"),
+        deps=(str(DATA_DIR),), outs=(str(CLASSIFIER_DIR),), metrics=("metrics/classifier.json",),
+    ),
+    "pretrain": Stage(params=("seed", "model", "pretrain"), deps=(str(DATA_DIR), str(BASE_DIR)),
+                      outs=(str(PRETRAINED_DIR),)),
+    "partition": Stage(params=("partition", "model.num_train_timesteps"), uncached=(str(PARTITION_FILE),)),
+    "finetune": Stage(
+        params=("seed", *OPTIM_KEYS, *DEME_KEYS),
+        deps=(str(DATA_DIR), str(PRETRAINED_DIR), str(PARTITION_FILE)),
+        outs=(str(RANGES_DIR / "range-{item}"),), item="range",
+    ),
+    "finetune_shared": Stage(
+        params=("seed", "partition.ranges", *OPTIM_KEYS, "finetune.shared_lr", "finetune.weighting",
+                "finetune.weighting_gamma"),
+        deps=(str(DATA_DIR), str(PRETRAINED_DIR)), outs=(str(SHARED_DIR),),
+    ),
+    "task_vectors": Stage(
+        params=(), deps=(str(PRETRAINED_DIR), str(PARTITION_FILE), str(RANGES_DIR)),
+        outs=(str(TASK_VECTOR_DIR),), plots=(str(TASK_VECTOR_NORMS_TSV),),
+    ),
+    "merge_weights": Stage(
+        params=("seed", "merge", "evaluate.seed", "evaluate.batch_size"),
+        deps=(str(PRETRAINED_DIR), str(PARTITION_FILE), str(TASK_VECTOR_DIR), str(CLASSIFIER_DIR)),
+        outs=(str(SEARCH_DIR),), uncached=(str(WEIGHTS_FILE),),
+    ),
+    "merge": Stage(
+        params=("seed", "merge.method", "merge.density", "merge.scale"),
+        deps=(str(PRETRAINED_DIR), str(PARTITION_FILE), str(TASK_VECTOR_DIR), str(WEIGHTS_FILE)),
+        outs=(str(MERGED_DIR),),
+    ),
+    "evaluate": Stage(
+        params=("evaluate",),
+        deps=(str(CLASSIFIER_DIR), str(DATA_DIR), str(PARTITION_FILE), "{model_dir}"),
+        outs=("samples/{item}.png", "samples/{item}.npz", "evaluation/{item}.json"),
+        metrics=("metrics/{item}.json",), item="model",
+    ),
+    "report": Stage(
+        params=("seed", "data.source", "finetune.steps", "evaluate.seed", "evaluate.bootstrap_rounds"),
+        deps=(str(CLASSIFIER_DIR), str(PARTITION_FILE), str(TASK_VECTOR_DIR), str(WEIGHTS_FILE),
+              "metrics/classifier.json",
+              *(f"{d}/{m}.{ext}" for m in EVAL_MODELS
+                for d, ext in (("metrics", "json"), ("evaluation", "json"), ("samples", "npz")))),
+        outs=("reports/figures",), uncached=("reports/comparison.md", "reports/comparison.json"),
+        metrics=("metrics/comparison.json",), plots=(str(HELDOUT_LOSS_TSV),),
+    ),
+}
+
+
+def instance(name: str, item: Any = None) -> str:
+    """The DVC name of a stage instance: ``finetune@2``, ``evaluate@merged``, ``report``."""
+    return name if item is None else f"{name}@{item}"
+
+
+def paths(template: str, item: Any = None) -> Path:
+    value = "" if item is None else str(item)
+    model_dir = str(eval_model_dir(value)) if template == "{model_dir}" else ""
+    return Path(template.format(item=value, model_dir=model_dir))
+
+
+# --------------------------------------------------------------- shared glue
+def checkpoint_dir(name: str, params: Params, item: Any = None) -> Path:
+    """Where a training stage keeps resumable state, keyed by what it trains from.
+
+    The key hashes exactly the params the stage declares and the content of
+    the files it reads, so a checkpoint is resumed only by the same training
+    run; checkpoints of other settings are dropped.
+    """
+    spec = STAGES[name]
+    h = hashlib.sha256(json.dumps(select(params, spec.params), sort_keys=True, default=str).encode())
+    for template in spec.deps:
+        path = paths(template, item)
+        h.update(str(path).encode())
+        if path.is_dir():
+            h.update(dir_digest(path).encode())
+        elif path.is_file():
+            h.update(path.read_bytes())
+    root = CHECKPOINT_DIR / instance(name, item).replace("@", "-")
+    for stale in root.glob("*"):
+        if stale.name != h.hexdigest()[:16]:
+            shutil.rmtree(stale, ignore_errors=True)
+    return root / h.hexdigest()[:16]
+
+
+def load_reference(features: Optional[str] = None) -> dict:
+    """The real data's features saved by the classifier stage (train, held-out; both feature spaces)."""
+    import numpy as np
+
+    if not REFERENCE_FILE.is_file():
+        raise MissingInputError(f"reference features '{REFERENCE_FILE}' are missing: run dvc repro classifier")
+    with np.load(REFERENCE_FILE) as ref:
+        out = {k: ref[k] for k in ref.files}
+    if features is not None and str(out["features"]) != features:
+        raise MissingInputError(
+            f"'{REFERENCE_FILE}' holds {out['features']} features but evaluate.features is '{features}': "
+            "run dvc repro classifier"
+        )
+    return out
+
+
+def _numeric(metrics: dict) -> dict[str, float]:
+    return {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+
+def main(name: str, fn: Callable[..., dict], argv: Optional[Sequence[str]] = None) -> int:
+    """Run stage ``name``: ``fn(params, run)`` (or ``fn(params, run, item)``) returns its metrics.
+
+    Params are validated up front; the stage gets an MLflow child run logging
+    the params it declares; the returned metrics land in its DVC metrics file
+    (if it declares one) and in MLflow; its seconds go to MLflow and
+    ``timings/``. A :class:`~dtm_core.errors.DtmError` (bad params, missing or
+    corrupt input, unreachable tracking store) prints one line and exits 2,
+    with the MLflow runs marked FAILED and no out half-written; any other
+    exception is a bug and shows its traceback.
+    """
+    spec = STAGES[name]
+    parser = argparse.ArgumentParser(prog=f"python -m stages.{name}", description=f"DVC stage '{name}'")
+    parser.add_argument("--params", default="params.yaml", help="parameter file (default: params.yaml)")
+    if spec.item == "range":
+        parser.add_argument("--range", type=int, required=True, help="range index i in 0..N-1")
+    elif spec.item == "model":
+        parser.add_argument("--model", required=True, choices=EVAL_MODELS)
+    args = parser.parse_args(argv)
+    item = getattr(args, spec.item) if spec.item else None
+    stage = instance(name, item)
+    logging.basicConfig(
+        level=os.environ.get("DTM_LOG_LEVEL", "INFO"), stream=sys.stderr,
+        format=f"%(asctime)s {stage} %(levelname)s %(message)s",
+    )
+    for noisy in ("alembic", "mlflow", "httpx", "urllib3", "accelerate"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    try:
+        params = load_params(args.params)
+        from dtm_core.tracking import stage_run
+
+        start = time.perf_counter()
+        with stage_run(params, stage, stage, spec.params) as run:
+            metrics = fn(params, run, item) if spec.item else fn(params, run)
+            seconds = time.perf_counter() - start
+            for template in spec.metrics:
+                path = paths(template, item)
+                write_json(path, metrics)
+                run.log_artifact(path, "metrics")
+            run.log_metrics({**_numeric(metrics), "stage_seconds": seconds})
+        write_json(TIMINGS_DIR / f"{stage}.json", {"stage": stage, "stage_seconds": seconds})
+    except DtmError as exc:
+        logging.getLogger("dtm").debug("stage failed", exc_info=True)
+        print(f"error: {stage}: {exc}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    logging.getLogger("dtm").info("%s done in %.1fs", stage, seconds)
+    return 0

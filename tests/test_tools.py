@@ -1,0 +1,115 @@
+"""The regression gate and the seed summary (tools/)."""
+
+import json
+import subprocess
+
+import pytest
+
+from tools import regress, seeds
+
+
+def _comparison(scale=1.0, merged_fd=5.8):
+    models = {m: {"fd": fd * scale, "kid": kid * scale, "heldout_loss": 0.05 * scale, "memorised_fraction": 0.04}
+              for m, fd, kid in (("pretrained", 6.0, 0.12), ("shared", 5.4, 0.09), ("merged", merged_fd, 0.12),
+                                 ("ensemble", 5.5, 0.11))}
+    contrast = lambda a, b: {"fd": models[a]["fd"] - models[b]["fd"], "fd_ci": [-1.0, 1.0],  # noqa: E731
+                             "heldout_loss": {"delta": 0.0, "ci": [-0.001, 0.001]}}
+    return {"models": models,
+            "contrasts": {f"{a}_minus_{b}": contrast(a, b) for a, b in
+                          (("merged", "shared"), ("ensemble", "shared"), ("merged", "pretrained"))},
+            "range_models": [{"vs_pretrained": {"delta": -0.001}}], "settings": {"num_ranges": 4}}
+
+
+@pytest.fixture
+def gate(tmp_path):
+    cur, ref, tol = tmp_path / "comparison.json", tmp_path / "reference.json", tmp_path / "tolerances.json"
+    cur.write_text(json.dumps(_comparison()))
+    ref.write_text(json.dumps(_comparison()))
+    tol.write_text(json.dumps({"fd": {"abs": 0.01, "rel": 0.02}, "kid": {"abs": 0.002, "rel": 0.05},
+                               "heldout_loss": {"abs": 0.001},
+                               "contrasts.merged_minus_shared.fd": {"abs": 0.02},
+                               "contrasts.merged_minus_shared.heldout_loss": {"abs": 0.001}}))
+    return cur, ["--current", str(cur), "--reference", str(ref), "--tolerances", str(tol)]
+
+
+def test_gate_passes_on_the_same_run(gate, capsys):
+    _, args = gate
+    assert regress.main(args) == 0
+    assert "no regression" in capsys.readouterr().out
+
+
+def test_gate_fails_on_a_worse_run_with_a_readable_table(gate, capsys):
+    cur, args = gate
+    cur.write_text(json.dumps(_comparison(merged_fd=6.5)))  # +0.7 FD
+    assert regress.main(args) == 1
+    out = capsys.readouterr().out
+    assert "models.merged.fd" in out and "REGRESSED" in out and "REGRESSION in 2 metric(s)" in out
+    row = next(line for line in out.splitlines() if line.startswith("models.merged.fd"))
+    assert "+0.70000" in row
+
+
+def test_gate_reports_improvements_without_failing(gate, capsys):
+    cur, args = gate
+    cur.write_text(json.dumps(_comparison(scale=0.5)))
+    assert regress.main(args) == 0
+    assert "improved" in capsys.readouterr().out
+
+
+def test_gate_against_the_committed_report(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    git = lambda *a: subprocess.run(["git", *a], check=True, capture_output=True)  # noqa: E731
+    git("init", "-q")
+    (tmp_path / "reports").mkdir()
+    (tmp_path / "regression").mkdir()
+    (tmp_path / "regression" / "tolerances.json").write_text(json.dumps({
+        "fd": {"abs": 0.01}, "kid": {"abs": 0.01}, "heldout_loss": {"abs": 0.001}}))
+    report = tmp_path / "reports" / "comparison.json"
+    report.write_text(json.dumps(_comparison()))
+    git("add", "-A")
+    git("-c", "user.email=a@b", "-c", "user.name=t", "commit", "-qm", "blessed default")
+    assert regress.main([]) == 0
+    report.write_text(json.dumps(_comparison(merged_fd=6.0)))
+    assert regress.main([]) == 1
+    assert "reports/comparison.json at HEAD" in capsys.readouterr().out
+    assert regress.main(["--rev", "no-such-rev"]) == 2
+    assert "no 'reports/comparison.json' at git revision 'no-such-rev'" in capsys.readouterr().err
+
+
+def test_gate_missing_reference_file(tmp_path, capsys):
+    (tmp_path / "c.json").write_text(json.dumps(_comparison()))
+    assert regress.main(["--current", str(tmp_path / "c.json"), "--reference", str(tmp_path / "none.json")]) == 2
+    assert "reference report" in capsys.readouterr().err
+
+
+def test_tolerance_is_max_of_abs_and_rel():
+    rows = regress.compare({"models.shared.fd": 5.5}, {"models.shared.fd": 5.4}, {"fd": {"abs": 0.01, "rel": 0.02}})
+    assert rows[0].allowed == pytest.approx(0.108) and rows[0].status == "ok"
+
+
+def test_seed_summary_means_stds_and_contrast_counts():
+    rows = []
+    for s, merged in enumerate((5.0, 5.2, 5.4)):
+        c = _comparison(merged_fd=merged)
+        c["contrasts"]["merged_minus_shared"]["fd_ci"] = [-0.5, -0.1] if s < 2 else [-0.1, 0.3]
+        rows.append(seeds.seed_row(s, c, [f"run{s}"]))
+    result = seeds.summarise(rows, {"num_ranges": 4})
+    assert result["summary"]["merged"]["fd"]["mean"] == pytest.approx(5.2)
+    assert result["summary"]["merged"]["fd"]["std"] == pytest.approx(0.2)
+    ms = result["contrasts"]["merged_minus_shared"]
+    assert ms["fd"]["mean"] == pytest.approx(-0.2) and ms["seeds_below_zero"] == 2 and ms["seeds_above_zero"] == 0
+    assert result["ratios"]["merged_over_shared_fd"] == pytest.approx(5.2 / 5.4)
+    per = result["per_seed"][1]
+    assert per["seed"] == 1 and per["merged"]["fd"] == 5.2 and per["merged_minus_shared"]["fd_ci"] == [-0.5, -0.1]
+    assert set(per) >= {"seed", "pretrained", "shared", "merged", "ensemble", "merged_minus_shared",
+                        "ensemble_minus_shared", "merged_minus_pretrained"}
+    text = seeds.render(result)
+    assert "5.2000 ± 0.2000" in text and "| merged − shared | -0.2000 ± 0.2000 | 2 | 0 |" in text
+
+
+def test_set_arguments_are_yaml():
+    from tools.exps import set_args
+
+    assert set_args({"seed": 2, "partition.ranges": [0, 1], "finetune.weighting": "min_snr", "x": None}) == [
+        "-S", "seed=2", "-S", "partition.ranges=[0, 1]", "-S", 'finetune.weighting="min_snr"', "-S", "x=null"]
+    assert seeds.parse_sets(["finetune.lr=1e-4", "partition.ranges=[0,1]"]) == {
+        "finetune.lr": 1e-4, "partition.ranges": [0, 1]}

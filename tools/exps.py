@@ -1,0 +1,161 @@
+"""Run a set of named variants of the pipeline as DVC experiments and read their results back.
+
+Each variant is ``dvc exp run --queue -f -n <name> -S key=value ...``; the
+queue runs them one at a time (``dvc queue start -j 1``: two torch jobs on two
+cores slow each other down twentyfold) in temporary copies of the
+repository, and DVC's run-cache restores every stage a variant shares with a
+run already made (data, classifier, base model...). A variant that finished
+on the current commit with the same params is not run again: its experiment
+ref holds its committed outputs (``reports/comparison.json`` is a
+``cache: false`` out), so an interrupted sweep resumes by queuing only what
+is missing.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import subprocess
+import time
+from typing import Any, Iterable, Optional
+
+from dtm_core.errors import DtmError
+
+log = logging.getLogger("dtm.exps")
+REPORT = "reports/comparison.json"
+
+
+class ExperimentError(DtmError):
+    """A DVC experiment could not be queued, failed, or left no results."""
+
+
+def _dvc(*args: str, timeout: float = 600) -> str:
+    proc = subprocess.run(["dvc", *args], capture_output=True, text=True, timeout=timeout)
+    if proc.returncode != 0:
+        raise ExperimentError(f"dvc {' '.join(args)} failed: {(proc.stderr or proc.stdout).strip()[-1500:]}")
+    return proc.stdout
+
+
+def set_args(overrides: dict[str, Any]) -> list[str]:
+    """``-S key=value`` arguments; values in YAML flow syntax (lists, strings, null)."""
+    out = []
+    for key, value in overrides.items():
+        out += ["-S", f"{key}={json.dumps(value)}"]
+    return out
+
+
+def experiment_refs() -> dict[str, str]:
+    """Experiment name -> git ref, for the experiments whose baseline is the current commit.
+
+    DVC keeps an experiment under ``refs/exps/<sha[:2]>/<sha[2:]>/<name>`` of
+    the commit it started from, so results of older code are not taken for
+    this commit's (uncommitted edits are not seen: commit before a sweep).
+    """
+    head = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+    prefix = f"refs/exps/{head[:2]}/{head[2:]}/"
+    proc = subprocess.run(["git", "for-each-ref", "--format=%(refname)", prefix], capture_output=True, text=True)
+    return {ref[len(prefix):]: ref for ref in proc.stdout.split() if "/" not in ref[len(prefix):]}
+
+
+def experiment_file(name: str, path: str = REPORT) -> Optional[dict]:
+    """A JSON file as committed by experiment ``name`` (None if the experiment or file is missing)."""
+    ref = experiment_refs().get(name)
+    if ref is None:
+        return None
+    proc = subprocess.run(["git", "show", f"{ref}:{path}"], capture_output=True, text=True)
+    return json.loads(proc.stdout) if proc.returncode == 0 else None
+
+
+def experiment_params(name: str) -> Optional[dict]:
+    """params.yaml as committed by experiment ``name``."""
+    import yaml
+
+    ref = experiment_refs().get(name)
+    if ref is None:
+        return None
+    proc = subprocess.run(["git", "show", f"{ref}:params.yaml"], capture_output=True, text=True)
+    return yaml.safe_load(proc.stdout) if proc.returncode == 0 else None
+
+
+def queue_status() -> dict[str, str]:
+    """Experiment name -> queue status (Queued, Running, Success, Failed) from ``dvc queue status``."""
+    out = {}
+    for line in _dvc("queue", "status").splitlines():
+        m = re.match(r"^\s*\S+\s+(\S+)\s+.*\b(Queued|Running|Success|Failed)\s*$", line)
+        if m:
+            out[m.group(1)] = m.group(2)
+    return out
+
+
+def run_variants(variants: dict[str, dict[str, Any]], jobs: int = 1, poll: float = 15.0,
+                 rerun: bool = False) -> dict[str, str]:
+    """Queue every variant whose results are missing (all with ``rerun``), run the queue, wait.
+
+    Returns name -> "done" (results present before), "Success" or "Failed".
+    """
+    status = {}
+    todo = []
+    for name, overrides in variants.items():
+        if not rerun and experiment_file(name) is not None and _same_params(name, overrides):
+            status[name] = "done"
+            continue
+        _dvc("exp", "run", "--queue", "-f", "-n", name, *set_args(overrides))
+        todo.append(name)
+        log.info("queued %s %s", name, overrides)
+    if not todo:
+        return status
+    # the workers outlive `dvc queue start`: give them no pipe of ours to hold open
+    subprocess.run(["dvc", "queue", "start", "-j", str(jobs)], check=True, stdout=subprocess.DEVNULL,
+                   stderr=subprocess.DEVNULL, timeout=300)
+    started = time.time()
+    while True:
+        current = queue_status()
+        waiting = [n for n in todo if current.get(n) in ("Queued", "Running")]
+        if not waiting:
+            break
+        log.info("%d of %d variants left (%.0f min)", len(waiting), len(todo), (time.time() - started) / 60)
+        time.sleep(poll)
+    subprocess.run(["dvc", "queue", "stop"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=300)
+    for name in todo:
+        status[name] = "Success" if experiment_file(name) is not None else current.get(name, "Failed")
+    return status
+
+
+def _same_params(name: str, overrides: dict[str, Any]) -> bool:
+    """Whether experiment ``name`` ran with these overrides (on top of the current params.yaml)."""
+    import yaml
+
+    committed = experiment_params(name)
+    if committed is None:
+        return False
+    with open("params.yaml") as handle:
+        wanted = yaml.safe_load(handle)
+    for key, value in overrides.items():
+        node = wanted
+        *path, last = key.split(".")
+        for p in path:
+            node = node.setdefault(p, {})
+        node[last] = value
+    return committed == wanted
+
+
+def mlflow_parent_runs(names: Iterable[str]) -> dict[str, list[str]]:
+    """Experiment name -> the MLflow parent run ids of its pipeline runs (newest first)."""
+    from mlflow.tracking import MlflowClient
+
+    from dtm_core.config import load_params
+    from dtm_core.tracking import tracking_uri
+
+    params = load_params("params.yaml")
+    client = MlflowClient(tracking_uri(params))
+    exp = client.get_experiment_by_name(params.tracking.experiment_name)
+    out: dict[str, list[str]] = {}
+    for name in names:
+        if exp is None:
+            out[name] = []
+            continue
+        runs = client.search_runs([exp.experiment_id], filter_string=(
+            f"attributes.run_name = '{name}' and tags.`dtm.kind` = 'pipeline'"), order_by=["start_time DESC"])
+        out[name] = [r.info.run_id for r in runs]
+    return out

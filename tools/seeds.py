@@ -1,0 +1,158 @@
+"""The default comparison over training seeds: ``make seeds``.
+
+    python -m tools.seeds                     # seeds 0 1 2: queue, run, collect
+    python -m tools.seeds --seeds 0 1 2 3 -S finetune.lr=1e-4
+    python -m tools.seeds --collect-only
+
+Each seed is a DVC experiment (``seeds-<s>``, or ``seeds-<s>-<label>`` with
+overrides) that changes only the root ``seed``: the fine-tunes and the
+merge re-train, while the data split, the base model, the feature
+classifier and the test noise stay fixed (their seeds are their own), so the
+spread over seeds is training luck alone. Writes ``reports/seeds.{json,md}``:
+per model the mean ± std over seeds of FD, KID and held-out loss, and per
+seed the paired contrasts with their intervals.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+
+from dtm_core.errors import DtmError
+from dtm_core.io import atomic_file, write_json
+from tools import exps
+
+CONTRASTS = ("merged_minus_shared", "ensemble_minus_shared", "merged_minus_pretrained")
+MODEL_METRICS = ("fd", "kid", "heldout_loss", "memorised_fraction")
+
+
+def mean_std(values: list[float]) -> dict:
+    arr = np.asarray(values, dtype=float)
+    return {"mean": float(arr.mean()), "std": float(arr.std(ddof=1)) if len(arr) > 1 else 0.0, "n": len(arr)}
+
+
+def seed_row(seed: int, comparison: dict, mlflow_runs: list[str]) -> dict:
+    """One seed's entry of ``per_seed``: every model's numbers and the paired contrasts."""
+    row: dict[str, Any] = {"seed": seed}
+    for model, m in comparison["models"].items():
+        row[model] = {k: m[k] for k in MODEL_METRICS}
+    for key in CONTRASTS:
+        c = comparison["contrasts"][key]
+        row[key] = {"fd": c["fd"], "fd_ci": c["fd_ci"], "heldout_loss": c["heldout_loss"]["delta"],
+                    "heldout_loss_ci": c["heldout_loss"]["ci"]}
+    row["range_models_vs_pretrained"] = [r["vs_pretrained"]["delta"] for r in comparison["range_models"]]
+    row["mlflow_runs"] = mlflow_runs
+    return row
+
+
+def summarise(rows: list[dict], settings: dict) -> dict:
+    models = [k for k in rows[0] if isinstance(rows[0][k], dict) and "fd" in rows[0][k] and k not in CONTRASTS]
+    summary = {m: {k: mean_std([r[m][k] for r in rows]) for k in MODEL_METRICS} for m in models}
+    contrasts = {key: {"fd": mean_std([r[key]["fd"] for r in rows]),
+                       "heldout_loss": mean_std([r[key]["heldout_loss"] for r in rows]),
+                       "seeds_below_zero": sum(r[key]["fd_ci"][1] < 0 for r in rows),
+                       "seeds_above_zero": sum(r[key]["fd_ci"][0] > 0 for r in rows)}
+                 for key in CONTRASTS}
+    shared, pre, merged = (summary[m]["fd"]["mean"] for m in ("shared", "pretrained", "merged"))
+    ratios = {"merged_over_shared_fd": merged / shared, "merged_over_pretrained_fd": merged / pre,
+              "shared_over_pretrained_fd": shared / pre}
+    return {"seeds": [r["seed"] for r in rows], "settings": settings, "summary": summary,
+            "contrasts": contrasts, "ratios": ratios, "per_seed": rows}
+
+
+def render(result: dict) -> str:
+    s = result["settings"]
+    lines = ["# The default comparison over training seeds", "",
+             f"Seeds {result['seeds']}; {s.get('num_ranges')} ranges x {s.get('finetune_steps_per_range')} steps vs "
+             f"a shared fine-tune of {s.get('shared_steps')} steps; {s.get('num_samples')} samples x "
+             f"{s.get('noise_seeds')} noise seed(s), DDIM {s.get('ddim_steps')}. Mean ± std over seeds.", "",
+             "| model | FD | KID | held-out loss | memorised |", "|---|---|---|---|---|"]
+    for model, m in result["summary"].items():
+        lines.append(f"| {model} | {m['fd']['mean']:.4f} ± {m['fd']['std']:.4f} | {m['kid']['mean']:.5f} ± "
+                     f"{m['kid']['std']:.5f} | {m['heldout_loss']['mean']:.6f} ± {m['heldout_loss']['std']:.6f} | "
+                     f"{m['memorised_fraction']['mean']:.4f} |")
+    r = result["ratios"]
+    lines += ["", f"merged / shared FD = {r['merged_over_shared_fd']:.3f}; merged / pretrained FD = "
+              f"{r['merged_over_pretrained_fd']:.3f}; shared / pretrained FD = {r['shared_over_pretrained_fd']:.3f} "
+              "(means over seeds; the paper's target is merged ≤ 0.80 × both).", "",
+              "## Paired contrasts per seed (95% bootstrap intervals)", "",
+              "| seed | " + " | ".join(k.replace("_minus_", " − ") + " FD" for k in CONTRASTS)
+              + " | merged − shared held-out loss |", "|---|" + "---|" * (len(CONTRASTS) + 1)]
+    for row in result["per_seed"]:
+        cells = [f"{row[k]['fd']:+.4f} [{row[k]['fd_ci'][0]:+.4f}, {row[k]['fd_ci'][1]:+.4f}]" for k in CONTRASTS]
+        h = row["merged_minus_shared"]
+        cells.append(f"{h['heldout_loss']:+.6f} [{h['heldout_loss_ci'][0]:+.6f}, {h['heldout_loss_ci'][1]:+.6f}]")
+        lines.append(f"| {row['seed']} | " + " | ".join(cells) + " |")
+    lines += ["", "| contrast | FD mean ± std | seeds with CI below 0 | seeds with CI above 0 |",
+              "|---|---|---|---|"]
+    for key, c in result["contrasts"].items():
+        lines.append(f"| {key.replace('_minus_', ' − ')} | {c['fd']['mean']:+.4f} ± {c['fd']['std']:.4f} | "
+                     f"{c['seeds_below_zero']} | {c['seeds_above_zero']} |")
+    return "\n".join(lines) + "\n"
+
+
+def variant_name(seed: int, label: str) -> str:
+    return f"seeds-{seed}" + (f"-{label}" if label else "")
+
+
+def parse_sets(items: list[str]) -> dict[str, Any]:
+    import yaml
+
+    out = {}
+    for item in items:
+        key, _, value = item.partition("=")
+        parsed = yaml.safe_load(value)
+        if isinstance(parsed, str):  # PyYAML reads YAML 1.1, where 1e-4 is a string; DVC reads it as a number
+            try:
+                parsed = float(parsed)
+            except ValueError:
+                pass
+        out[key] = parsed
+    return out
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m tools.seeds", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("-S", "--set", action="append", default=[], help="key=value on top of params.yaml")
+    ap.add_argument("--label", default="", help="suffix of the experiment names (for -S variants)")
+    ap.add_argument("--collect-only", action="store_true", help="only read finished experiments")
+    ap.add_argument("--rerun", action="store_true", help="re-run seeds whose results exist")
+    ap.add_argument("--out", type=Path, default=Path("reports"))
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s seeds %(message)s", stream=sys.stderr)
+    overrides = parse_sets(args.set)
+    variants = {variant_name(s, args.label): {**overrides, "seed": s} for s in args.seeds}
+    try:
+        if not args.collect_only:
+            status = exps.run_variants(variants, rerun=args.rerun)
+            failed = [n for n, st in status.items() if st == "Failed"]
+            if failed:
+                raise exps.ExperimentError(f"experiments {failed} failed: see `dvc queue logs <name>`")
+        runs = exps.mlflow_parent_runs(variants)
+        rows, settings = [], {}
+        for name, overrides_s in variants.items():
+            comparison = exps.experiment_file(name)
+            if comparison is None:
+                raise exps.ExperimentError(f"experiment '{name}' has no {exps.REPORT} on this commit: run it first")
+            settings = comparison["settings"]
+            rows.append(seed_row(overrides_s["seed"], comparison, runs.get(name, [])))
+        result = summarise(rows, {**settings, "overrides": overrides})
+    except DtmError as exc:
+        print(f"error: seeds: {exc}", file=sys.stderr)
+        return 2
+    suffix = f"-{args.label}" if args.label else ""
+    write_json(args.out / f"seeds{suffix}.json", result)
+    with atomic_file(args.out / f"seeds{suffix}.md") as handle:
+        handle.write(render(result))
+    print(render(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
