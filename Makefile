@@ -7,7 +7,7 @@ BIN := $(CURDIR)/$(VENV)/bin
 STAMP := $(VENV)/.installed
 export PATH := $(BIN):$(PATH)
 
-.PHONY: setup repro test lint bench ui regress seeds base clean
+.PHONY: setup repro test lint bench ui regress seeds study base clean
 
 setup: $(STAMP)
 
@@ -35,6 +35,10 @@ regress: setup
 seeds: setup
 	python -m tools.seeds
 
+# the paper's ablations and loss-reweighting baselines at small scale (DVC experiments) -> reports/study.{md,json,png}
+study: setup
+	python -m tools.study
+
 # regenerate the shipped base checkpoint (base/) bit for bit: about an hour on 2 cores
 base: setup
 	python -m tools.make_base
@@ -43,7 +47,7 @@ bench: setup
 	python benchmarks/step_overhead.py
 
 ui: setup
-	mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db --host 127.0.0.1 --port 5000
+	python -m tools.ui
 
 clean:
 	rm -rf data/prepared models task_vectors samples evaluation merge/search reports/figures timings .dtm mlflow.db mlartifacts

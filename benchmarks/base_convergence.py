@@ -1,6 +1,6 @@
 """The base model's plateau: FD, held-out loss and memorisation against pretraining steps.
 
-    python benchmarks/base_convergence.py                 # base/recipe.yaml, as `make base` trains it
+    python benchmarks/base_convergence.py                 # params.yaml's recipe, as `make base` trains it
     python benchmarks/base_convergence.py --every 2000 --samples 4000
 
 Trains the shipped base model's recipe exactly as ``make base`` does (same
@@ -37,12 +37,11 @@ from dtm_core.plots import save_figure  # noqa: E402
 from dtm_core.sampling import initial_noise, sample  # noqa: E402
 from dtm_core.seeding import derive_seed  # noqa: E402
 from dtm_core.train import train  # noqa: E402
-from tools.make_base import merged_params  # noqa: E402
+from tools.make_base import recipe_params  # noqa: E402
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--recipe", type=Path, default=ROOT / "base" / "recipe.yaml")
     ap.add_argument("--every", type=int, default=2000)
     ap.add_argument("--samples", type=int, default=4000)
     ap.add_argument("--ddim", type=int, default=20)
@@ -50,8 +49,7 @@ def main() -> int:
     ap.add_argument("--figure", type=Path, default=ROOT / "docs" / "figures" / "base_convergence.png")
     args = ap.parse_args()
     torch.set_num_threads(2)
-    raw = merged_params(yaml.safe_load((ROOT / "params.yaml").read_text()), yaml.safe_load(args.recipe.read_text()))
-    params = parse_params(raw)
+    params = parse_params(recipe_params(yaml.safe_load((ROOT / "params.yaml").read_text())))
     ev = params.evaluate
     dataset = data_mod.load_source(params.data)
     train_ds, held = data_mod.split(dataset, params.data.holdout_fraction,
@@ -93,7 +91,8 @@ def main() -> int:
                 desc="pretrain (convergence)")
     final = Path("/tmp/base-convergence-final")
     save_model(res.model, scheduler, final, {"source": "embedded", "steps": res.steps})
-    result = {"recipe": yaml.safe_load(args.recipe.read_text()), "samples": args.samples, "ddim_steps": args.ddim,
+    recipe = {k: v for k, v in params.model_dump(mode="json").items() if k in ("seed", "data", "model", "pretrain")}
+    result = {"recipe": recipe, "samples": args.samples, "ddim_steps": args.ddim,
               "classifier_heldout_accuracy": clf.heldout_accuracy, "heldout_images": len(held.images),
               "final_weights_sha256": file_digest(final / "diffusion_pytorch_model.safetensors"), "rows": rows}
     write_json(args.out, result)

@@ -121,8 +121,17 @@ class PartitionConfig(_Section):
     # list, so N is its length: `dvc exp run -S 'partition.ranges=[0,1,2,3,4,5,6,7]'`.
     ranges: list[int] = Field(default_factory=lambda: [0, 1, 2, 3], min_length=1)
     # Optional explicit boundaries [0, b1, ..., T] (N + 1 strictly increasing
-    # values); null means the paper's uniform split [(i-1)T/N, iT/N).
+    # values); they win over ``method``.
     boundaries: Optional[list[int]] = None
+    # uniform: the paper's [(i-1)T/N, iT/N). snr: equal widths in log-SNR.
+    # affinity: gradient-affinity interval clustering of ``bins`` equal bins
+    # (each interval at least ``min_width`` bins), the pretrained model's
+    # gradients on ``affinity_images`` train images sketched to ``sketch_dim``.
+    method: Literal["uniform", "snr", "affinity"] = "uniform"
+    bins: int = Field(50, ge=2)
+    min_width: int = Field(2, ge=1)
+    sketch_dim: int = Field(4096, ge=16)
+    affinity_images: int = Field(256, ge=1)
 
     @field_validator("ranges")
     @classmethod
@@ -159,13 +168,28 @@ class SearchConfig(_Section):
     # none: use merge.weights as given. grid: every combination of `values`
     # over the N ranges (len(values)**N merges); coordinate: coordinate descent
     # from merge.weights, one range at a time, until a sweep stops improving or
-    # the budget is spent. One override turns it on:
+    # the budget is spent; cmaes: CMA-ES (pycma) over [min(values), max(values)]^N
+    # from merge.weights; distill: learn the weights by gradient descent so the
+    # merged model's eps-prediction matches, at every t, the range model that
+    # owns t (no sampling). One override turns a strategy on:
     # dvc exp run -S merge.search.strategy=coordinate
-    strategy: Literal["none", "grid", "coordinate"] = "none"
+    strategy: Literal["none", "grid", "coordinate", "cmaes", "distill"] = "none"
     values: list[float] = Field(default_factory=lambda: [0.0, 0.25, 0.5, 0.75, 1.0], min_length=1)
     max_evaluations: int = Field(24, ge=1)  # distinct weight vectors scored, at most
-    num_samples: int = Field(500, ge=2)  # validation samples per candidate
+    num_samples: int = Field(500, ge=2)  # validation samples per candidate (one fixed bank of noise)
     ddim_steps: int = Field(20, ge=1)
+    # Successive halving: score every candidate on the first cheap_samples of
+    # the bank (null: no cheap round), then re-score the best rescore_top at
+    # num_samples; the best full score wins.
+    cheap_samples: Optional[int] = Field(None, ge=2)
+    rescore_top: int = Field(5, ge=1)
+    cmaes_sigma: float = Field(0.25, gt=0.0)  # CMA-ES initial step size
+    # distill: Adam steps, learning rate and batch size; per_block learns one
+    # weight per range and top-level UNet block instead of one per range.
+    distill_steps: int = Field(200, ge=1)
+    distill_lr: float = Field(0.05, gt=0.0)
+    distill_batch_size: int = Field(64, ge=1)
+    per_block: bool = False
 
     @field_validator("values")
     @classmethod
@@ -244,6 +268,9 @@ class EvaluateConfig(_Section):
 
 class TrackingConfig(_Section):
     experiment_name: str = Field("decouple-then-merge", min_length=1)
+    # Register the merged model in the MLflow Model Registry under this name (a
+    # new version per pipeline run), or null for off.
+    register_model: Optional[str] = None
     # Overridden by the MLFLOW_TRACKING_URI environment variable; null means
     # sqlite:///<repo root>/mlflow.db.
     tracking_uri: Optional[str] = None
@@ -269,6 +296,15 @@ class Params(_Section):
                 f"partition.ranges has N={n} ranges but model.num_train_timesteps is {T}: "
                 "N must not exceed T"
             )
+        pc = self.partition
+        if pc.method == "affinity" and pc.boundaries is None:
+            if pc.bins > T:
+                raise ValueError(f"partition.bins ({pc.bins}) cannot exceed model.num_train_timesteps ({T})")
+            if n * pc.min_width > pc.bins:
+                raise ValueError(
+                    f"N={n} ranges of at least partition.min_width={pc.min_width} bins do not fit in "
+                    f"partition.bins={pc.bins}: lower partition.min_width or raise partition.bins"
+                )
         b = self.partition.boundaries
         if b is not None:
             if len(b) != n + 1:
@@ -287,6 +323,11 @@ class Params(_Section):
                         "make ranges overlap or be empty"
                     )
         search, feature_dim = self.merge.search, self.evaluate.classifier.feature_dim
+        if search.cheap_samples is not None and not feature_dim < search.cheap_samples < search.num_samples:
+            raise ValueError(
+                f"merge.search.cheap_samples ({search.cheap_samples}) must lie between the classifier's feature "
+                f"dimension ({feature_dim}) and merge.search.num_samples ({search.num_samples})"
+            )
         if search.strategy != "none" and search.num_samples <= feature_dim:
             raise ValueError(
                 f"merge.search.num_samples ({self.merge.search.num_samples}) must exceed the classifier's feature "

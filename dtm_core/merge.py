@@ -136,6 +136,14 @@ def merge_tensor(
         return fn(task_tensors.cpu(), weights.cpu()).to(device)
 
 
+def block_of(key: str) -> str:
+    """The top-level UNet block a tensor belongs to: ``down_blocks.1``, ``mid_block``, ``conv_in`` ..."""
+    parts = key.split(".")
+    if parts[0] in ("down_blocks", "up_blocks") and len(parts) > 1:
+        return ".".join(parts[:2])
+    return parts[0]
+
+
 def merge_files(
     base: StateDict,
     task_vector_files: Sequence[str | Path],
@@ -145,11 +153,14 @@ def merge_files(
     density: float = 0.5,
     scale: float = 1.0,
     seed: int = 0,
+    block_weights: Mapping[str, Sequence[float]] | None = None,
 ) -> dict[str, torch.Tensor]:
     """``base + scale * method(tau_1..tau_N)`` for every tensor the task vectors cover.
 
     Tensors the task vectors do not cover are copied from ``base``. ``seed``
-    only matters for the random (DARE) methods.
+    only matters for the random (DARE) methods. ``block_weights`` (block ->
+    N weights, :func:`block_of`) overrides ``weights`` for the tensors of the
+    blocks it names.
     """
     if len(weights) != len(task_vector_files):
         raise ValueError(f"{len(weights)} merge weights for {len(task_vector_files)} task vectors")
@@ -169,7 +180,10 @@ def merge_files(
                     f"tensor '{key}': task vectors have shape {tuple(taus.shape[1:])}, "
                     f"base has {tuple(base[key].shape)}"
                 )
-            combined = merge_tensor(taus, w, method, density=density, seed=seed, key=key)
+            wk = w
+            if block_weights is not None and block_of(key) in block_weights:
+                wk = torch.tensor(list(block_weights[block_of(key)]), dtype=torch.float32)
+            combined = merge_tensor(taus, wk, method, density=density, seed=seed, key=key)
             merged[key] = (base[key].float() + scale * combined).to(base[key].dtype)
     return merged
 

@@ -11,6 +11,10 @@ reports the best. Each distinct weight vector is scored at most once.
   ranges from low t to high t; for each it tries every candidate value with
   the other weights held fixed and keeps the best. Sweeps repeat until one
   makes no improvement or ``max_evaluations`` distinct vectors were scored.
+- ``cmaes``: CMA-ES (the maintained ``cma`` package) in the box spanned by
+  ``merge.search.values``, from the start vector, within the budget.
+- Successive halving (``cheap_score``): the strategy runs on a cheap score,
+  and the best few candidates are re-scored at full size before one wins.
 
 Ties go to the candidate scored first. Non-finite scores (a merge whose
 samples diverged) are recorded as they are but rank as +inf.
@@ -42,12 +46,13 @@ class SearchResult:
     evaluations: int = 0
 
     def to_rows(self) -> list[dict]:
-        """One flat row per candidate: index, w0..w{N-1}, score."""
+        """One flat row per candidate: index, w0..w{N-1}, score, full (1 for a full-size score)."""
         rows = []
         for c in self.candidates:
             row: dict = {"index": c["index"]}
             row.update({f"w{i}": w for i, w in enumerate(c["weights"])})
             row["score"] = c["score"]
+            row["full"] = int(c.get("fidelity", "full") == "full")
             rows.append(row)
         return rows
 
@@ -117,31 +122,71 @@ def _coordinate(scorer: _Scorer, cfg: SearchConfig, start: list[float]) -> None:
                 break
 
 
-def search_weights(n: int, score: ScoreFn, cfg: SearchConfig, start: Sequence[float]) -> SearchResult:
+def _cmaes(scorer: _Scorer, cfg: SearchConfig, start: list[float], seed: int) -> None:
+    """CMA-ES (pycma) over the box [min(values), max(values)]^N from ``start``, within the budget."""
+    if len(start) == 1:  # CMA-ES needs two dimensions or more; a scalar is a coordinate search
+        _coordinate(scorer, cfg, start)
+        return
+    import cma
+
+    lo, hi = min(cfg.values), max(cfg.values)
+    x0 = [min(max(w, lo), hi) for w in start]
+    es = cma.CMAEvolutionStrategy(x0, cfg.cmaes_sigma, {"bounds": [lo, hi], "seed": seed + 1, "verbose": -9})
+    while not es.stop() and not scorer.exhausted:
+        xs = es.ask()
+        ranks = []
+        for x in xs:
+            rank = scorer([round(float(v), 6) for v in x])
+            if rank is None:  # budget spent mid-generation
+                return
+            ranks.append(rank if math.isfinite(rank) else 1e12)
+        es.tell(xs, ranks)
+
+
+STRATEGIES = ("grid", "coordinate", "cmaes")
+
+
+def search_weights(n: int, score: ScoreFn, cfg: SearchConfig, start: Sequence[float],
+                   cheap_score: ScoreFn | None = None, seed: int = 0) -> SearchResult:
     """Search merge weights for ``n`` ranges; ``score`` is lower-is-better.
 
-    ``start`` (the coordinate strategy's starting point; merge.weights or
-    uniform 1/N) must have ``n`` values; the grid strategy ignores it.
+    ``start`` (where coordinate descent and CMA-ES begin; merge.weights or
+    uniform 1/N) must have ``n`` values; the grid ignores it. With
+    ``cheap_score`` (successive halving) the strategy runs on cheap scores,
+    the best ``cfg.rescore_top`` candidates are re-scored with ``score``, and
+    the best re-scored one wins; re-scores are recorded with fidelity "full".
     """
     if n < 1:
         raise ValueError(f"need at least one range to search weights for (got n={n})")
     if len(start) != n:
         raise ValueError(f"the search start has {len(start)} weights for N={n} ranges (merge.weights)")
-    scorer = _Scorer(score, cfg.max_evaluations)
+    scorer = _Scorer(cheap_score or score, cfg.max_evaluations)
     if cfg.strategy == "grid":
         _grid(n, scorer, cfg)
     elif cfg.strategy == "coordinate":
         _coordinate(scorer, cfg, [float(w) for w in start])
+    elif cfg.strategy == "cmaes":
+        _cmaes(scorer, cfg, [float(w) for w in start], seed)
     else:
-        raise ConfigError(f"merge.search.strategy '{cfg.strategy}' is unknown; choose grid or coordinate")
-    best = _best(scorer.candidates)
+        raise ConfigError(f"merge.search.strategy '{cfg.strategy}' is unknown; choose one of {STRATEGIES}")
+    fidelity = "cheap" if cheap_score is not None else "full"
+    candidates = [{**c, "fidelity": fidelity} for c in scorer.candidates]
+    finalists = candidates
+    if cheap_score is not None:
+        top = sorted(candidates, key=lambda c: (_rank(c["score"]), c["index"]))[: cfg.rescore_top]
+        finalists = []
+        for c in top:
+            finalists.append({"index": len(candidates), "weights": c["weights"], "score": float(score(c["weights"])),
+                              "fidelity": "full"})
+            candidates.append(finalists[-1])
+    best = _best(finalists)
     assert best is not None  # the start or the first grid point is always scored
     return SearchResult(
         strategy=cfg.strategy,
-        candidates=scorer.candidates,
+        candidates=candidates,
         best_weights=list(best["weights"]),
         best_score=best["score"],
-        evaluations=len(scorer.candidates),
+        evaluations=len(candidates),
     )
 
 
@@ -152,4 +197,5 @@ def write_candidates_tsv(result: SearchResult, path: str | Path) -> None:
     with atomic_file(path) as handle:
         handle.write("\t".join(columns) + "\n")
         for row in rows:
-            handle.write("\t".join(str(row[c]) if c == "index" else f"{row[c]:.6g}" for c in columns) + "\n")
+            handle.write("\t".join(str(row[c]) if c in ("index", "full") else f"{row[c]:.6g}" for c in columns)
+                         + "\n")

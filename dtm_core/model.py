@@ -20,13 +20,18 @@ from pathlib import Path
 from typing import Optional
 
 import torch
-from diffusers import DDPMScheduler, UNet2DModel
+from diffusers import DDPMScheduler, ModelMixin, UNet2DModel
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from .config import ModelConfig
 from .errors import ModelLoadError
 from .io import atomic_dir
+
+# A pipeline exported with a DeMeUNet2DModel names this module in model_index.json;
+# diffusers then looks up the component's base class (ModelMixin) here to find
+# its loading method, so the name must resolve in this module.
+__all__ = ["DeMeUNet2DModel", "ModelMixin"]
 
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
 PROJECTION_ATTR = "channel_projection"

@@ -52,9 +52,10 @@ def ranges_from_params(params: Params) -> list[Range]:
     return uniform_ranges(T, params.num_ranges)
 
 
-def save_partition(path: str | Path, ranges: Sequence[Range], T: int) -> None:
+def save_partition(path: str | Path, ranges: Sequence[Range], T: int, method: str = "uniform") -> None:
     ranges = validate_ranges(ranges, T)
-    write_json(path, {"num_train_timesteps": T, "num_ranges": len(ranges), "ranges": [list(r) for r in ranges]})
+    write_json(path, {"num_train_timesteps": T, "num_ranges": len(ranges), "method": method,
+                      "ranges": [list(r) for r in ranges]})
 
 
 def load_partition(path: str | Path) -> tuple[list[Range], int]:
@@ -104,3 +105,94 @@ def sample_timesteps(
 def range_columns(timesteps: np.ndarray, ranges: Sequence[Range]) -> list[np.ndarray]:
     """For each range, the indices of the grid's timesteps inside it."""
     return [np.flatnonzero((timesteps >= lo) & (timesteps < hi)) for lo, hi in ranges]
+
+
+# ------------------------------------------------------------ automatic partitions
+def snr_ranges(alphas_cumprod: torch.Tensor, n: int) -> list[Range]:
+    """N contiguous ranges of equal width in log-SNR, log SNR(t) = log(alpha_bar_t / (1 - alpha_bar_t)).
+
+    log-SNR falls monotonically with t; the boundaries are the first
+    timesteps below N - 1 equally spaced log-SNR levels between log SNR(0)
+    and log SNR(T - 1). Where several levels fall between two adjacent
+    timesteps the boundaries are spread so every range keeps at least one t.
+    """
+    a = alphas_cumprod.double()
+    log_snr = torch.log(a / (1.0 - a)).numpy()
+    T = len(log_snr)
+    if not 1 <= n <= T:
+        raise PartitionError(f"N={n} ranges cannot split T={T} timesteps; need 1 <= N <= T")
+    if np.any(np.diff(log_snr) >= 0):
+        raise PartitionError(
+            "the noise schedule's log-SNR is not strictly decreasing in t; use partition.method: uniform"
+        )
+    levels = np.linspace(log_snr[0], log_snr[-1], n + 1)[1:-1]
+    cuts = [int(np.argmax(log_snr < level)) for level in levels]
+    edges = [0]
+    for i, c in enumerate(cuts):
+        edges.append(min(max(c, edges[-1] + 1), T - (n - 1 - i)))  # keep every range non-empty
+    edges.append(T)
+    return validate_ranges(list(zip(edges[:-1], edges[1:])), T)
+
+
+def _block_sums(A: np.ndarray) -> np.ndarray:
+    """2-D prefix sums: S[a, b] - ... gives any square block's sum in O(1)."""
+    S = np.zeros((A.shape[0] + 1, A.shape[1] + 1))
+    S[1:, 1:] = A.cumsum(0).cumsum(1)
+    return S
+
+
+def interval_affinity(S: np.ndarray, lo: int, hi: int) -> float:
+    """Sum of A over the bins [lo, hi) x [lo, hi), divided by the interval's width."""
+    total = S[hi, hi] - S[lo, hi] - S[hi, lo] + S[lo, lo]
+    return float(total / (hi - lo))
+
+
+def partition_score(A: np.ndarray, edges: Sequence[int]) -> float:
+    """The mean within-interval affinity of the bin partition ``edges`` ([0, e1, ..., M]).
+
+    For each bin, the mean affinity to the bins of its own interval (itself
+    included), averaged over all bins: (1/M) * sum_k sum_{i,j in I_k} A_ij / |I_k|.
+    A constant affinity scores the same for every partition; block structure
+    is rewarded where the intervals follow the blocks.
+    """
+    S = _block_sums(np.asarray(A, dtype=np.float64))
+    return sum(interval_affinity(S, lo, hi) for lo, hi in zip(edges[:-1], edges[1:])) / A.shape[0]
+
+
+def best_intervals(A: np.ndarray, n: int, min_width: int = 1) -> list[int]:
+    """The N contiguous bin intervals maximising :func:`partition_score`, by dynamic programming.
+
+    O(N * M^2) over M bins. Returns the bin edges [0, e1, ..., M]; every
+    interval holds at least ``min_width`` bins.
+    """
+    A = np.asarray(A, dtype=np.float64)
+    M = A.shape[0]
+    if A.shape != (M, M):
+        raise ValueError(f"the affinity matrix must be square (got {A.shape})")
+    if n * min_width > M:
+        raise PartitionError(
+            f"{n} ranges of at least partition.min_width={min_width} bins do not fit in partition.bins={M}: "
+            "lower partition.min_width or raise partition.bins"
+        )
+    S = _block_sums(A)
+    best = np.full((n + 1, M + 1), -np.inf)
+    back = np.zeros((n + 1, M + 1), dtype=np.int64)
+    best[0, 0] = 0.0
+    for k in range(1, n + 1):
+        for hi in range(k * min_width, M - (n - k) * min_width + 1):
+            for lo in range((k - 1) * min_width, hi - min_width + 1):
+                if best[k - 1, lo] == -np.inf:
+                    continue
+                value = best[k - 1, lo] + interval_affinity(S, lo, hi)
+                if value > best[k, hi]:
+                    best[k, hi], back[k, hi] = value, lo
+    edges = [M]
+    for k in range(n, 0, -1):
+        edges.append(int(back[k, edges[-1]]))
+    return edges[::-1]
+
+
+def bin_edges_to_ranges(edges: Sequence[int], T: int, bins: int) -> list[Range]:
+    """Bin edges over ``bins`` equal bins of [0, T) to timestep ranges."""
+    bounds = [round(e * T / bins) for e in edges]
+    return validate_ranges(list(zip(bounds[:-1], bounds[1:])), T)

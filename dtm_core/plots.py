@@ -156,3 +156,19 @@ def plot_heldout_loss(curves: dict, ranges: Sequence[Range], path: str | Path) -
     ax_rel.set_title("against the pretrained model")
     ax_rel.legend(fontsize=7)
     save_figure(fig, path)
+
+
+def plot_affinity(A, bin_edges: Sequence[int], ranges: Sequence[Range], path: str | Path) -> None:
+    """The bins' gradient-affinity matrix with the chosen range boundaries (the gradient-conflict picture)."""
+    n_bins = len(bin_edges) - 1
+    fig, ax = new_figure(6.0, 5.0)
+    image = ax.imshow(A, vmin=-1.0, vmax=1.0, cmap="RdBu_r", interpolation="nearest", origin="lower",
+                      extent=(bin_edges[0], bin_edges[-1], bin_edges[0], bin_edges[-1]))
+    fig.colorbar(image, ax=ax, label="cosine similarity of loss gradients")
+    for lo, _ in ranges[1:]:
+        ax.axvline(lo, color="black", linewidth=1.2)
+        ax.axhline(lo, color="black", linewidth=1.2)
+    ax.set_xlabel("timestep t")
+    ax.set_ylabel("timestep t")
+    ax.set_title(f"gradient affinity, {n_bins} bins; lines: chosen ranges")
+    save_figure(fig, path)

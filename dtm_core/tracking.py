@@ -86,6 +86,13 @@ def git_commit(root: Optional[Path] = None) -> str:
         return "unknown"
 
 
+def params_digest(params: Params) -> str:
+    """A short digest of the full, validated params: equal for runs of the same configuration."""
+    import hashlib
+
+    return hashlib.sha256(json.dumps(flatten(params), sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
 def pipeline_key() -> str:
     """Identify the pipeline execution this process belongs to."""
     import psutil
@@ -214,7 +221,10 @@ def _parent_run(client, exp_id: str, params: Params) -> tuple[str, bool]:
     tags = {
         "dtm.kind": "pipeline",
         "mlflow.source.git.commit": git_commit(),
+        "mlflow.source.type": "LOCAL",
+        "mlflow.source.name": "dvc.yaml",
         "dtm.pipeline_key": key,
+        "dtm.params_digest": params_digest(params),
     }
     run = client.create_run(exp_id, run_name=name, tags=tags)
     _log_params(client, run.info.run_id, flatten(params))
@@ -275,6 +285,17 @@ class NullRun:
     def log_parent_artifact(self, path: str | Path, artifact_path: Optional[str] = None) -> None:
         _require_file(path)
 
+    def log_model(self, name: str, path: str | Path, digest: str, metrics: dict[str, float],
+                  params: Optional[dict[str, Any]] = None) -> Optional[str]:
+        return None
+
+    def register_model(self, name: str, model_id: str, tags: dict[str, Any]) -> None:
+        pass
+
+    def log_dataset(self, name: str, digest: str, source: str, context: str = "training",
+                    on_parent: bool = False) -> None:
+        pass
+
 
 def _require_file(path: str | Path) -> None:
     # Logging a file that is not there is a bug in the stage, not user input.
@@ -285,10 +306,11 @@ def _require_file(path: str | Path) -> None:
 class StageRun(NullRun):
     """What a stage logs to its child run (and, for the report, to the parent)."""
 
-    def __init__(self, client, run_id: str, parent_id: str):
+    def __init__(self, client, run_id: str, parent_id: str, experiment_id: Optional[str] = None):
         self.client = client
         self.run_id = run_id
         self.parent_id = parent_id
+        self.experiment_id = experiment_id
 
     def log_params(self, values: dict[str, Any]) -> None:
         _log_params(self.client, self.run_id, values)
@@ -328,6 +350,51 @@ class StageRun(NullRun):
     def log_parent_artifact(self, path: str | Path, artifact_path: Optional[str] = None) -> None:
         self.log_artifact(path, artifact_path, run_id=self.parent_id)
 
+    def log_model(self, name: str, path: str | Path, digest: str, metrics: dict[str, float],
+                  params: Optional[dict[str, Any]] = None) -> Optional[str]:
+        """An MLflow 3 *external* logged model for a model the pipeline keeps in DVC, its metrics linked.
+
+        The weights stay in the DVC workspace and cache (no copy of megabytes
+        per run in the store); the logged model carries the DVC path and the
+        content digest, so ``mlflow.search_logged_models`` and the
+        experiment's Models tab rank the pipeline's models by FD.
+        """
+        import mlflow
+        from mlflow.entities import Metric
+
+        model = mlflow.create_external_model(
+            name=name, source_run_id=self.run_id, experiment_id=self.experiment_id, model_type="diffusers-unet",
+            tags={"dvc.path": str(path), "dtm.content_digest": digest},
+            params={k: str(v) for k, v in (params or {}).items()},
+        )
+        now = int(time.time() * 1000)
+        items = [Metric(k, float(v), now, 0, model_id=model.model_id) for k, v in sorted(metrics.items())
+                 if isinstance(v, (int, float)) and v == v]
+        self.client.log_batch(self.run_id, metrics=items)
+        return model.model_id
+
+    def register_model(self, name: str, model_id: str, tags: dict[str, Any]) -> None:
+        """A new version of registered model ``name`` for the logged model ``model_id``."""
+        from mlflow.exceptions import MlflowException
+
+        try:
+            self.client.create_registered_model(name)
+        except MlflowException as exc:  # it exists already
+            if "already exists" not in str(exc).lower() and "RESOURCE_ALREADY_EXISTS" not in str(exc):
+                raise
+        self.client.create_model_version(name, source=f"models:/{model_id}", run_id=self.run_id,
+                                         tags={k: str(v) for k, v in tags.items()}, model_id=model_id)
+
+    def log_dataset(self, name: str, digest: str, source: str, context: str = "training",
+                    on_parent: bool = False) -> None:
+        """The data version this run read, as an MLflow dataset input (the Dataset column)."""
+        from mlflow.entities import Dataset, DatasetInput, InputTag
+
+        entry = DatasetInput(Dataset(name=name, digest=digest[:36], source_type="local", source=source),
+                             tags=[InputTag("mlflow.data.context", context)])
+        for run_id in ([self.run_id, self.parent_id] if on_parent else [self.run_id]):
+            self.client.log_inputs(run_id, datasets=[entry])
+
 
 @contextlib.contextmanager
 def stage_run(
@@ -362,9 +429,11 @@ def stage_run(
         "dvc.stage": dvc_stage,
         "dtm.kind": "stage",
         "mlflow.source.git.commit": git_commit(),
+        "mlflow.source.type": "LOCAL",
+        "mlflow.source.name": f"stages/{dvc_stage.split('@')[0]}.py",
     }
     child = client.create_run(exp_id, run_name=run_name, tags=tags)
-    run = StageRun(client, child.info.run_id, parent_id)
+    run = StageRun(client, child.info.run_id, parent_id, exp_id)
     run.log_params(select(params, keys))
     try:
         yield run

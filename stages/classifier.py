@@ -15,7 +15,7 @@ from dtm_core.config import Params
 from dtm_core.io import atomic_dir
 from dtm_core.seeding import derive_seed
 from dtm_core.tracking import NullRun
-from stages.common import CLASSIFIER_DIR, DATA_DIR, REFERENCE_FILE, main
+from stages.common import CLASSIFIER_DIR, DATA_DIR, REFERENCE_FILE, log_data_version, main
 
 
 def classifier(params: Params, run=NullRun()) -> dict:
@@ -46,6 +46,7 @@ def classifier(params: Params, run=NullRun()) -> dict:
                  heldout_classifier=features.extract_features(res.model, held_ds.images))
     floor = distances.distances(held_feats, train_feats, ev.kid_subsets, ev.kid_subset_size,
                                 ev.bootstrap_rounds, derive_seed(ev.seed, "kid"))
+    log_data_version(run, params, "evaluation reference")
     run.log_metrics({"train_accuracy": res.train_accuracy, "dead_feature_fraction": res.dead_feature_fraction,
                      "floor_kid": floor["kid"]})
     # the real-vs-real floor: held-out vs train images, same features

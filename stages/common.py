@@ -41,6 +41,7 @@ RANGES_DIR = Path("models/ranges")
 SHARED_DIR = Path("models/shared")
 MERGED_DIR = Path("models/merged")
 PARTITION_FILE = Path("partition/ranges.json")
+PARTITION_ANALYSIS_DIR = Path("partition/analysis")
 TASK_VECTOR_DIR = Path("task_vectors")
 TASK_VECTOR_NORMS_TSV = Path("plots/task_vector_norms.tsv")
 WEIGHTS_FILE = Path("merge/weights.json")
@@ -99,7 +100,9 @@ STAGES: dict[str, Stage] = {
     ),
     "pretrain": Stage(params=("seed", "model", "pretrain"), deps=(str(DATA_DIR), str(BASE_DIR)),
                       outs=(str(PRETRAINED_DIR),)),
-    "partition": Stage(params=("partition", "model.num_train_timesteps"), uncached=(str(PARTITION_FILE),)),
+    "partition": Stage(params=("seed", "partition", "model.num_train_timesteps"),
+                       deps=(str(DATA_DIR), str(PRETRAINED_DIR)),
+                       outs=(str(PARTITION_ANALYSIS_DIR),), uncached=(str(PARTITION_FILE),)),
     "finetune": Stage(
         params=("seed", *OPTIM_KEYS, *DEME_KEYS),
         deps=(str(DATA_DIR), str(PRETRAINED_DIR), str(PARTITION_FILE)),
@@ -116,7 +119,8 @@ STAGES: dict[str, Stage] = {
     ),
     "merge_weights": Stage(
         params=("seed", "merge", "evaluate.seed", "evaluate.batch_size"),
-        deps=(str(PRETRAINED_DIR), str(PARTITION_FILE), str(TASK_VECTOR_DIR), str(CLASSIFIER_DIR)),
+        deps=(str(DATA_DIR), str(PRETRAINED_DIR), str(PARTITION_FILE), str(RANGES_DIR), str(TASK_VECTOR_DIR),
+              str(CLASSIFIER_DIR)),
         outs=(str(SEARCH_DIR),), uncached=(str(WEIGHTS_FILE),),
     ),
     "merge": Stage(
@@ -132,8 +136,8 @@ STAGES: dict[str, Stage] = {
     ),
     "report": Stage(
         params=("seed", "data.source", "finetune.steps", "evaluate.seed", "evaluate.bootstrap_rounds"),
-        deps=(str(CLASSIFIER_DIR), str(PARTITION_FILE), str(TASK_VECTOR_DIR), str(WEIGHTS_FILE),
-              "metrics/classifier.json",
+        deps=(str(CLASSIFIER_DIR), str(PARTITION_FILE), str(PARTITION_ANALYSIS_DIR), str(TASK_VECTOR_DIR),
+              str(WEIGHTS_FILE), "metrics/classifier.json",
               *(f"{d}/{m}.{ext}" for m in EVAL_MODELS
                 for d, ext in (("metrics", "json"), ("evaluation", "json"), ("samples", "npz")))),
         outs=("reports/figures",), uncached=("reports/comparison.md", "reports/comparison.json"),
@@ -191,6 +195,34 @@ def load_reference(features: Optional[str] = None) -> dict:
             "run dvc repro classifier"
         )
     return out
+
+
+def data_version() -> tuple[str, str]:
+    """The prepared data's version: DVC's digest of data/prepared from dvc.lock, or a content digest.
+
+    Inside ``dvc repro`` the lock file already holds the prepare stage's out
+    (DVC writes it when the stage finishes), so MLflow's Dataset column shows
+    the same digest as ``dvc.lock``; a stage run by hand falls back to the
+    sha256 of the files.
+    """
+    import yaml
+
+    lock = Path("dvc.lock")
+    if lock.is_file():
+        try:
+            for out in yaml.safe_load(lock.read_text())["stages"]["prepare"]["outs"]:
+                if out["path"] == str(DATA_DIR):
+                    return str(out["md5"]), "dvc.lock md5"
+        except (KeyError, TypeError, yaml.YAMLError):
+            pass
+    return dir_digest(DATA_DIR), "sha256 of the files"
+
+
+def log_data_version(run, params: Params, context: str) -> None:
+    """The data this stage read as the MLflow dataset input of its run and of the pipeline's parent run."""
+    digest, kind = data_version()
+    name = params.data.source if params.data.source == "digits" else Path(params.data.image_folder).name
+    run.log_dataset(f"{name} (data/prepared)", digest, f"{DATA_DIR} [{kind}]", context, on_parent=True)
 
 
 def _numeric(metrics: dict) -> dict[str, float]:

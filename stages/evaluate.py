@@ -35,6 +35,7 @@ from stages.common import (
     SAMPLES_DIR,
     eval_model_dir,
     load_reference,
+    log_data_version,
     main,
     range_dir,
 )
@@ -142,7 +143,27 @@ def evaluate(params: Params, run=NullRun(), name: str = "merged") -> dict:
     run.log_curve("heldout_loss_by_t", list(zip(losses["timesteps"].tolist(), details["heldout_loss_curve"])))
     run.log_metrics({"images_per_second": len(images) / seconds if seconds > 0 else float("nan"),
                      "sample_seconds": seconds, "fd_at_floor_n": details["fd_at_floor_n"]})
+    log_data_version(run, params, "evaluation")
+    log_models(params, run, name, headline, losses, ranges)
     return headline
+
+
+def log_models(params: Params, run, name: str, headline: dict, losses: dict, ranges) -> None:
+    """The evaluated model (and, for the ensemble, each range model) as MLflow logged models with their metrics."""
+    from dtm_core.io import dir_digest
+    from dtm_core.tracking import git_commit, params_digest
+
+    path = eval_model_dir(name)
+    model_id = run.log_model(name, path, dir_digest(path), headline, {"dvc_stage": f"evaluate@{name}"})
+    if name == "merged" and model_id and params.tracking.register_model:
+        run.register_model(params.tracking.register_model, model_id, {
+            "params_digest": params_digest(params), "git_commit": git_commit(), "fd": headline["fd"]})
+    if name == "ensemble":
+        cols = range_columns(losses["timesteps"], ranges)
+        for i, matrix in enumerate(losses["range_losses"]):
+            run.log_model(f"range-{i}", range_dir(i), dir_digest(range_dir(i)), {
+                "heldout_loss": float(matrix.mean()), "heldout_loss_own_range": float(matrix[:, cols[i]].mean())},
+                {"range": list(ranges[i])})
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ from dtm_core.partition import load_partition, sample_timesteps
 from dtm_core.seeding import derive_seed
 from dtm_core.tracking import NullRun
 from dtm_core.train import TrainResult, clear_checkpoints, smoothed, train
-from stages.common import DATA_DIR, PARTITION_FILE, PRETRAINED_DIR, checkpoint_dir, main, range_dir
+from stages.common import DATA_DIR, PARTITION_FILE, PRETRAINED_DIR, checkpoint_dir, log_data_version, main, range_dir
 
 
 def load_inputs():
@@ -64,6 +64,7 @@ def finetune_range(params: Params, run=NullRun(), index: int = 0) -> dict:
         timestep_sampler=draw, teacher=base, consistency_weight=ft.consistency_weight,
         checkpoint_dir=ckpt, checkpoint_every=ft.checkpoint_every, desc=f"finetune range {index} [{lo},{hi})",
     )
+    log_data_version(run, params, "training")
     return finish(res, scheduler, range_dir(index), ckpt, {"range": [lo, hi], "index": index}, run)
 
 

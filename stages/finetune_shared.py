@@ -17,7 +17,7 @@ from dtm_core.seeding import derive_seed
 from dtm_core.tracking import NullRun
 from dtm_core.train import train
 from dtm_core.weighting import timestep_weights
-from stages.common import SHARED_DIR, checkpoint_dir, main
+from stages.common import SHARED_DIR, checkpoint_dir, log_data_version, main
 from stages.finetune import finish, load_inputs
 
 
@@ -36,6 +36,7 @@ def finetune_shared(params: Params, run=NullRun()) -> dict:
         loss_weights=weights, checkpoint_dir=ckpt, checkpoint_every=ft.checkpoint_every, desc="finetune shared",
     )
     info = {"baseline": "shared", "weighting": ft.weighting, "lr": ft.lr}
+    log_data_version(run, params, "training")
     return finish(res, scheduler, SHARED_DIR, ckpt, info, run)
 
 

@@ -30,24 +30,26 @@ def merge_inputs(n: int):
     return template, base, [TASK_VECTOR_DIR / f"range-{i}.safetensors" for i in range(n)]
 
 
-def merged_state(params: Params, base: dict, files: list, weights: list[float]) -> dict:
+def merged_state(params: Params, base: dict, files: list, weights: list[float],
+                 block_weights: dict | None = None) -> dict:
     """The merged weights for ``weights`` with the configured method, density, scale and seed."""
     mc = params.merge
     return merge_files(base, files, weights, mc.method, density=mc.density, scale=mc.scale,
-                       seed=derive_seed(params.seed, "merge"))
+                       seed=derive_seed(params.seed, "merge"), block_weights=block_weights)
 
 
 def merge(params: Params, run=NullRun()) -> dict:
     ranges, _ = load_partition(PARTITION_FILE)
     mc = params.merge
-    weights = read_json(WEIGHTS_FILE, "merge weights")["weights"]
+    record = read_json(WEIGHTS_FILE, "merge weights")
+    weights, block_weights = record["weights"], record.get("block_weights")
     if len(weights) != len(ranges):
         raise MissingInputError(
             f"'{WEIGHTS_FILE}' holds {len(weights)} weights for the partition's {len(ranges)} ranges: "
             "re-run dvc repro merge_weights"
         )
     template, base, files = merge_inputs(len(ranges))
-    merged = merged_state(params, base, files, weights)
+    merged = merged_state(params, base, files, weights, block_weights)
     full = template.state_dict()
     full.update(merged)
     template.load_state_dict(full)

@@ -30,7 +30,7 @@ from dtm_core.model import (
 from dtm_core.seeding import derive_seed
 from dtm_core.tracking import NullRun
 from dtm_core.train import clear_checkpoints, smoothed, train
-from stages.common import DATA_DIR, PRETRAINED_DIR, checkpoint_dir, main
+from stages.common import DATA_DIR, PRETRAINED_DIR, checkpoint_dir, log_data_version, main
 
 log = logging.getLogger("dtm.pretrain")
 
@@ -50,6 +50,7 @@ def pretrain(params: Params, run=NullRun()) -> dict:
                 seed=derive_seed(params.seed, "pretrain"), checkpoint_dir=ckpt,
                 checkpoint_every=params.pretrain.checkpoint_every, desc="pretrain")
     run.log_curve("train/loss", res.losses)
+    log_data_version(run, params, "training")
     info = {"source": "embedded", "steps": res.steps, "final_loss": smoothed(res.losses),
             "parameters": num_parameters(res.model)}
     save_model(res.model, scheduler, PRETRAINED_DIR, info)

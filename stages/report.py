@@ -28,6 +28,7 @@ from stages.common import (
     EVALUATION_DIR,
     HELDOUT_LOSS_TSV,
     METRICS_DIR,
+    PARTITION_ANALYSIS_DIR,
     PARTITION_FILE,
     REPORT_DIR,
     SAMPLES_DIR,
@@ -126,6 +127,7 @@ def report(params: Params, run=NullRun()) -> dict:
             "shared_steps": len(ranges) * params.finetune.steps, "seed": params.seed,
             "classifier_heldout_accuracy": clf["heldout_accuracy"], "data_source": params.data.source,
             "heldout_images": int(data["shared"]["losses"].shape[0]),
+            "partition_method": read_json(PARTITION_FILE, "partition").get("method", "uniform"),
         },
     }
     write_json(REPORT_DIR / "comparison.json", comparison)
@@ -152,6 +154,8 @@ def report(params: Params, run=NullRun()) -> dict:
         run.log_parent_artifact(SAMPLES_DIR / f"{m}.png", "samples")
     for plot in sorted(Path(TASK_VECTOR_DIR).glob("*.png")):
         run.log_parent_artifact(plot, "task_vectors")
+    if (PARTITION_ANALYSIS_DIR / "affinity.png").exists():
+        run.log_parent_artifact(PARTITION_ANALYSIS_DIR / "affinity.png", "partition")
     return {key: {"fd": c["fd"], "heldout_loss": c["heldout_loss"]["delta"]}
             for key, c in contrasts.items() if key in ("merged_minus_shared", "ensemble_minus_shared",
                                                       "merged_minus_pretrained")}
@@ -216,7 +220,12 @@ def render_markdown(c: dict) -> str:
             f"| {vs['delta']:+.6f} {_ci(vs['ci'], 6)} ({vs['verdict']}) |"
         )
     w = c["merge"]
-    lines += ["", "![held-out loss by timestep](figures/heldout_loss.png)", "", "## Merge", "",
+    lines += ["", "![held-out loss by timestep](figures/heldout_loss.png)", "", "## Partition", "",
+              f"Method `{s['partition_method']}`: ranges "
+              + ", ".join(f"[{lo}, {hi})" for lo, hi in s["ranges"]) + "."]
+    if (PARTITION_ANALYSIS_DIR / "affinity.png").exists():
+        lines += ["", f"![gradient affinity](../{PARTITION_ANALYSIS_DIR}/affinity.png)"]
+    lines += ["", "## Merge", "",
               f"Weights {[round(x, 4) for x in w['weights']]} (search: {w['search']['strategy']})."]
     if w["search"].get("evaluations"):
         lines.append(f"The search scored {w['search']['evaluations']} candidates by FD on "

@@ -105,13 +105,13 @@ def test_rows_tsv_and_plot(tmp_path):
     score, _ = _bowl([0.25, 0.75])
     res = search_weights(2, score, _cfg(max_evaluations=12), start=[0.5, 0.5])
     rows = res.to_rows()
-    assert list(rows[0]) == ["index", "w0", "w1", "score"]
+    assert list(rows[0]) == ["index", "w0", "w1", "score", "full"]
     tsv = tmp_path / "search.tsv"
     write_candidates_tsv(res, tsv)
     lines = tsv.read_text().splitlines()
-    assert lines[0] == "index\tw0\tw1\tscore"
+    assert lines[0] == "index\tw0\tw1\tscore\tfull"
     assert len(lines) == 1 + res.evaluations
-    assert lines[1].split("\t") == ["0", "0.5", "0.5", f"{score([0.5, 0.5]):.6g}"]
+    assert lines[1].split("\t") == ["0", "0.5", "0.5", f"{score([0.5, 0.5]):.6g}", "1"]
     png = tmp_path / "plots" / "search.png"
     plot_search(res, png)
     with Image.open(png) as im:
@@ -123,3 +123,32 @@ def test_plot_with_only_non_finite_scores(tmp_path):
     res = SearchResult("grid", [{"index": 0, "weights": [1.0], "score": math.inf}], [1.0], math.inf, 1)
     plot_search(res, tmp_path / "s.png")
     assert (tmp_path / "s.png").stat().st_size > 0
+
+
+def test_cmaes_gets_close_to_the_optimum_within_the_budget():
+    score, calls = _bowl([0.3, 0.8, 0.55, 0.1], coupling=0.5)
+    res = search_weights(4, score, _cfg(strategy="cmaes", max_evaluations=120, cmaes_sigma=0.3), start=[0.25] * 4,
+                         seed=7)
+    assert len(calls) <= 120 and res.evaluations == len(calls)
+    assert res.best_score < 0.01  # the uniform start scores about 0.57
+    assert all(0.0 <= w <= 1.0 for c in res.candidates for w in c["weights"])  # inside the values' box
+    again = search_weights(4, _bowl([0.3, 0.8, 0.55, 0.1], coupling=0.5)[0],
+                           _cfg(strategy="cmaes", max_evaluations=120, cmaes_sigma=0.3), start=[0.25] * 4, seed=7)
+    assert again.best_weights == res.best_weights  # seeded
+
+
+def test_successive_halving_rescores_the_cheap_best_at_full_size():
+    full_score, full_calls = _bowl([0.25, 0.75])
+    # a cheap score with an offset that reorders candidates near the optimum
+    cheap_score, cheap_calls = _bowl([0.5, 0.75])
+    res = search_weights(2, full_score, _cfg(strategy="grid", max_evaluations=25, rescore_top=3), start=[0.5, 0.5],
+                         cheap_score=cheap_score)
+    assert len(cheap_calls) == 25 and len(full_calls) == 3
+    cheap = [c for c in res.candidates if c["fidelity"] == "cheap"]
+    full = [c for c in res.candidates if c["fidelity"] == "full"]
+    assert len(cheap) == 25 and len(full) == 3
+    top3 = sorted(cheap, key=lambda c: c["score"])[:3]
+    assert [c["weights"] for c in full] == [c["weights"] for c in top3]
+    # the winner is the best of the re-scored three at full size, not the cheap best
+    assert res.best_score == min(c["score"] for c in full)
+    assert res.best_weights == [0.25, 0.75]

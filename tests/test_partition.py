@@ -98,3 +98,75 @@ def test_odd_batch_size_antithetic():
     g = torch.Generator().manual_seed(0)
     t, _ = sample_timesteps(7, 0, 10, 10, 0.0, g)
     assert t.shape == (7,)
+
+
+# ------------------------------------------------------------ automatic partitions
+import itertools  # noqa: E402
+
+import numpy as np  # noqa: E402
+
+from dtm_core.config import ModelConfig  # noqa: E402
+from dtm_core.errors import PartitionError as _PartitionError  # noqa: E402
+from dtm_core.model import build_scheduler  # noqa: E402
+from dtm_core.partition import (  # noqa: E402
+    best_intervals,
+    bin_edges_to_ranges,
+    partition_score,
+    snr_ranges,
+)
+
+
+def _brute_force(A, n, min_width):
+    M = A.shape[0]
+    best, best_edges = -np.inf, None
+    for cuts in itertools.combinations(range(1, M), n - 1):
+        edges = [0, *cuts, M]
+        if min(b - a for a, b in zip(edges[:-1], edges[1:])) < min_width:
+            continue
+        score = partition_score(A, edges)
+        if score > best + 1e-12:
+            best, best_edges = score, edges
+    return best, best_edges
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_dynamic_programming_matches_brute_force(seed):
+    rng = np.random.default_rng(seed)
+    M = int(rng.integers(5, 11))
+    n = int(rng.integers(1, min(4, M) + 1))
+    min_width = int(rng.integers(1, M // n + 1))
+    X = rng.normal(size=(M, 3))
+    A = X @ X.T / np.outer(np.linalg.norm(X, axis=1), np.linalg.norm(X, axis=1))
+    edges = best_intervals(A, n, min_width)
+    best, _ = _brute_force(A, n, min_width)
+    assert partition_score(A, edges) == pytest.approx(best, abs=1e-12)
+    widths = np.diff(edges)
+    assert edges[0] == 0 and edges[-1] == M and len(edges) == n + 1 and widths.min() >= min_width
+
+
+def test_dp_finds_planted_blocks_and_a_constant_affinity_is_neutral():
+    blocks = [0] * 7 + [1] * 3 + [2] * 10
+    A = np.array([[1.0 if a == b else -0.2 for b in blocks] for a in blocks])
+    assert best_intervals(A, 3, 1) == [0, 7, 10, 20]
+    flat = np.full((12, 12), 0.3) + 0.7 * np.eye(12)
+    assert partition_score(flat, [0, 1, 12]) == pytest.approx(partition_score(flat, [0, 6, 12]))
+    with pytest.raises(_PartitionError, match="partition.min_width"):
+        best_intervals(flat, 5, 3)
+
+
+def test_bins_to_ranges():
+    assert bin_edges_to_ranges([0, 7, 10, 20], 1000, 20) == [(0, 350), (350, 500), (500, 1000)]
+
+
+def test_snr_ranges_have_equal_log_snr_widths():
+    alphas = build_scheduler(ModelConfig()).alphas_cumprod
+    ranges = snr_ranges(alphas, 4)
+    assert ranges[0][0] == 0 and ranges[-1][1] == 1000 and len(ranges) == 4
+    log_snr = np.log((alphas / (1 - alphas)).double().numpy())
+    spans = [log_snr[lo] - log_snr[hi - 1] for lo, hi in ranges]
+    step = (log_snr[0] - log_snr[-1]) / 4
+    assert all(abs(s - step) < 0.05 * step + 0.1 for s in spans)
+    # the linear schedule's log-SNR falls fastest at low t: the low-t ranges are the narrow ones
+    widths = [hi - lo for lo, hi in ranges]
+    assert widths[0] < widths[-1]
+    assert len(snr_ranges(alphas, 1000)) == 1000

@@ -119,6 +119,27 @@ def test_dvc_repro_end_to_end(tmp_path):
         assert "stage_seconds" in run.data.metrics
     assert not [p for p in proj.rglob("*.tmp-*")]
 
+    # MLflow as its users look at it: logged models with linked metrics, the data version as dataset input,
+    # the source columns, the merged model registered, the comparison as the parent's description
+    client = MlflowClient(f"sqlite:///{proj / 'mlflow.db'}")
+    exp_id = parents[0].info.experiment_id
+    logged = {m.name: m for m in client.search_logged_models([exp_id])}
+    assert {"pretrained", "shared", "merged", "ensemble", "range-0", "range-1"} <= set(logged)
+    merged_model = logged["merged"]
+    linked = {m.key: m.value for m in merged_model.metrics}
+    assert linked["fd"] == pytest.approx(report["models"]["merged"]["fd"]) and "heldout_loss" in linked
+    assert merged_model.tags["dvc.path"] == "models/merged" and merged_model.tags["dtm.content_digest"]
+    assert {m.key for m in logged["range-1"].metrics} == {"heldout_loss", "heldout_loss_own_range"}
+    versions = client.search_model_versions("name='deme-merged'")
+    assert len(versions) == 1 and versions[0].model_id == merged_model.model_id
+    assert versions[0].tags["params_digest"] == parents[0].data.tags["dtm.params_digest"]
+    lock = yaml.safe_load((proj / "dvc.lock").read_text())
+    data_md5 = lock["stages"]["prepare"]["outs"][0]["md5"]
+    for run_id in (parents[0].info.run_id, kids["finetune_shared"].info.run_id, kids["evaluate@merged"].info.run_id):
+        inputs = client.get_run(run_id).inputs.dataset_inputs
+        assert [d.dataset.digest for d in inputs] == [data_md5[:36]], run_id
+    assert kids["evaluate@merged"].data.tags["mlflow.source.name"] == "stages/evaluate.py"
+
     # a second repro does nothing and logs nothing
     again = _run(["dvc", "repro"], proj, env)
     assert stages_run(again) == set()
@@ -137,6 +158,13 @@ def test_dvc_repro_end_to_end(tmp_path):
         code.write_text(original)
         assert status == invalidated, (edited, status)
     assert stages_run(_run(["dvc", "repro"], proj, env)) == set()
+    # another partition method invalidates the partition stage and nothing upstream of it
+    params_file = proj / "params.yaml"
+    original = params_file.read_text()
+    params_file.write_text(original.replace("method: uniform", "method: snr"))
+    status = _status(proj, env)
+    params_file.write_text(original)
+    assert status == {"partition"}, status
 
     # DVC's conventions: dvc.lock and the cache: false files are committed; a fresh clone shows the
     # committed metrics before any run, and re-running everything from scratch leaves git clean

@@ -18,6 +18,7 @@ import logging
 import re
 import subprocess
 import time
+from pathlib import Path
 from typing import Any, Iterable, Optional
 
 from dtm_core.errors import DtmError
@@ -76,6 +77,25 @@ def experiment_params(name: str) -> Optional[dict]:
         return None
     proc = subprocess.run(["git", "show", f"{ref}:params.yaml"], capture_output=True, text=True)
     return yaml.safe_load(proc.stdout) if proc.returncode == 0 else None
+
+
+def experiment_out(name: str, path: str) -> Path:
+    """Where DVC's cache holds the cached out ``path`` of experiment ``name`` (per its committed dvc.lock)."""
+    import yaml
+
+    ref = experiment_refs().get(name)
+    lock = subprocess.run(["git", "show", f"{ref}:dvc.lock"], capture_output=True, text=True) if ref else None
+    if lock is None or lock.returncode != 0:
+        raise ExperimentError(f"experiment '{name}' has no dvc.lock on this commit")
+    for stage in yaml.safe_load(lock.stdout)["stages"].values():
+        for out in stage.get("outs", []):
+            if out["path"] == path:
+                md5 = out["md5"]
+                cached = Path(".dvc/cache/files/md5") / md5[:2] / md5[2:]
+                if not cached.is_file():
+                    raise ExperimentError(f"'{path}' of experiment '{name}' is not in the DVC cache ({cached})")
+                return cached
+    raise ExperimentError(f"experiment '{name}' has no out '{path}'")
 
 
 def queue_status() -> dict[str, str]:

@@ -1,17 +1,16 @@
 """Regenerate the shipped base checkpoint with this project's own pretrain stage: ``make base``.
 
-    python -m tools.make_base                       # base/recipe.yaml -> base/digits-unet/
-    python -m tools.make_base --check               # retrain in a scratch dir, compare bit for bit
+    python -m tools.make_base                 # params.yaml's recipe -> base/digits-unet/
+    python -m tools.make_base --check         # retrain in a scratch dir and compare bit for bit
 
-The recipe (``base/recipe.yaml``) is a partial params.yaml: the data split,
-the model and the pretrain section. The command writes the default
-params.yaml plus that recipe (with ``model.pretrained_path: null``) into a
-scratch directory, runs ``python -m stages.prepare`` and ``python -m
-stages.pretrain`` there exactly as DVC would, and copies the trained
-``models/pretrained`` into place atomically. Training on the CPU is
-deterministic, so on the same kind of machine the result is bit-identical
-(``--check`` verifies that without touching the shipped copy). The stage
-runs log to the repository's MLflow store, experiment ``<name>-base``.
+The recipe is params.yaml itself (seed, data, model, pretrain) with
+``model.pretrained_path: null``: the command writes that into a scratch
+directory, runs ``python -m stages.prepare`` and ``python -m stages.pretrain``
+there exactly as DVC would, and copies the trained ``models/pretrained`` into
+place atomically. Training on the CPU is deterministic, so on the same kind of
+machine the result is bit-identical (``--check`` verifies that without
+touching the shipped copy). The stage runs log to the repository's MLflow
+store, experiment ``<experiment_name>-base``.
 """
 
 from __future__ import annotations
@@ -30,23 +29,22 @@ import yaml
 from dtm_core.io import atomic_dir, dir_digest
 from dtm_core.tracking import repo_root, tracking_uri
 
-RECIPE = Path("base/recipe.yaml")
 OUT = Path("base/digits-unet")
 
 
-def merged_params(base: dict, recipe: dict) -> dict:
-    out = {k: (dict(v) if isinstance(v, dict) else v) for k, v in base.items()}
-    for key, value in recipe.items():
-        out[key] = {**out[key], **value} if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+def recipe_params(params: dict) -> dict:
+    """params.yaml as the base is trained from it: no checkpoint to import, its own MLflow experiment."""
+    out = {k: (dict(v) if isinstance(v, dict) else v) for k, v in params.items()}
     out["model"] = {**out["model"], "pretrained_path": None}
-    out["tracking"] = {**out["tracking"], "experiment_name": out["tracking"]["experiment_name"] + "-base"}
+    out["tracking"] = {**out["tracking"], "experiment_name": out["tracking"]["experiment_name"] + "-base",
+                       "register_model": None}
     return out
 
 
-def train_base(recipe: Path, workdir: Path) -> Path:
+def train_base(workdir: Path) -> Path:
     """Run prepare + pretrain with the recipe in ``workdir``; the trained model's directory."""
     root = repo_root()
-    params = merged_params(yaml.safe_load((root / "params.yaml").read_text()), yaml.safe_load(recipe.read_text()))
+    params = recipe_params(yaml.safe_load((root / "params.yaml").read_text()))
     (workdir / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")])),
            "MLFLOW_TRACKING_URI": os.environ.get("MLFLOW_TRACKING_URI") or tracking_uri()}
@@ -59,12 +57,11 @@ def train_base(recipe: Path, workdir: Path) -> Path:
 
 def main(argv: Optional[list[str]] = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m tools.make_base", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--recipe", type=Path, default=RECIPE)
     ap.add_argument("--out", type=Path, default=OUT)
     ap.add_argument("--check", action="store_true", help="retrain and compare with --out, changing nothing")
     args = ap.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="make-base-") as tmp:
-        trained = train_base(args.recipe, Path(tmp))
+        trained = train_base(Path(tmp))
         digest = dir_digest(trained)
         if args.check:
             shipped = dir_digest(args.out) if args.out.is_dir() else None

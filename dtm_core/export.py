@@ -1,0 +1,112 @@
+"""Export any model the pipeline made as a diffusers pipeline directory.
+
+    python -m dtm_core.export models/merged exported/merged            # DDIMPipeline with the DeMe UNet
+    python -m dtm_core.export models/merged exported/merged-stock --stock
+
+The output is a standard ``DDIMPipeline.save_pretrained`` directory
+(model_index.json, unet/, scheduler/). A model with channel projections
+keeps them: its unet/ holds a :class:`~dtm_core.model.DeMeUNet2DModel`, which
+``DDIMPipeline.from_pretrained`` (or ``DiffusionPipeline.from_pretrained``)
+loads once ``dtm_core.model`` is imported (diffusers only loads classes from
+modules the caller imported). Models without projections export as stock
+``UNet2DModel``.
+
+``--stock`` writes a stock ``UNet2DModel`` for a model with projections: a
+projection folds exactly into a neighbouring convolution only where the
+block's output is that convolution's output and nothing else reads it
+before the projection. In a diffusers UNet2DModel that holds for up blocks
+with an upsampler (the projection folds into ``upsamplers.0.conv``). After a
+down block the same tensor is also kept as a skip connection (unprojected),
+and the mid block and the last up block end in a residual sum followed by a
+GroupNorm, so those projections cannot fold; ``--stock`` drops them and
+reports the largest change of the UNet's output this causes on random
+inputs (``dtm_export.json``), so the user can judge.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Optional
+
+import torch
+from diffusers import DDIMPipeline, DDIMScheduler, UNet2DModel
+
+from .errors import DtmError
+from .io import atomic_dir
+from .model import PROJECTION_ATTR, has_projection, load_scheduler, load_unet
+
+
+def foldable_blocks(unet: UNet2DModel) -> list[str]:
+    """The blocks whose projection folds exactly into their upsampler's convolution."""
+    return [f"up_blocks.{i}" for i, b in enumerate(unet.up_blocks)
+            if getattr(b, "upsamplers", None) and getattr(b.upsamplers[0], "conv", None) is not None]
+
+
+def to_stock(unet: UNet2DModel, probes: int = 8, seed: int = 0) -> tuple[UNet2DModel, dict]:
+    """A stock UNet2DModel: foldable projections folded into their convolutions, the others dropped."""
+    config = {k: v for k, v in unet.config.items() if not k.startswith("_") and k != PROJECTION_ATTR}
+    stock = UNet2DModel.from_config(config)
+    state = {k: v for k, v in unet.state_dict().items() if f".{PROJECTION_ATTR}." not in k}
+    stock.load_state_dict(state)
+    folded = foldable_blocks(unet)
+    with torch.no_grad():
+        for name in folded:
+            block = unet.get_submodule(name)
+            P = getattr(block, PROJECTION_ATTR).weight[:, :, 0, 0]  # (C_out, C_in) of the 1x1 map
+            conv = stock.get_submodule(name).upsamplers[0].conv
+            conv.weight.copy_(torch.einsum("oc,cikl->oikl", P, conv.weight))
+            if conv.bias is not None:
+                conv.bias.copy_(P @ conv.bias)
+    dropped = []
+    for name, module in unet.named_modules():
+        proj = getattr(module, PROJECTION_ATTR, None)
+        if isinstance(proj, torch.nn.Conv2d) and name not in folded:
+            eye = torch.eye(proj.weight.shape[0])
+            dropped.append({"block": name, "distance_from_identity": float((proj.weight[:, :, 0, 0] - eye).norm())})
+    g = torch.Generator().manual_seed(seed)
+    size, ch = unet.config.sample_size, unet.config.in_channels
+    x = torch.randn(probes, ch, size, size, generator=g)
+    t = torch.randint(0, 1000, (probes,), generator=g)
+    with torch.no_grad():
+        err = float((unet.eval()(x, t).sample - stock.eval()(x, t).sample).abs().max())
+    return stock.eval(), {"folded": folded, "dropped": dropped, "max_abs_output_error": err}
+
+
+def export_pipeline(model_dir: str | Path, out_dir: str | Path, stock: bool = False) -> dict:
+    """Write a DDIMPipeline directory for ``model_dir``; what was done, as a dict (also dtm_export.json)."""
+    unet = load_unet(model_dir, what="model to export")
+    scheduler = DDIMScheduler.from_config(load_scheduler(model_dir).config)
+    info = {"source": str(model_dir), "unet_class": type(unet).__name__, "stock": False}
+    if stock and has_projection(unet):
+        unet, folding = to_stock(unet)
+        info.update({"stock": True, "unet_class": "UNet2DModel", **folding})
+    pipe = DDIMPipeline(unet=unet, scheduler=scheduler)
+    with atomic_dir(out_dir) as tmp:
+        pipe.save_pretrained(tmp, safe_serialization=True)
+        (tmp / "dtm_export.json").write_text(json.dumps(info, indent=2) + "\n")
+    return info
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m dtm_core.export", description=__doc__.split("\n\n")[0])
+    ap.add_argument("model_dir")
+    ap.add_argument("out_dir")
+    ap.add_argument("--stock", action="store_true", help="a stock UNet2DModel: fold what folds, drop the rest")
+    args = ap.parse_args(argv)
+    try:
+        info = export_pipeline(args.model_dir, args.out_dir, stock=args.stock)
+    except DtmError as exc:
+        print(f"error: export: {exc}", file=sys.stderr)
+        return 2
+    print(json.dumps(info, indent=2))
+    if info["unet_class"] == "DeMeUNet2DModel":
+        print(f"load it with: import dtm_core.model; from diffusers import DDIMPipeline; "
+              f"DDIMPipeline.from_pretrained('{args.out_dir}')")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

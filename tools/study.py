@@ -1,0 +1,228 @@
+"""The paper's study at small scale: Table 3's ablations and Table 1's loss-reweighting baselines: ``make study``.
+
+    python -m tools.study                  # queue every missing row, run, write reports/study.{md,json,png}
+    python -m tools.study --collect-only   # only read the finished experiments
+    python -m tools.study --list           # the rows and their overrides
+
+Every row is one or more DVC experiments (``study-<row>-s<seed>``) on top of
+params.yaml, run one at a time by DVC's queue; the run-cache restores what a
+row shares with runs already made (data, classifier, base model, and every
+stage whose params did not change), and a row that finished on this commit is
+read, not re-run, so an interrupted study resumes where it stopped. Total
+fine-tune compute is equal across rows: N x finetune.steps = the default's.
+
+Each row reports one model of its experiments (the shared fine-tune, the
+merged model or the ensemble): FD, KID and held-out loss as mean ± std over
+its seeds, and the FD difference to the default shared baseline of the same
+seed, paired (both sampled from the same test noise, resampled with the same
+indices): per seed with its bootstrap interval, and across seeds with a
+t-interval when a row has several.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import yaml
+
+from dtm_core import distances
+from dtm_core.errors import DtmError
+from dtm_core.io import atomic_file, write_json
+from tools import exps
+
+SEEDS = (0, 1, 2)
+
+
+@dataclass(frozen=True)
+class Row:
+    name: str
+    model: str  # which evaluated model the row is about: shared, merged or ensemble
+    overrides: dict = field(default_factory=dict)
+    seeds: tuple[int, ...] = (0,)
+    paper: Optional[str] = None  # the paper's number for this row, where it has one
+    group: str = ""
+
+
+def rows(total_steps: int) -> list[Row]:
+    """The study's rows; ``total_steps`` = N x finetune.steps of the default, kept for every N."""
+    def deme(n: int, **extra) -> dict:
+        return {"partition.ranges": list(range(n)), "finetune.steps": total_steps // n, **extra}
+
+    p_only = {"finetune.consistency_weight": 0.0, "finetune.channel_projection": False}
+    p_cons = {"finetune.channel_projection": False}
+    table1 = "Table 1: the shared fine-tune and loss reweighting"
+    out = [
+        Row("shared", "shared", {}, SEEDS, "4.40 (CIFAR-10, N = 1)", table1),
+        *[Row(f"shared-{w}", "shared", {"finetune.weighting": w}, (0,), paper, table1)
+          for w, paper in (("snr_plus_one", "5.41"), ("trunc_snr", "4.49"), ("min_snr", "5.77"), ("p2", "5.63"))],
+        Row("shared-projection", "merged", deme(1, **{"finetune.consistency_weight": 0.0, "finetune.p": 0.0}),
+            (0,), "4.45 (N = 1 with projection)", "Table 3: the ablation ladder"),
+        Row("deme-n8-p", "merged", deme(8, **p_only), (0,), "4.32", "Table 3: the ablation ladder"),
+        Row("deme-n8-p-consistency", "merged", deme(8, **p_cons), (0,), "4.27", "Table 3: the ablation ladder"),
+        Row("deme-n8", "merged", deme(8), (0,), "3.87", "Table 3: the ablation ladder"),
+        Row("deme-n4-p", "merged", deme(4, **p_only), (0,), None, "Table 3: the ablation ladder"),
+        Row("deme-n4-p-consistency", "merged", deme(4, **p_cons), (0,), None, "Table 3: the ablation ladder"),
+        Row("deme-n4", "merged", {}, SEEDS, "3.51 (CIFAR-10 merged)", "Table 3: the ablation ladder"),
+        Row("deme-n2", "merged", deme(2), (0,), None, "Number of ranges N"),
+        Row("deme-n4-weights-authors", "merged", {"merge.weights": [0.1, 0.1, 0.2, 0.5]}, (0,),
+            "the authors' hard-coded weights", "Merge weights (N = 4)"),
+        Row("deme-n4-weights-searched", "merged",
+            {"merge.search.strategy": "coordinate", "merge.search.num_samples": 2000,
+             "merge.search.cheap_samples": 500, "merge.search.rescore_top": 5}, (0,),
+            "a grid search over FID", "Merge weights (N = 4)"),
+        Row("ensemble-n4", "ensemble", {}, SEEDS, "3.79 (CIFAR-10)", "The ensemble before merge"),
+        Row("ensemble-n8", "ensemble", deme(8), (0,), None, "The ensemble before merge"),
+    ]
+    return out
+
+
+def experiment_name(row: Row, seed: int, all_rows: list[Row]) -> str:
+    """Rows with the same overrides share their experiments (shared, deme-n4 and ensemble-n4 are one run)."""
+    if not row.overrides:
+        return f"study-default-s{seed}"
+    first = next(r for r in all_rows if r.overrides == row.overrides)
+    return f"study-{first.name}-s{seed}"
+
+
+def variants(all_rows: list[Row]) -> dict[str, dict]:
+    out = {}
+    for row in all_rows:
+        for seed in row.seeds:
+            out.setdefault(experiment_name(row, seed, all_rows), {**row.overrides, "seed": seed})
+    return out
+
+
+def _features(name: str, model: str) -> np.ndarray:
+    with np.load(exps.experiment_out(name, f"samples/{model}.npz")) as npz:
+        return npz["features"]
+
+
+def row_result(row: Row, all_rows: list[Row], reference: np.ndarray, rounds: int, runs: dict[str, list[str]]) -> dict:
+    fd_values, kid_values, loss_values, deltas, per_seed = [], [], [], [], []
+    for seed in row.seeds:
+        name = experiment_name(row, seed, all_rows)
+        report = exps.experiment_file(name)
+        baseline_name = f"study-default-s{seed}"
+        if report is None:
+            raise exps.ExperimentError(f"experiment '{name}' has no {exps.REPORT} on this commit: run the study")
+        m = report["models"][row.model]
+        fd_values.append(m["fd"])
+        kid_values.append(m["kid"])
+        loss_values.append(m["heldout_loss"])
+        a, b = _features(name, row.model), _features(baseline_name, "shared")
+        fd = distances.frechet_distance
+        delta = fd(a, reference) - fd(b, reference)
+        ci = distances.bootstrap_ci(a, reference, fd, rounds, seed=seed, estimate=delta, paired_with=b)
+        deltas.append(delta)
+        per_seed.append({"seed": seed, "experiment": name, "fd": m["fd"], "kid": m["kid"],
+                         "heldout_loss": m["heldout_loss"], "delta_fd_vs_shared": delta, "delta_fd_ci": list(ci),
+                         "mlflow_runs": runs.get(name, [])})
+    k = len(row.seeds)
+    mean_delta = float(np.mean(deltas))
+    if k > 1:
+        from scipy import stats
+
+        half = float(stats.t.ppf(0.975, k - 1) * np.std(deltas, ddof=1) / math.sqrt(k))
+        ci = [mean_delta - half, mean_delta + half]
+    else:
+        ci = per_seed[0]["delta_fd_ci"]
+    return {
+        "name": row.name, "group": row.group, "model": row.model, "overrides": row.overrides,
+        "seeds": list(row.seeds), "fd_mean": float(np.mean(fd_values)),
+        "fd_std": float(np.std(fd_values, ddof=1)) if k > 1 else 0.0, "kid_mean": float(np.mean(kid_values)),
+        "heldout_loss_mean": float(np.mean(loss_values)), "delta_fd_vs_shared": mean_delta, "delta_fd_ci": ci,
+        "delta_fd_ci_kind": "t-interval over seeds" if k > 1 else "paired bootstrap over samples",
+        "paper": row.paper, "per_seed": per_seed,
+        "mlflow_runs": [r for s in per_seed for r in s["mlflow_runs"][:1]],
+    }
+
+
+def render(result: dict) -> str:
+    lines = ["# The DeMe study at small scale", "",
+             f"Default: {result['settings']}. Every row has the same total fine-tune compute "
+             f"(N x steps = {result['total_steps']}). FD/KID in the feature classifier's space; Δ = FD − FD(shared "
+             "baseline, same seed), paired on the same test noise. Intervals: 95%; one seed: paired bootstrap "
+             "over samples; several seeds: t-interval over seeds.", ""]
+    group = None
+    for r in result["rows"]:
+        if r["group"] != group:
+            group = r["group"]
+            lines += ["", f"## {group}", "", "| row | model | seeds | FD mean ± std | KID | held-out loss | "
+                      "Δ FD vs shared [95% CI] | paper |", "|---|---|---|---|---|---|---|---|"]
+        lines.append(
+            f"| {r['name']} | {r['model']} | {len(r['seeds'])} | {r['fd_mean']:.4f} ± {r['fd_std']:.4f} | "
+            f"{r['kid_mean']:.5f} | {r['heldout_loss_mean']:.6f} | {r['delta_fd_vs_shared']:+.4f} "
+            f"[{r['delta_fd_ci'][0]:+.4f}, {r['delta_fd_ci'][1]:+.4f}] | {r['paper'] or '–'} |")
+    lines += ["", "![study](study.png)", ""]
+    return "\n".join(lines)
+
+
+def plot(result: dict, path: Path) -> None:
+    from dtm_core.plots import new_figure, save_figure
+
+    rs = result["rows"]
+    fig, ax = new_figure(8.0, 0.35 * len(rs) + 1.5)
+    y = list(range(len(rs)))[::-1]
+    d = [r["delta_fd_vs_shared"] for r in rs]
+    lo = [r["delta_fd_vs_shared"] - r["delta_fd_ci"][0] for r in rs]
+    hi = [r["delta_fd_ci"][1] - r["delta_fd_vs_shared"] for r in rs]
+    ax.errorbar(d, y, xerr=[lo, hi], fmt="o", color="tab:blue", capsize=3)
+    ax.axvline(0.0, color="black", linewidth=0.8)
+    ax.set_yticks(y, [f"{r['name']} ({r['model']}, {len(r['seeds'])} seed)" for r in rs], fontsize=7)
+    ax.set_xlabel("FD − FD(shared baseline), paired, 95% CI (lower is better)")
+    ax.set_title("the study: every row against the shared fine-tune")
+    save_figure(fig, path)
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m tools.study", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--collect-only", action="store_true")
+    ap.add_argument("--list", action="store_true")
+    ap.add_argument("--only", nargs="+", help="run only these rows")
+    ap.add_argument("--out", type=Path, default=Path("reports"))
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s study %(message)s", stream=sys.stderr)
+    params = yaml.safe_load(Path("params.yaml").read_text())
+    total = len(params["partition"]["ranges"]) * params["finetune"]["steps"]
+    all_rows = [r for r in rows(total) if not args.only or r.name in args.only]
+    todo = variants(all_rows)
+    if args.list:
+        for name, overrides in todo.items():
+            print(f"{name}: {overrides}")
+        return 0
+    try:
+        if not args.collect_only:
+            status = exps.run_variants(todo)
+            failed = [n for n, st in status.items() if st == "Failed"]
+            if failed:
+                raise exps.ExperimentError(f"experiments {failed} failed: see `dvc queue logs <name>`")
+        from stages.common import load_reference
+
+        reference = load_reference()["train"]
+        runs = exps.mlflow_parent_runs(todo)
+        results = [row_result(r, all_rows, reference, params["evaluate"]["bootstrap_rounds"], runs) for r in all_rows]
+    except DtmError as exc:
+        print(f"error: study: {exc}", file=sys.stderr)
+        return 2
+    settings = {"num_ranges": len(params["partition"]["ranges"]), "steps_per_range": params["finetune"]["steps"],
+                "lr": params["finetune"]["lr"], "shared_lr": params["finetune"]["shared_lr"],
+                "num_samples": params["evaluate"]["num_samples"], "ddim_steps": params["evaluate"]["ddim_steps"]}
+    result = {"settings": settings, "total_steps": total, "rows": results}
+    write_json(args.out / "study.json", result)
+    plot(result, args.out / "study.png")
+    text = render(result)
+    with atomic_file(args.out / "study.md") as handle:
+        handle.write(text)
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

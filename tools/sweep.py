@@ -1,0 +1,92 @@
+"""Sweep one parameter of the default run as DVC experiments, scored on validation noise.
+
+    python -m tools.sweep finetune.lr 5e-5 1e-4 2e-4 5e-4 -S evaluate.seed=1
+    python -m tools.sweep finetune.steps 200 600 1500 -S evaluate.seed=1 -S finetune.shared_lr=1e-4
+
+Each value is an experiment ``sweep-<key>-<value>`` (resumable: values that
+finished on this commit are read, not re-run). ``-S evaluate.seed=<k>`` with
+k != 0 scores every model on validation noise, never the test noise the
+headline uses. Prints and writes ``reports/sweep-<key>.{json,md}``: per
+value every model's FD, KID and held-out loss and the paired contrasts, and
+which value each method's validation FD prefers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+from typing import Any, Optional
+
+from dtm_core.errors import DtmError
+from dtm_core.io import atomic_file, write_json
+from tools import exps
+from tools.seeds import parse_sets
+
+METHODS = ("shared", "merged", "ensemble")
+
+
+def row(value: Any, comparison: dict) -> dict:
+    out = {"value": value, "models": {m: {k: v[k] for k in ("fd", "kid", "heldout_loss", "memorised_fraction")}
+                                      for m, v in comparison["models"].items()}}
+    out["contrasts"] = {k: {"fd": c["fd"], "fd_ci": c["fd_ci"], "heldout_loss": c["heldout_loss"]["delta"]}
+                        for k, c in comparison["contrasts"].items()}
+    return out
+
+
+def render(key: str, rows: list[dict], fixed: dict, best: dict) -> str:
+    lines = [f"# Sweep of {key}", "", f"Fixed: {fixed or 'defaults'}.", "",
+             f"| {key} | " + " | ".join(f"{m} FD" for m in ("pretrained", *METHODS))
+             + " | shared held-out loss | merged held-out loss | merged − shared FD [95% CI] |",
+             "|---|" + "---|" * 7]
+    for r in rows:
+        m, c = r["models"], r["contrasts"]["merged_minus_shared"]
+        lines.append(f"| {r['value']} | " + " | ".join(f"{m[k]['fd']:.4f}" for k in ("pretrained", *METHODS))
+                     + f" | {m['shared']['heldout_loss']:.6f} | {m['merged']['heldout_loss']:.6f} | "
+                     f"{c['fd']:+.4f} [{c['fd_ci'][0]:+.4f}, {c['fd_ci'][1]:+.4f}] |")
+    lines += ["", "Best value by FD: " + ", ".join(f"{m}: {v}" for m, v in best.items()) + "."]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m tools.sweep", description=__doc__.split("\n\n")[0])
+    ap.add_argument("key", help="the params.yaml key to sweep, e.g. finetune.lr")
+    ap.add_argument("values", nargs="+")
+    ap.add_argument("-S", "--set", action="append", default=[], help="key=value fixed for every value")
+    ap.add_argument("--collect-only", action="store_true")
+    ap.add_argument("--out", type=Path, default=Path("reports"))
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s sweep %(message)s", stream=sys.stderr)
+    fixed = parse_sets(args.set)
+    values = [parse_sets([f"v={v}"])["v"] for v in args.values]
+    variants = {f"sweep-{args.key.replace('.', '-')}-{v}": {**fixed, args.key: v} for v in values}
+    try:
+        if not args.collect_only:
+            status = exps.run_variants(variants)
+            failed = [n for n, st in status.items() if st == "Failed"]
+            if failed:
+                raise exps.ExperimentError(f"experiments {failed} failed: see `dvc queue logs <name>`")
+        rows = []
+        for (name, _), value in zip(variants.items(), values):
+            comparison = exps.experiment_file(name)
+            if comparison is None:
+                raise exps.ExperimentError(f"experiment '{name}' has no {exps.REPORT} on this commit")
+            rows.append(row(value, comparison))
+    except DtmError as exc:
+        print(f"error: sweep: {exc}", file=sys.stderr)
+        return 2
+    best = {m: min(rows, key=lambda r: r["models"][m]["fd"])["value"] for m in METHODS}
+    result = {"key": args.key, "fixed": fixed, "rows": rows, "best_by_fd": best,
+              "runs": exps.mlflow_parent_runs(variants)}
+    stem = f"sweep-{args.key.replace('.', '-')}"
+    write_json(args.out / f"{stem}.json", result)
+    text = render(args.key, rows, fixed, best)
+    with atomic_file(args.out / f"{stem}.md") as handle:
+        handle.write(text)
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,40 @@
+"""``make ui``: print the direct addresses of the runs and models views, then start ``mlflow ui``."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+HOST, PORT = "127.0.0.1", 5000
+
+
+def main() -> int:
+    from dtm_core.config import load_params
+    from dtm_core.tracking import tracking_uri
+
+    params = load_params("params.yaml")
+    uri = tracking_uri(params)
+    base = f"http://{HOST}:{PORT}"
+    db = Path(uri[len("sqlite:///"):]) if uri.startswith("sqlite:///") else None
+    if db is None or db.is_file():
+        from mlflow.tracking import MlflowClient
+
+        exp = MlflowClient(uri).get_experiment_by_name(params.tracking.experiment_name)
+        if exp is not None:
+            print(f"runs:   {base}/#/experiments/{exp.experiment_id}/runs")
+            print(f"models: {base}/#/experiments/{exp.experiment_id}/models")
+        else:
+            print(f"no experiment '{params.tracking.experiment_name}' yet: run `make repro` first")
+    else:
+        print(f"no MLflow store at {db} yet: run `make repro` first")
+    sys.stdout.flush()
+    if db is None:
+        print(f"the store is {uri}: open its own UI")
+        return 0
+    os.execvp("mlflow", ["mlflow", "ui", "--backend-store-uri", uri, "--host", HOST, "--port", str(PORT)])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
