@@ -88,13 +88,14 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--val-samples", type=int, default=500)
     ap.add_argument("--rescore-samples", type=int, default=2000)
-    ap.add_argument("--ddim", type=int, default=20)
+    ap.add_argument("--ddim", type=int, default=None, help="validation DDIM steps (default merge.search.ddim_steps)")
     ap.add_argument("--top", type=int, default=5)
     ap.add_argument("--out", type=Path, default=ROOT / "docs" / "results" / "merge_search.json")
     args = ap.parse_args()
     torch.set_num_threads(2)
     params = load_params(ROOT / "params.yaml")
     sc, ev = params.merge.search, params.evaluate
+    args.ddim = args.ddim or sc.ddim_steps
     ranges, _ = load_partition(PARTITION_FILE)
     n = len(ranges)
     template, base, files = merge_inputs(n)

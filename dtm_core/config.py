@@ -111,8 +111,10 @@ class OptimConfig(_Section):
 
 
 class PretrainConfig(OptimConfig):
-    steps: int = Field(1500, ge=1)
+    steps: int = Field(5000, ge=1)
     lr: float = Field(1e-3, gt=0.0, le=1.0)
+    lr_schedule: Literal["constant", "cosine"] = "cosine"
+    warmup_steps: int = Field(500, ge=0)
     ema_max_decay: float = Field(0.999, ge=0.0, lt=1.0)
 
 
@@ -177,7 +179,7 @@ class SearchConfig(_Section):
     values: list[float] = Field(default_factory=lambda: [0.0, 0.25, 0.5, 0.75, 1.0], min_length=1)
     max_evaluations: int = Field(24, ge=1)  # distinct weight vectors scored, at most
     num_samples: int = Field(500, ge=2)  # validation samples per candidate (one fixed bank of noise)
-    ddim_steps: int = Field(20, ge=1)
+    ddim_steps: int = Field(50, ge=1)
     # Successive halving: score every candidate on the first cheap_samples of
     # the bank (null: no cheap round), then re-score the best rescore_top at
     # num_samples; the best full score wins.
@@ -231,7 +233,7 @@ class EvaluateConfig(_Section):
     # another name, never the test noise itself.
     seed: int = Field(0, ge=0)
     inception_dir: Optional[str] = None  # holds inception-2015-12-05.pt; null: where clean-fid looks (/tmp)
-    num_samples: int = Field(2000, ge=2)
+    num_samples: int = Field(8000, ge=2)
     ddim_steps: int = Field(50, ge=1)
     eta: float = Field(0.0, ge=0.0, le=1.0)
     batch_size: int = Field(500, ge=1)

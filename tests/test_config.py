@@ -142,7 +142,7 @@ def test_merge_defaults_and_methods(default_params_dict):
         assert parse_params(_with(default_params_dict, "merge", method=method, density=1.0)).merge.method == method
     s = parse_params(_with(default_params_dict, "merge", search={})).merge.search
     assert (s.strategy, s.values, s.max_evaluations, s.num_samples, s.ddim_steps) == (
-        "none", [0.0, 0.25, 0.5, 0.75, 1.0], 24, 500, 20
+        "none", [0.0, 0.25, 0.5, 0.75, 1.0], 24, 500, 50
     )
 
 

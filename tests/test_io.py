@@ -55,3 +55,19 @@ def test_unwritable_parent(tmp_path, monkeypatch):
     with pytest.raises(OutputError, match="not writable"):
         write_json(tmp_path / "m.json", {})
     assert list(tmp_path.iterdir()) == []
+
+
+def test_outs_get_ordinary_permissions(tmp_path):
+    import os
+    import stat
+
+    mask = os.umask(0o022)
+    try:
+        with atomic_dir(tmp_path / "d") as tmp:
+            (tmp / "x").write_text("1")
+        with atomic_file(tmp_path / "f.txt") as handle:
+            handle.write("2")
+    finally:
+        os.umask(mask)
+    assert stat.S_IMODE((tmp_path / "d").stat().st_mode) == 0o755
+    assert stat.S_IMODE((tmp_path / "f.txt").stat().st_mode) == 0o644

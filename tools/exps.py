@@ -15,8 +15,10 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any, Iterable, Optional
@@ -31,8 +33,13 @@ class ExperimentError(DtmError):
     """A DVC experiment could not be queued, failed, or left no results."""
 
 
+DVC = [sys.executable, "-m", "dvc"]  # this environment's DVC, whatever PATH says
+# The queue's workers run the stages' `python -m stages.<name>` through the shell: it must be this python.
+os.environ["PATH"] = os.pathsep.join([os.path.dirname(sys.executable), os.environ.get("PATH", "")])
+
+
 def _dvc(*args: str, timeout: float = 600) -> str:
-    proc = subprocess.run(["dvc", *args], capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.run([*DVC, *args], capture_output=True, text=True, timeout=timeout)
     if proc.returncode != 0:
         raise ExperimentError(f"dvc {' '.join(args)} failed: {(proc.stderr or proc.stdout).strip()[-1500:]}")
     return proc.stdout
@@ -126,7 +133,7 @@ def run_variants(variants: dict[str, dict[str, Any]], jobs: int = 1, poll: float
     if not todo:
         return status
     # the workers outlive `dvc queue start`: give them no pipe of ours to hold open
-    subprocess.run(["dvc", "queue", "start", "-j", str(jobs)], check=True, stdout=subprocess.DEVNULL,
+    subprocess.run([*DVC, "queue", "start", "-j", str(jobs)], check=True, stdout=subprocess.DEVNULL,
                    stderr=subprocess.DEVNULL, timeout=300)
     started = time.time()
     while True:
@@ -136,7 +143,7 @@ def run_variants(variants: dict[str, dict[str, Any]], jobs: int = 1, poll: float
             break
         log.info("%d of %d variants left (%.0f min)", len(waiting), len(todo), (time.time() - started) / 60)
         time.sleep(poll)
-    subprocess.run(["dvc", "queue", "stop"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=300)
+    subprocess.run([*DVC, "queue", "stop"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=300)
     for name in todo:
         status[name] = "Success" if experiment_file(name) is not None else current.get(name, "Failed")
     return status
