@@ -2,6 +2,7 @@
 
     python benchmarks/device_speed.py                          # fp32 (mixed_precision: "no")
     python benchmarks/device_speed.py --mixed-precision bf16   # Accelerate autocast (GPU)
+    DTM_THREADS=1 python benchmarks/device_speed.py --train-only  # one worker's share of the cores
 
 The device is chosen at run time as the pipeline chooses it (CUDA when
 present, else the CPU); training goes through the pipeline's own loop
@@ -24,6 +25,7 @@ sys.path.insert(0, str(ROOT))
 
 from dtm_core.config import load_params  # noqa: E402
 from dtm_core.data import load_digits_source  # noqa: E402
+from dtm_core.distributed import apply_thread_share  # noqa: E402
 from dtm_core.model import build_scheduler, build_unet, with_projection  # noqa: E402
 from dtm_core.partition import sample_timesteps  # noqa: E402
 from dtm_core.sampling import initial_noise, sample  # noqa: E402
@@ -37,7 +39,9 @@ def main() -> int:
     ap.add_argument("--samples", type=int, default=4000)
     ap.add_argument("--ddim", type=int, default=20)
     ap.add_argument("--batch-size", type=int, default=1000)
+    ap.add_argument("--train-only", action="store_true", help="skip the sampling figure")
     args = ap.parse_args()
+    apply_thread_share()
     params = load_params(ROOT / "params.yaml")
     device = "cuda" if torch.cuda.is_available() else "cpu"
     ft = params.finetune.model_copy(update={"checkpoint_every": 0, "log_every": 1000,
@@ -54,6 +58,10 @@ def main() -> int:
                               timestep_sampler=draw, teacher=base, consistency_weight=1.0)
     run(10)  # warm-up: kernels, allocator
     res = run(args.steps)
+    name = torch.cuda.get_device_name(0) if device == "cuda" else f"cpu x {torch.get_num_threads()} threads"
+    if args.train_only:
+        print(f"device {name} | DeMe training {res.steps_per_second:.2f} steps/s (batch {ft.batch_size})")
+        return 0
     noise = initial_noise(0, args.samples, (1, 8, 8))
     model = with_projection(base, True)
     sample([model], scheduler, noise[: args.batch_size], 2, batch_size=args.batch_size)  # warm-up
@@ -64,7 +72,6 @@ def main() -> int:
     if device == "cuda":
         torch.cuda.synchronize()
     ips = args.samples / (time.perf_counter() - start)
-    name = torch.cuda.get_device_name(0) if device == "cuda" else f"cpu x {torch.get_num_threads()} threads"
     print(f"device {name} | mixed_precision {args.mixed_precision} | DeMe training {res.steps_per_second:.1f} "
           f"steps/s (batch {ft.batch_size}) | sampling {ips:.0f} images/s (DDIM {args.ddim}, batch {args.batch_size})")
     return 0

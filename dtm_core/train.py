@@ -14,6 +14,12 @@ With ``checkpoint_dir`` the loop saves Accelerate state (model, optimizer,
 EMA, its own random streams, step) every ``checkpoint_every`` steps and
 resumes from the newest checkpoint there, so a killed run continues where it
 stopped and ends as an uninterrupted run would.
+
+Under ``accelerate launch`` with P processes every process draws the same
+global batch (same seeded streams) and trains on its slice; DDP averages the
+gradients, so P processes reproduce one process's run up to rounding. The
+non-main processes raise :class:`dtm_core.distributed.WorkerDone` at the end
+(see :mod:`dtm_core.distributed`).
 """
 
 from __future__ import annotations
@@ -35,6 +41,7 @@ from diffusers import DDPMScheduler, UNet2DModel
 from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
 
+from . import distributed
 from .config import OptimConfig
 from .data import BatchSampler
 from .errors import TrainingDivergedError
@@ -182,7 +189,9 @@ def train(
         return a.sqrt() * x0 + (1 - a).sqrt() * noise
 
     start = time.perf_counter()
-    bar = tqdm(total=steps, initial=state.step, desc=desc, file=sys.stderr, mininterval=2.0, disable=None)
+    part = distributed.shard(cfg.batch_size) if accelerator.num_processes > 1 else slice(None)
+    bar = tqdm(total=steps, initial=state.step, desc=desc, file=sys.stderr, mininterval=2.0,
+               disable=None if accelerator.is_main_process else True)
     while state.step < steps:
         if stop_after is not None and state.step >= stop_after:
             bar.close()
@@ -192,7 +201,7 @@ def train(
         x0 = state.sampler.next()
         t = timestep_sampler(x0.shape[0], state.generator)
         noise = torch.randn(x0.shape, generator=state.generator)
-        x0, t, noise = x0.to(device), t.to(device), noise.to(device)
+        x0, t, noise = x0[part].to(device), t[part].to(device), noise[part].to(device)
         x_t = add_noise(x0, noise, t)
         with accelerator.autocast():
             pred = model(x_t, t).sample
@@ -237,6 +246,9 @@ def train(
             on_snapshot(state.step, snap.to("cpu").eval())
     bar.close()
     seconds = time.perf_counter() - start
+    accelerator.wait_for_everyone()
+    if not accelerator.is_main_process:
+        raise distributed.WorkerDone(desc)
 
     final = accelerator.unwrap_model(model)
     ema.copy_to(final.parameters())
@@ -252,18 +264,27 @@ def train(
 
 
 def _save_checkpoint(accelerator: Accelerator, checkpoint_dir: Path, step: int) -> None:
-    """Write step-<n>/ under a temporary name, mark it COMPLETE, keep only the newest."""
-    checkpoint_dir.mkdir(parents=True, exist_ok=True)
+    """Write step-<n>/ under a temporary name, mark it COMPLETE, keep only the newest.
+
+    Every process calls this (each saves its own random states); the main
+    process prepares the folder and renames it once all have written.
+    """
     final = checkpoint_dir / f"step-{step}"
     tmp = checkpoint_dir / f".step-{step}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
+    if accelerator.is_main_process:
+        checkpoint_dir.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+    accelerator.wait_for_everyone()
     accelerator.save_state(str(tmp), safe_serialization=True)
-    (tmp / "COMPLETE").write_text(str(step))
-    shutil.rmtree(final, ignore_errors=True)
-    tmp.rename(final)
-    for old in checkpoint_dir.glob("step-*"):
-        if old != final:
-            shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        (tmp / "COMPLETE").write_text(str(step))
+        shutil.rmtree(final, ignore_errors=True)
+        tmp.rename(final)
+        for old in checkpoint_dir.glob("step-*"):
+            if old != final:
+                shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
 
 
 def clear_checkpoints(checkpoint_dir: Optional[Path]) -> None:

@@ -19,12 +19,14 @@ import json
 import logging
 import os
 import shutil
+import subprocess
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
+from dtm_core import distributed
 from dtm_core.config import Params, load_params, select
 from dtm_core.errors import DtmError, MissingInputError
 from dtm_core.io import dir_digest, write_json
@@ -229,7 +231,8 @@ def _numeric(metrics: dict) -> dict[str, float]:
     return {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
 
 
-def main(name: str, fn: Callable[..., dict], argv: Optional[Sequence[str]] = None) -> int:
+def main(name: str, fn: Callable[..., dict], argv: Optional[Sequence[str]] = None,
+         trains: Optional[Callable[[Params], bool]] = None) -> int:
     """Run stage ``name``: ``fn(params, run)`` (or ``fn(params, run, item)``) returns its metrics.
 
     Params are validated up front; the stage gets an MLflow child run logging
@@ -239,6 +242,11 @@ def main(name: str, fn: Callable[..., dict], argv: Optional[Sequence[str]] = Non
     corrupt input, unreachable tracking store) prints one line and exits 2,
     with the MLflow runs marked FAILED and no out half-written; any other
     exception is a bug and shows its traceback.
+
+    ``trains(params)`` says whether this run trains: then ``DTM_NUM_PROCESSES``
+    > 1 re-launches the stage under ``accelerate launch`` and, inside a launch,
+    only the main process opens an MLflow run and writes outs
+    (:mod:`dtm_core.distributed`).
     """
     spec = STAGES[name]
     parser = argparse.ArgumentParser(prog=f"python -m stages.{name}", description=f"DVC stage '{name}'")
@@ -257,7 +265,22 @@ def main(name: str, fn: Callable[..., dict], argv: Optional[Sequence[str]] = Non
     for noisy in ("alembic", "mlflow", "httpx", "urllib3", "accelerate"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
+        distributed.apply_thread_share()
         params = load_params(args.params)
+        if trains is not None and trains(params):
+            processes = distributed.requested_processes()
+            if processes > 1 and not distributed.launched():
+                cmd = distributed.launch_command(f"stages.{name}", sys.argv[1:] if argv is None else argv, processes)
+                logging.getLogger("dtm").info("%s: %d processes: %s", stage, processes, " ".join(cmd))
+                return subprocess.run(cmd, check=False, env=distributed.launch_env()).returncode
+            if not distributed.is_main():
+                try:
+                    from dtm_core.tracking import NullRun
+
+                    fn(params, NullRun(), item) if spec.item else fn(params, NullRun())
+                except distributed.WorkerDone:
+                    return 0
+                raise RuntimeError(f"{stage}: process {distributed.rank()} finished without training")
         from dtm_core.tracking import stage_run
 
         start = time.perf_counter()

@@ -69,4 +69,4 @@ def finetune_range(params: Params, run=NullRun(), index: int = 0) -> dict:
 
 
 if __name__ == "__main__":
-    sys.exit(main("finetune", finetune_range))
+    sys.exit(main("finetune", finetune_range, trains=lambda params: True))

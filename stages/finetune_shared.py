@@ -41,4 +41,4 @@ def finetune_shared(params: Params, run=NullRun()) -> dict:
 
 
 if __name__ == "__main__":
-    sys.exit(main("finetune_shared", finetune_shared))
+    sys.exit(main("finetune_shared", finetune_shared, trains=lambda params: True))

@@ -98,4 +98,4 @@ def import_pretrained(params: Params, run=NullRun()) -> dict:
 
 
 if __name__ == "__main__":
-    sys.exit(main("pretrain", pretrain))
+    sys.exit(main("pretrain", pretrain, trains=lambda params: not params.model.pretrained_path))

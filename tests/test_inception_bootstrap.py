@@ -61,7 +61,7 @@ def test_feature_extractor_selects_inception(standin_dir):
 
 def test_inception_needs_more_samples_than_2048(default_params_dict):
     d = dict(default_params_dict)
-    d["evaluate"] = {**d["evaluate"], "features": "inception"}
+    d["evaluate"] = {**d["evaluate"], "features": "inception", "num_samples": 1000}
     with pytest.raises(ConfigError, match="2048"):
         parse_params(d)
 

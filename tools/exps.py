@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 from typing import Any, Iterable, Optional
 
+from dtm_core.distributed import THREADS_ENV
 from dtm_core.errors import DtmError
 
 log = logging.getLogger("dtm.exps")
@@ -132,6 +133,8 @@ def run_variants(variants: dict[str, dict[str, Any]], jobs: int = 1, poll: float
         log.info("queued %s %s", name, overrides)
     if not todo:
         return status
+    if jobs > 1:  # each worker gets its share of the cores (dtm_core.distributed)
+        os.environ.setdefault(THREADS_ENV, str(max(1, (os.cpu_count() or 1) // jobs)))
     # the workers outlive `dvc queue start`: give them no pipe of ours to hold open
     subprocess.run([*DVC, "queue", "start", "-j", str(jobs)], check=True, stdout=subprocess.DEVNULL,
                    stderr=subprocess.DEVNULL, timeout=300)
