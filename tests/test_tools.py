@@ -5,7 +5,7 @@ import subprocess
 
 import pytest
 
-from tools import regress, seeds
+from tools import exps, regress, seeds
 
 
 def _comparison(scale=1.0, merged_fd=5.8):
@@ -113,3 +113,20 @@ def test_set_arguments_are_yaml():
         "-S", "seed=2", "-S", "partition.ranges=[0, 1]", "-S", 'finetune.weighting="min_snr"', "-S", "x=null"]
     assert seeds.parse_sets(["finetune.lr=1e-4", "partition.ranges=[0,1]"]) == {
         "finetune.lr": 1e-4, "partition.ranges": [0, 1]}
+
+
+def test_run_variants_skips_finished_replaces_stale_and_never_forces(monkeypatch):
+    calls = []
+    monkeypatch.setattr(exps, "_dvc", lambda *args, **kw: calls.append(args) or "")
+    monkeypatch.setattr(exps, "experiment_refs", lambda: {"done": "refs/exps/x/done", "stale": "refs/exps/x/stale"})
+    finished = {"done"}
+    monkeypatch.setattr(exps, "experiment_file", lambda name, path=exps.REPORT: {} if name in finished else None)
+    monkeypatch.setattr(exps, "_same_params", lambda name, overrides: True)
+    monkeypatch.setattr(exps, "queue_status", lambda: {})
+    monkeypatch.setattr(exps.subprocess, "run", lambda *a, **k: None)
+    status = exps.run_variants({"done": {"seed": 0}, "stale": {"seed": 1}, "new": {"seed": 2}}, poll=0)
+    assert status["done"] == "done"
+    assert ("exp", "remove", "stale") in calls and ("exp", "remove", "new") not in calls
+    queued = [c for c in calls if c[:2] == ("exp", "run")]
+    assert [c[c.index("-n") + 1] for c in queued] == ["stale", "new"]
+    assert not any("-f" in c or "--force" in c for c in queued)  # forcing would bypass DVC's run-cache

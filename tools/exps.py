@@ -54,6 +54,9 @@ def set_args(overrides: dict[str, Any]) -> list[str]:
     return out
 
 
+BASELINE = "HEAD"  # the commit whose experiments are read (``--baseline`` of the tools: collect an older commit's)
+
+
 def experiment_refs() -> dict[str, str]:
     """Experiment name -> git ref, for the experiments whose baseline is the current commit.
 
@@ -61,7 +64,7 @@ def experiment_refs() -> dict[str, str]:
     the commit it started from, so results of older code are not taken for
     this commit's (uncommitted edits are not seen: commit before a sweep).
     """
-    head = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+    head = subprocess.run(["git", "rev-parse", BASELINE], capture_output=True, text=True).stdout.strip()
     prefix = f"refs/exps/{head[:2]}/{head[2:]}/"
     proc = subprocess.run(["git", "for-each-ref", "--format=%(refname)", prefix], capture_output=True, text=True)
     return {ref[len(prefix):]: ref for ref in proc.stdout.split() if "/" not in ref[len(prefix):]}
@@ -124,11 +127,16 @@ def run_variants(variants: dict[str, dict[str, Any]], jobs: int = 1, poll: float
     """
     status = {}
     todo = []
+    refs = experiment_refs()
     for name, overrides in variants.items():
         if not rerun and experiment_file(name) is not None and _same_params(name, overrides):
             status[name] = "done"
             continue
-        _dvc("exp", "run", "--queue", "-f", "-n", name, *set_args(overrides))
+        if name in refs:  # a stale or failed one of this name: replace it
+            _dvc("exp", "remove", name)
+        # never -f: that would force every stage to run, where DVC's run-cache restores each stage whose
+        # code, deps and params some earlier run already had (data, classifier, base, unchanged fine-tunes)
+        _dvc("exp", "run", "--queue", "-n", name, *set_args(overrides))
         todo.append(name)
         log.info("queued %s %s", name, overrides)
     if not todo:
