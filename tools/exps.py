@@ -160,6 +160,15 @@ def run_variants(variants: dict[str, dict[str, Any]], jobs: int = 1, poll: float
     return status
 
 
+def run_all(variants: dict[str, dict[str, Any]], **kw) -> dict[str, str]:
+    """:func:`run_variants`, raising :class:`ExperimentError` when any of them failed."""
+    status = run_variants(variants, **kw)
+    failed = [n for n, st in status.items() if st == "Failed"]
+    if failed:
+        raise ExperimentError(f"experiments {failed} failed: see `dvc queue logs <name>`")
+    return status
+
+
 def _same_params(name: str, overrides: dict[str, Any]) -> bool:
     """Whether experiment ``name`` ran with these overrides (on top of the current params.yaml)."""
     import yaml

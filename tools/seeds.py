@@ -133,10 +133,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     variants = {variant_name(s, args.label): {**overrides, "seed": s} for s in args.seeds}
     try:
         if not args.collect_only:
-            status = exps.run_variants(variants, rerun=args.rerun)
-            failed = [n for n, st in status.items() if st == "Failed"]
-            if failed:
-                raise exps.ExperimentError(f"experiments {failed} failed: see `dvc queue logs <name>`")
+            exps.run_all(variants, rerun=args.rerun)
         runs = exps.mlflow_parent_runs(variants)
         rows, settings = [], {}
         for name, overrides_s in variants.items():

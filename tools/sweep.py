@@ -63,10 +63,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     variants = {f"sweep-{args.key.replace('.', '-')}-{v}": {**fixed, args.key: v} for v in values}
     try:
         if not args.collect_only:
-            status = exps.run_variants(variants)
-            failed = [n for n, st in status.items() if st == "Failed"]
-            if failed:
-                raise exps.ExperimentError(f"experiments {failed} failed: see `dvc queue logs <name>`")
+            exps.run_all(variants)
         rows = []
         for (name, _), value in zip(variants.items(), values):
             comparison = exps.experiment_file(name)
