@@ -130,3 +130,28 @@ def test_run_variants_skips_finished_replaces_stale_and_never_forces(monkeypatch
     queued = [c for c in calls if c[:2] == ("exp", "run")]
     assert [c[c.index("-n") + 1] for c in queued] == ["stale", "new"]
     assert not any("-f" in c or "--force" in c for c in queued)  # forcing would bypass DVC's run-cache
+
+
+def test_run_variants_restarts_a_worker_that_stopped_with_experiments_queued(monkeypatch):
+    # DVC's worker may exit after one task with more queued (treeverse/dvc#10562): the loop starts it again
+    monkeypatch.setattr(exps, "_dvc", lambda *args, **kw: "")
+    monkeypatch.setattr(exps, "experiment_refs", lambda: {})
+    monkeypatch.setattr(exps, "experiment_file", lambda name, path=exps.REPORT: None)
+    states = iter([{"a": "Running", "b": "Queued"}, {"a": "Success", "b": "Queued"}, {"a": "Success", "b": "Queued"},
+                   {"a": "Success", "b": "Running"}, {"a": "Success", "b": "Success"}])
+    monkeypatch.setattr(exps, "queue_status", lambda: next(states))
+    starts = []
+    monkeypatch.setattr(exps, "start_workers", lambda jobs: starts.append(jobs))
+    monkeypatch.setattr(exps.subprocess, "run", lambda *a, **k: None)
+    exps.run_variants({"a": {"seed": 0}, "b": {"seed": 1}}, poll=0)
+    assert starts == [1, 1]  # the first start, and one restart after two idle polls (not after one)
+
+
+def test_baseline_argument_points_the_tools_at_an_older_commit(monkeypatch):
+    import argparse
+
+    monkeypatch.setattr(exps, "BASELINE", "HEAD")
+    ap = argparse.ArgumentParser()
+    exps.add_baseline_argument(ap)
+    ap.parse_args(["--baseline", "abc123"])
+    assert exps.BASELINE == "abc123"

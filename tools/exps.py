@@ -57,6 +57,18 @@ def set_args(overrides: dict[str, Any]) -> list[str]:
 BASELINE = "HEAD"  # the commit whose experiments are read (``--baseline`` of the tools: collect an older commit's)
 
 
+def add_baseline_argument(parser) -> None:
+    """``--baseline <rev>`` of the tools: read the experiments run on that commit (sets :data:`BASELINE`)."""
+    parser.add_argument("--baseline", default="HEAD", type=_set_baseline,
+                        help="with --collect-only: read the experiments run on this commit (default HEAD)")
+
+
+def _set_baseline(rev: str) -> str:
+    global BASELINE
+    BASELINE = rev
+    return rev
+
+
 def experiment_refs() -> dict[str, str]:
     """Experiment name -> git ref, for the experiments whose baseline is the current commit.
 
@@ -143,21 +155,34 @@ def run_variants(variants: dict[str, dict[str, Any]], jobs: int = 1, poll: float
         return status
     if jobs > 1:  # each worker gets its share of the cores (dtm_core.distributed)
         os.environ.setdefault(THREADS_ENV, str(max(1, (os.cpu_count() or 1) // jobs)))
-    # the workers outlive `dvc queue start`: give them no pipe of ours to hold open
-    subprocess.run([*DVC, "queue", "start", "-j", str(jobs)], check=True, stdout=subprocess.DEVNULL,
-                   stderr=subprocess.DEVNULL, timeout=300)
+    start_workers(jobs)
     started = time.time()
+    idle_polls = 0
     while True:
         current = queue_status()
         waiting = [n for n in todo if current.get(n) in ("Queued", "Running")]
         if not waiting:
             break
+        # DVC's worker can stop with experiments still queued (treeverse/dvc#10562; here a stale
+        # "shutdown" control message in the broker, left by an earlier `dvc queue stop`, ends the
+        # next worker after one task): nothing running for two polls in a row -> start one again
+        idle_polls = idle_polls + 1 if not any(current.get(n) == "Running" for n in todo) else 0
+        if idle_polls >= 2:
+            log.info("no experiment running but %d queued: restarting the queue's worker", len(waiting))
+            start_workers(jobs)
+            idle_polls = 0
         log.info("%d of %d variants left (%.0f min)", len(waiting), len(todo), (time.time() - started) / 60)
         time.sleep(poll)
     subprocess.run([*DVC, "queue", "stop"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=300)
     for name in todo:
         status[name] = "Success" if experiment_file(name) is not None else current.get(name, "Failed")
     return status
+
+
+def start_workers(jobs: int) -> None:
+    # the workers outlive `dvc queue start`: give them no pipe of ours to hold open
+    subprocess.run([*DVC, "queue", "start", "-j", str(jobs)], check=True, stdout=subprocess.DEVNULL,
+                   stderr=subprocess.DEVNULL, timeout=300)
 
 
 def run_all(variants: dict[str, dict[str, Any]], **kw) -> dict[str, str]:

@@ -123,11 +123,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--label", default="", help="suffix of the experiment names (for -S variants)")
     ap.add_argument("--collect-only", action="store_true", help="only read finished experiments")
     ap.add_argument("--rerun", action="store_true", help="re-run seeds whose results exist")
-    ap.add_argument("--baseline", default="HEAD",
-                    help="with --collect-only: read the experiments run on this commit (default HEAD)")
+    exps.add_baseline_argument(ap)
     ap.add_argument("--out", type=Path, default=Path("reports"))
     args = ap.parse_args(argv)
-    exps.BASELINE = args.baseline
     logging.basicConfig(level=logging.INFO, format="%(asctime)s seeds %(message)s", stream=sys.stderr)
     overrides = parse_sets(args.set)
     variants = {variant_name(s, args.label): {**overrides, "seed": s} for s in args.seeds}

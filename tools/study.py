@@ -184,6 +184,7 @@ def plot(result: dict, path: Path) -> None:
 def main(argv: Optional[list[str]] = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m tools.study", description=__doc__.split("\n\n")[0])
     ap.add_argument("--collect-only", action="store_true")
+    exps.add_baseline_argument(ap)
     ap.add_argument("--list", action="store_true")
     ap.add_argument("--only", nargs="+", help="run only these rows")
     ap.add_argument("--out", type=Path, default=Path("reports"))

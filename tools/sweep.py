@@ -55,6 +55,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("values", nargs="+")
     ap.add_argument("-S", "--set", action="append", default=[], help="key=value fixed for every value")
     ap.add_argument("--collect-only", action="store_true")
+    exps.add_baseline_argument(ap)
     ap.add_argument("--out", type=Path, default=Path("reports"))
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s sweep %(message)s", stream=sys.stderr)
