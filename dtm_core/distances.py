@@ -1,7 +1,9 @@
 """Distances between feature sets (FD, KID), their bootstrap intervals, and memorisation.
 
-The statistics themselves are clean-fid's (``cleanfid.fid.frechet_distance``
-and ``cleanfid.fid.kernel_distance``), computed on features extracted at the
+The statistics are clean-fid's: FD is ``cleanfid.fid.frechet_distance``; KID is
+``cleanfid.fid.kernel_distance``'s estimator and subset draws, written out
+here to run twice as fast (tests check it gives clean-fid's number). Both are
+computed on features extracted at the
 images' native resolution: clean-fid's ``compute_fid`` would resize every
 image to 299x299 first, which changes the numbers for a custom extractor.
 """
@@ -40,16 +42,33 @@ def frechet_distance(feats_a: np.ndarray, feats_b: np.ndarray) -> float:
     return float(_fd(mu_a, sigma_a, mu_b, sigma_b))
 
 
-def kernel_distance(feats_a: np.ndarray, feats_b: np.ndarray, num_subsets: int, subset_size: int, seed: int) -> float:
-    """KID (unbiased MMD^2, cubic polynomial kernel) by clean-fid, with a fixed subset seed."""
-    from cleanfid.fid import kernel_distance as _kid
+def _cubic_kernel_sum(x: np.ndarray, y: np.ndarray, dim: int, skip_diagonal: bool = False) -> float:
+    """Sum of the polynomial kernel (x . y / dim + 1)^3 over all pairs (the diagonal left out on request)."""
+    k = x @ y.T
+    k /= dim
+    k += 1
+    cube = k * k
+    cube *= k  # numpy's ** 3 goes through pow(): three times slower than two multiplications
+    total = float(cube.sum())
+    return total - float(np.trace(cube)) if skip_diagonal else total
 
-    state = np.random.get_state()
-    np.random.seed(seed)
-    try:
-        return float(_kid(feats_a, feats_b, num_subsets=num_subsets, max_subset_size=subset_size))
-    finally:
-        np.random.set_state(state)
+
+def kernel_distance(feats_a: np.ndarray, feats_b: np.ndarray, num_subsets: int, subset_size: int, seed: int) -> float:
+    """KID (unbiased MMD^2, cubic polynomial kernel): clean-fid's estimator, subset draws and seed handling.
+
+    The same number as ``cleanfid.fid.kernel_distance`` after ``np.random.seed(seed)`` (tests check it),
+    computed twice as fast and without touching numpy's global random state.
+    """
+    rng = np.random.RandomState(seed)  # the draws of np.random.choice after np.random.seed(seed)
+    dim = feats_a.shape[1]
+    m = min(len(feats_a), len(feats_b), subset_size)
+    total = 0.0
+    for _ in range(num_subsets):
+        x = feats_b[rng.choice(len(feats_b), m, replace=False)]
+        y = feats_a[rng.choice(len(feats_a), m, replace=False)]
+        within = _cubic_kernel_sum(x, x, dim, skip_diagonal=True) + _cubic_kernel_sum(y, y, dim, skip_diagonal=True)
+        total += within / (m - 1) - _cubic_kernel_sum(x, y, dim) * 2 / m
+    return float(total / num_subsets / m)
 
 
 def bootstrap_ci(

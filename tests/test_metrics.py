@@ -37,6 +37,19 @@ def test_kid_is_seeded_and_near_zero_for_same_distribution():
     assert kernel_distance(a, _gauss(600, 8, shift=2.0), 20, 200, seed=3) > 10 * max(abs(k1), 1e-3)
 
 
+@pytest.mark.parametrize("dtype,rtol", [(np.float64, 1e-12), (np.float32, 1e-5)])
+def test_kid_is_clean_fids_estimator_and_leaves_numpys_random_state_alone(dtype, rtol):
+    from cleanfid.fid import kernel_distance as clean_fid_kid
+
+    a, b = _gauss(900, 16, seed=0).astype(dtype), _gauss(700, 16, shift=0.3, seed=1).astype(dtype)
+    np.random.seed(11)
+    before = np.random.get_state()[1].copy()
+    ours = kernel_distance(a, b, 7, 300, seed=5)
+    assert (np.random.get_state()[1] == before).all()
+    np.random.seed(5)
+    assert ours == pytest.approx(clean_fid_kid(a, b, num_subsets=7, max_subset_size=300), rel=rtol)
+
+
 @pytest.fixture(scope="module")
 def trained():
     ds = load_digits_source()

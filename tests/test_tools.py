@@ -3,6 +3,7 @@
 import json
 import subprocess
 
+import numpy as np
 import pytest
 
 from tools import exps, regress, seeds
@@ -155,3 +156,48 @@ def test_baseline_argument_points_the_tools_at_an_older_commit(monkeypatch):
     exps.add_baseline_argument(ap)
     ap.parse_args(["--baseline", "abc123"])
     assert exps.BASELINE == "abc123"
+
+
+def test_study_rows_keep_the_compute_and_seeds_the_issue_asks_for():
+    from tools import study
+
+    total = 800
+    rows = study.rows(total)
+    names = {r.name for r in rows}
+    assert {"shared", "shared-snr_plus_one", "shared-trunc_snr", "shared-min_snr", "shared-p2", "shared-projection",
+            "deme-n2", "deme-n4", "deme-n8", "deme-n8-p", "deme-n8-p-consistency", "deme-n4-p",
+            "deme-n4-p-consistency", "deme-n4-weights-authors", "deme-n4-weights-searched", "ensemble-n4",
+            "ensemble-n8"} <= names
+    for r in rows:  # N x steps is the same for every row: one shared baseline serves all
+        n = len(r.overrides.get("partition.ranges", [0, 1, 2, 3]))
+        assert n * r.overrides.get("finetune.steps", total // 4) == total, r.name
+    seeds = {r.name: r.seeds for r in rows}
+    assert seeds["shared"] == seeds["deme-n4"] == seeds["ensemble-n4"] == (0, 1, 2)
+    # rows with the same overrides are one experiment per seed
+    assert study.experiment_name(rows[0], 1, rows) == "study-default-s1"
+    by_name = {r.name: r for r in rows}
+    assert study.experiment_name(by_name["ensemble-n8"], 0, rows) == "study-deme-n8-s0"
+    assert len(study.variants(rows)) == 16
+
+
+def test_study_row_results_pair_each_seed_with_its_shared_baseline(monkeypatch):
+    from tools import study
+
+    rng = np.random.default_rng(0)
+    reference = rng.normal(size=(400, 4))
+    feats = {("study-default-s0", "shared"): rng.normal(size=(300, 4)) + 0.2,
+             ("study-deme-n2-s0", "merged"): rng.normal(size=(300, 4)) + 0.1}
+    reports = {"study-deme-n2-s0": {"models": {"merged": {"fd": 0.5, "kid": 0.01, "heldout_loss": 0.08}}}}
+    monkeypatch.setattr(study.exps, "experiment_file", lambda name, path=study.exps.REPORT: reports.get(name))
+    monkeypatch.setattr(study, "_features", lambda name, model: feats[(name, model)])
+    rows = study.rows(800)
+    row = next(r for r in rows if r.name == "deme-n2")
+    out = study.row_result(row, rows, reference, rounds=20, runs={"study-deme-n2-s0": ["run-a"]})
+    fd = study.distances.frechet_distance
+    assert out["delta_fd_vs_shared"] == pytest.approx(fd(feats[("study-deme-n2-s0", "merged")], reference)
+                                                      - fd(feats[("study-default-s0", "shared")], reference))
+    assert out["delta_fd_ci"][0] < out["delta_fd_vs_shared"] < out["delta_fd_ci"][1]
+    assert out["mlflow_runs"] == ["run-a"] and out["seeds"] == [0] and out["fd_mean"] == 0.5
+    committed = study.results_rows({"settings": {"x": 1}, "rows": [out]})
+    assert isinstance(committed, list) and {"name", "seeds", "fd_mean", "fd_std", "kid_mean", "delta_fd_vs_shared",
+                                            "delta_fd_ci", "mlflow_runs", "commit"} <= set(committed[0])

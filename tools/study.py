@@ -144,6 +144,14 @@ def row_result(row: Row, all_rows: list[Row], reference: np.ndarray, rounds: int
     }
 
 
+def results_rows(result: dict) -> list[dict]:
+    """The committed form (docs/results/study.json): one entry per row, each naming the commit it ran on."""
+    import subprocess
+
+    commit = subprocess.run(["git", "rev-parse", exps.BASELINE], capture_output=True, text=True).stdout.strip()
+    return [{**row, "settings": result["settings"], "commit": commit} for row in result["rows"]]
+
+
 def render(result: dict) -> str:
     lines = ["# The DeMe study at small scale", "",
              f"Default: {result['settings']}. Every row has the same total fine-tune compute "
@@ -188,6 +196,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--list", action="store_true")
     ap.add_argument("--only", nargs="+", help="run only these rows")
     ap.add_argument("--out", type=Path, default=Path("reports"))
+    ap.add_argument("--results", type=Path, help="also write the rows as a list here (docs/results/study.json)")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s study %(message)s", stream=sys.stderr)
     params = yaml.safe_load(Path("params.yaml").read_text())
@@ -215,6 +224,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     result = {"settings": settings, "total_steps": total, "rows": results}
     write_json(args.out / "study.json", result)
     plot(result, args.out / "study.png")
+    if args.results:
+        write_json(args.results, results_rows(result))
     text = render(result)
     with atomic_file(args.out / "study.md") as handle:
         handle.write(text)
