@@ -20,6 +20,7 @@ import torch
 from diffusers import DDPMScheduler, UNet2DModel
 from tqdm.auto import tqdm
 
+from .distributed import inference_map
 from .partition import Range, range_of
 from .seeding import derive_seed
 
@@ -34,7 +35,6 @@ def _noise(seed: int, t: int, shape: tuple[int, ...]) -> torch.Tensor:
     return torch.randn(shape, generator=torch.Generator().manual_seed(derive_seed(seed, f"heldout-noise-{t}")))
 
 
-@torch.inference_mode()
 def denoising_losses(
     models: Sequence[UNet2DModel],
     scheduler: DDPMScheduler,
@@ -57,8 +57,10 @@ def denoising_losses(
     x0 = torch.as_tensor(images, dtype=torch.float32)
     alphas = scheduler.alphas_cumprod
     out = np.zeros((len(x0), len(timesteps)), dtype=np.float64)
-    for j, t in enumerate(tqdm(timesteps, desc=desc, file=sys.stderr, mininterval=2.0, disable=None)):
-        t = int(t)
+    bar = tqdm(total=len(timesteps), desc=desc, file=sys.stderr, mininterval=2.0, disable=None)
+
+    def column(j: int) -> None:  # timestep j for every image: its own column of ``out``
+        t = int(timesteps[j])
         model = models[0] if len(models) == 1 else models[range_of(t, ranges)]
         noise = _noise(seed, t, tuple(x0.shape))
         a = alphas[t]
@@ -68,4 +70,8 @@ def denoising_losses(
             tt = torch.full((len(xb),), t, dtype=torch.long, device=device)
             pred = model(x_t, tt).sample.float().cpu()
             out[i : i + len(xb), j] = ((pred - nb) ** 2).flatten(1).mean(dim=1).double().numpy()
+        bar.update(1)
+
+    inference_map(column, range(len(timesteps)), device)
+    bar.close()
     return out

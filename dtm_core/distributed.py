@@ -26,7 +26,8 @@ from __future__ import annotations
 
 import os
 import sys
-from typing import Optional, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Callable, Optional, Sequence, TypeVar
 
 import torch
 
@@ -34,6 +35,8 @@ from .errors import ConfigError
 
 PROCESSES_ENV = "DTM_NUM_PROCESSES"
 THREADS_ENV = "DTM_THREADS"
+T = TypeVar("T")
+R = TypeVar("R")
 LAUNCHED_ENV = "DTM_LAUNCHED"  # set in the processes a stage launched, which never launch again
 
 
@@ -114,3 +117,34 @@ def shard(batch_size: int) -> slice:
             f"choose a batch_size divisible by {world}"
         )
     return slice(rank(), None, world)
+
+
+def inference_map(fn: Callable[[T], R], items: Sequence[T], device: torch.device) -> list[R]:
+    """``[fn(x) for x in items]`` under ``torch.inference_mode``; on CPU one item per core at a time.
+
+    On CPU every item runs with ONE intra-op thread, in as many Python
+    threads as torch's thread share (torch releases the GIL inside its
+    kernels). The pipeline's small UNet on 8x8 images keeps two cores busier
+    as two streams of batches than as one batch split over two threads
+    (docs/RESULTS.md, "Sampling"), and an item's bits no longer depend on the
+    thread count: one core or sixteen give the same samples. On a GPU the
+    items run in order on the calling thread. ``fn`` must not share mutable
+    state between items (each sampling batch has its own scheduler).
+    """
+    items = list(items)
+
+    def run(x: T) -> R:
+        with torch.inference_mode():
+            return fn(x)
+
+    if device.type != "cpu":
+        return [run(x) for x in items]
+    share = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        if share <= 1 or len(items) <= 1:
+            return [run(x) for x in items]
+        with ThreadPoolExecutor(min(share, len(items)), initializer=torch.set_num_threads, initargs=(1,)) as pool:
+            return list(pool.map(run, items))
+    finally:
+        torch.set_num_threads(share)

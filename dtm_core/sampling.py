@@ -16,8 +16,10 @@ from diffusers import DDIMScheduler, DDPMScheduler, UNet2DModel
 from tqdm.auto import tqdm
 
 from .data import to_uint8
+from .distributed import inference_map
 from .io import atomic_file
 from .partition import Range, range_of
+from .seeding import derive_seed
 
 
 def initial_noise(seed: int, count: int, shape: tuple[int, int, int]) -> torch.Tensor:
@@ -35,7 +37,6 @@ def _pick_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-@torch.inference_mode()
 def sample(
     models: Sequence[UNet2DModel],
     train_scheduler: DDPMScheduler,
@@ -57,13 +58,14 @@ def sample(
         raise ValueError("ensemble sampling needs one range per model")
     device = _pick_device()
     models = [m.to(device).eval() for m in models]
-    out = []
-    generator = torch.Generator().manual_seed(seed)  # only used when eta > 0
-    total_batches = (len(noise) + batch_size - 1) // batch_size
-    bar = tqdm(total=total_batches * steps, desc=desc, file=sys.stderr, mininterval=2.0, disable=None)
-    for start in range(0, len(noise), batch_size):
+    starts = range(0, len(noise), batch_size)
+    bar = tqdm(total=len(starts) * steps, desc=desc, file=sys.stderr, mininterval=2.0, disable=None)
+
+    def denoise(start: int) -> torch.Tensor:
         scheduler = ddim_scheduler(train_scheduler, steps)
         x = noise[start : start + batch_size].to(device)
+        # only used when eta > 0: per batch, so batches may run in any order
+        generator = torch.Generator().manual_seed(derive_seed(seed, f"batch-{start}"))
         for t in scheduler.timesteps:
             model = models[0] if len(models) == 1 else models[range_of(int(t), ranges)]
             eps = model(x, t.to(device)).sample
@@ -72,7 +74,9 @@ def sample(
                 variance_noise = torch.randn(x.shape, generator=generator).to(device)
             x = scheduler.step(eps, t, x, eta=eta, variance_noise=variance_noise).prev_sample
             bar.update(1)
-        out.append(x.clamp(-1, 1).float().cpu())
+        return x.clamp(-1, 1).float().cpu()
+
+    out = inference_map(denoise, starts, device)
     bar.close()
     return torch.cat(out).numpy()
 

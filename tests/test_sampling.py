@@ -54,3 +54,49 @@ def test_grid_png(tmp_path):
     with Image.open(tmp_path / "g.png") as im:
         assert im.size == ((4 * 9 + 1) * 2, (4 * 9 + 1) * 2)
     assert to_uint8(imgs).dtype == np.uint8
+
+
+def test_samples_and_losses_are_the_same_bits_on_one_thread_or_several():
+    """inference_map runs every batch with one intra-op thread, in as many streams as there are threads."""
+    from dtm_core.denoising import denoising_losses, timestep_grid
+
+    sched = build_scheduler(CFG)
+    noise = initial_noise(2, 12, (1, 8, 8))
+    images = np.random.default_rng(0).uniform(-1, 1, (12, 1, 8, 8)).astype(np.float32)
+    grid = timestep_grid(1000, 6)
+    threads = torch.get_num_threads()
+    results = {}
+    try:
+        for n in (1, 3):
+            torch.set_num_threads(n)
+            results[n] = (sample([_unet(0)], sched, noise, steps=4, batch_size=4, eta=0.5, seed=9),
+                          denoising_losses([_unet(0)], sched, images, grid, seed=1, batch_size=5))
+            assert torch.get_num_threads() == n  # the caller's share is restored
+    finally:
+        torch.set_num_threads(threads)
+    np.testing.assert_array_equal(results[1][0], results[3][0])  # eta > 0 draws its noise per batch
+    np.testing.assert_array_equal(results[1][1], results[3][1])
+
+
+def test_inference_map_keeps_order_runs_in_inference_mode_and_spreads_over_threads():
+    import threading
+    import time
+
+    from dtm_core.distributed import inference_map
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(3)
+    seen = []
+
+    def square(x):
+        seen.append((threading.get_ident(), torch.is_inference_mode_enabled(), torch.get_num_threads()))
+        time.sleep(0.002)  # long enough that one stream cannot take every item
+        return x * x
+
+    try:
+        out = inference_map(square, range(30), torch.device("cpu"))
+    finally:
+        torch.set_num_threads(threads)
+    assert out == [x * x for x in range(30)]
+    assert all(inference and n == 1 for _, inference, n in seen)
+    assert len({ident for ident, _, _ in seen}) > 1  # more than one stream
