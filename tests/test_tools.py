@@ -2,6 +2,7 @@
 
 import json
 import subprocess
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -127,7 +128,7 @@ def test_run_variants_skips_finished_replaces_stale_and_never_forces(monkeypatch
     monkeypatch.setattr(exps.subprocess, "run", lambda *a, **k: None)
     status = exps.run_variants({"done": {"seed": 0}, "stale": {"seed": 1}, "new": {"seed": 2}}, poll=0)
     assert status["done"] == "done"
-    assert ("exp", "remove", "stale") in calls and ("exp", "remove", "new") not in calls
+    assert ("exp", "remove", "refs/exps/x/stale") in calls and ("exp", "remove", "new") not in calls
     queued = [c for c in calls if c[:2] == ("exp", "run")]
     assert [c[c.index("-n") + 1] for c in queued] == ["stale", "new"]
     assert not any("-f" in c or "--force" in c for c in queued)  # forcing would bypass DVC's run-cache
@@ -138,8 +139,8 @@ def test_run_variants_restarts_a_worker_that_stopped_with_experiments_queued(mon
     monkeypatch.setattr(exps, "_dvc", lambda *args, **kw: "")
     monkeypatch.setattr(exps, "experiment_refs", lambda: {})
     monkeypatch.setattr(exps, "experiment_file", lambda name, path=exps.REPORT: None)
-    states = iter([{"a": "Running", "b": "Queued"}, {"a": "Success", "b": "Queued"}, {"a": "Success", "b": "Queued"},
-                   {"a": "Success", "b": "Running"}, {"a": "Success", "b": "Success"}])
+    states = iter([{}, {"a": "Running", "b": "Queued"}, {"a": "Success", "b": "Queued"},
+                   {"a": "Success", "b": "Queued"}, {"a": "Success", "b": "Running"}, {"a": "Success", "b": "Success"}])
     monkeypatch.setattr(exps, "queue_status", lambda: next(states))
     starts = []
     monkeypatch.setattr(exps, "start_workers", lambda jobs: starts.append(jobs))
@@ -201,3 +202,43 @@ def test_study_row_results_pair_each_seed_with_its_shared_baseline(monkeypatch):
     committed = study.results_rows({"settings": {"x": 1}, "rows": [out]})
     assert isinstance(committed, list) and {"name", "seeds", "fd_mean", "fd_std", "kid_mean", "delta_fd_vs_shared",
                                             "delta_fd_ci", "mlflow_runs", "commit"} <= set(committed[0])
+
+
+def test_a_restarted_tool_waits_for_what_is_still_queued_instead_of_queueing_it_again(monkeypatch):
+    calls = []
+    monkeypatch.setattr(exps, "_dvc", lambda *args, **kw: calls.append(args) or "")
+    monkeypatch.setattr(exps, "experiment_refs", lambda: {})
+    monkeypatch.setattr(exps, "experiment_file", lambda name, path=exps.REPORT: None)
+    states = iter([{"a": "Running", "b": "Queued"}, {"a": "Success", "b": "Running"}, {"a": "Success", "b": "Success"}])
+    monkeypatch.setattr(exps, "queue_status", lambda: next(states))
+    monkeypatch.setattr(exps, "start_workers", lambda jobs: None)
+    monkeypatch.setattr(exps.subprocess, "run", lambda *a, **k: None)
+    status = exps.run_variants({"a": {"seed": 0}, "b": {"seed": 1}, "c": {"seed": 2}}, poll=0)
+    queued = [c[c.index("-n") + 1] for c in calls if c[:2] == ("exp", "run")]
+    assert queued == ["c"] and set(status) == {"a", "b", "c"}
+
+
+def test_queue_status_prefers_the_live_entry_of_a_name_queued_twice(monkeypatch):
+    table = """Task     Name     Created    Status
+aaa1111  exp-a    04:21 AM   Queued
+bbb2222  exp-b    04:21 AM   Running
+ccc3333  exp-a    02:33 AM   Failed
+ddd4444  exp-c    02:33 AM   Success
+
+Worker status: 1 active, 0 idle
+"""
+    monkeypatch.setattr(exps, "_dvc", lambda *args, **kw: table)
+    assert exps.queue_status() == {"exp-a": "Queued", "exp-b": "Running", "exp-c": "Success"}
+
+
+def test_same_params_reads_both_sides_as_the_stages_do(monkeypatch, tmp_path):
+    import yaml
+
+    root = Path(__file__).resolve().parents[1]
+    monkeypatch.chdir(root)
+    committed = yaml.safe_load((root / "params.yaml").read_text())
+    committed["seed"] = 1
+    committed["finetune"]["mixed_precision"] = False  # what DVC's -S rewrite of `"no"` reads back as
+    monkeypatch.setattr(exps, "experiment_params", lambda name: committed)
+    assert exps._same_params("x", {"seed": 1})
+    assert not exps._same_params("x", {"seed": 2})

@@ -40,7 +40,11 @@ os.environ["PATH"] = os.pathsep.join([os.path.dirname(sys.executable), os.enviro
 
 
 def _dvc(*args: str, timeout: float = 600) -> str:
-    proc = subprocess.run([*DVC, *args], capture_output=True, text=True, timeout=timeout)
+    try:
+        proc = subprocess.run([*DVC, *args], capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired as exc:
+        raise ExperimentError(f"dvc {' '.join(args)} did not answer in {timeout:.0f} s; run the tool again "
+                              "(it resumes: finished experiments are read, queued ones waited for)") from exc
     if proc.returncode != 0:
         raise ExperimentError(f"dvc {' '.join(args)} failed: {(proc.stderr or proc.stdout).strip()[-1500:]}")
     return proc.stdout
@@ -121,12 +125,15 @@ def experiment_out(name: str, path: str) -> Path:
     raise ExperimentError(f"experiment '{name}' has no out '{path}'")
 
 
+ACTIVE = ("Queued", "Running")
+
+
 def queue_status() -> dict[str, str]:
     """Experiment name -> queue status (Queued, Running, Success, Failed) from ``dvc queue status``."""
     out = {}
     for line in _dvc("queue", "status").splitlines():
         m = re.match(r"^\s*\S+\s+(\S+)\s+.*\b(Queued|Running|Success|Failed)\s*$", line)
-        if m:
+        if m and out.get(m.group(1)) not in ACTIVE:  # a name queued again: its live entry wins
             out[m.group(1)] = m.group(2)
     return out
 
@@ -140,12 +147,17 @@ def run_variants(variants: dict[str, dict[str, Any]], jobs: int = 1, poll: float
     status = {}
     todo = []
     refs = experiment_refs()
+    pending = queue_status()
     for name, overrides in variants.items():
         if not rerun and experiment_file(name) is not None and _same_params(name, overrides):
             status[name] = "done"
             continue
+        if pending.get(name) in ACTIVE:  # queued by an earlier run of the tool that was stopped: wait for it
+            todo.append(name)
+            log.info("%s is already in the queue (%s)", name, pending[name])
+            continue
         if name in refs:  # a stale or failed one of this name: replace it
-            _dvc("exp", "remove", name)
+            _dvc("exp", "remove", refs[name])  # the full ref: the name may exist on other commits too
         # never -f: that would force every stage to run, where DVC's run-cache restores each stage whose
         # code, deps and params some earlier run already had (data, classifier, base, unchanged fine-tunes)
         _dvc("exp", "run", "--queue", "-n", name, *set_args(overrides))
@@ -160,7 +172,7 @@ def run_variants(variants: dict[str, dict[str, Any]], jobs: int = 1, poll: float
     idle_polls = 0
     while True:
         current = queue_status()
-        waiting = [n for n in todo if current.get(n) in ("Queued", "Running")]
+        waiting = [n for n in todo if current.get(n) in ACTIVE]
         if not waiting:
             break
         # DVC's worker can stop with experiments still queued (treeverse/dvc#10562; here a stale
@@ -209,7 +221,11 @@ def _same_params(name: str, overrides: dict[str, Any]) -> bool:
         for p in path:
             node = node.setdefault(p, {})
         node[last] = value
-    return committed == wanted
+    # compared as the stages read them: DVC's -S rewrites params.yaml in YAML 1.2 (`"no"` loses its quotes,
+    # which PyYAML then reads as False), so the raw dictionaries of one and the same run can differ
+    from dtm_core.config import parse_params
+
+    return parse_params(committed, name).model_dump() == parse_params(wanted, "params.yaml").model_dump()
 
 
 def mlflow_parent_runs(names: Iterable[str]) -> dict[str, list[str]]:
