@@ -199,6 +199,10 @@ def test_study_row_results_pair_each_seed_with_its_shared_baseline(monkeypatch):
                                                       - fd(feats[("study-default-s0", "shared")], reference))
     assert out["delta_fd_ci"][0] < out["delta_fd_vs_shared"] < out["delta_fd_ci"][1]
     assert out["mlflow_runs"] == ["run-a"] and out["seeds"] == [0] and out["fd_mean"] == 0.5
+    shared_fd = fd(feats[("study-default-s0", "shared")], reference)
+    assert out["delta_fd_pct_vs_shared"] == pytest.approx(100 * out["delta_fd_vs_shared"] / shared_fd)
+    assert out["paper_delta_pct_vs_shared"] is None  # the paper has no N = 2 row
+    assert next(r for r in rows if r.name == "deme-n8").paper_fid == 3.87
     committed = study.results_rows({"settings": {"x": 1}, "rows": [out]})
     assert isinstance(committed, list) and {"name", "seeds", "fd_mean", "fd_std", "kid_mean", "delta_fd_vs_shared",
                                             "delta_fd_ci", "mlflow_runs", "commit"} <= set(committed[0])

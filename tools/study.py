@@ -48,6 +48,10 @@ class Row:
     seeds: tuple[int, ...] = (0,)
     paper: Optional[str] = None  # the paper's number for this row, where it has one
     group: str = ""
+    paper_fid: Optional[float] = None  # the same as a number (CIFAR-10 FID), for the relative change
+
+
+PAPER_SHARED_FID = 4.40  # the paper's N = 1 shared fine-tune on CIFAR-10 (Table 3): its rows' reference
 
 
 def rows(total_steps: int) -> list[Row]:
@@ -58,18 +62,19 @@ def rows(total_steps: int) -> list[Row]:
     p_only = {"finetune.consistency_weight": 0.0, "finetune.channel_projection": False}
     p_cons = {"finetune.channel_projection": False}
     table1 = "Table 1: the shared fine-tune and loss reweighting"
+    ladder = "Table 3: the ablation ladder"
     out = [
-        Row("shared", "shared", {}, SEEDS, "4.40 (CIFAR-10, N = 1)", table1),
-        *[Row(f"shared-{w}", "shared", {"finetune.weighting": w}, (0,), paper, table1)
-          for w, paper in (("snr_plus_one", "5.41"), ("trunc_snr", "4.49"), ("min_snr", "5.77"), ("p2", "5.63"))],
+        Row("shared", "shared", {}, SEEDS, "4.40 (CIFAR-10, N = 1)", table1, 4.40),
+        *[Row(f"shared-{w}", "shared", {"finetune.weighting": w}, (0,), str(fid), table1, fid)
+          for w, fid in (("snr_plus_one", 5.41), ("trunc_snr", 4.49), ("min_snr", 5.77), ("p2", 5.63))],
         Row("shared-projection", "merged", deme(1, **{"finetune.consistency_weight": 0.0, "finetune.p": 0.0}),
-            (0,), "4.45 (N = 1 with projection)", "Table 3: the ablation ladder"),
-        Row("deme-n8-p", "merged", deme(8, **p_only), (0,), "4.32", "Table 3: the ablation ladder"),
-        Row("deme-n8-p-consistency", "merged", deme(8, **p_cons), (0,), "4.27", "Table 3: the ablation ladder"),
-        Row("deme-n8", "merged", deme(8), (0,), "3.87", "Table 3: the ablation ladder"),
-        Row("deme-n4-p", "merged", deme(4, **p_only), (0,), None, "Table 3: the ablation ladder"),
-        Row("deme-n4-p-consistency", "merged", deme(4, **p_cons), (0,), None, "Table 3: the ablation ladder"),
-        Row("deme-n4", "merged", {}, SEEDS, "3.51 (CIFAR-10 merged)", "Table 3: the ablation ladder"),
+            (0,), "4.45 (N = 1 with projection)", ladder, 4.45),
+        Row("deme-n8-p", "merged", deme(8, **p_only), (0,), "4.32", ladder, 4.32),
+        Row("deme-n8-p-consistency", "merged", deme(8, **p_cons), (0,), "4.27", ladder, 4.27),
+        Row("deme-n8", "merged", deme(8), (0,), "3.87", ladder, 3.87),
+        Row("deme-n4-p", "merged", deme(4, **p_only), (0,), None, ladder),
+        Row("deme-n4-p-consistency", "merged", deme(4, **p_cons), (0,), None, ladder),
+        Row("deme-n4", "merged", {}, SEEDS, "3.51 (CIFAR-10 merged)", ladder, 3.51),
         Row("deme-n2", "merged", deme(2), (0,), None, "Number of ranges N"),
         Row("deme-n4-weights-authors", "merged", {"merge.weights": [0.1, 0.1, 0.2, 0.5]}, (0,),
             "the authors' hard-coded weights", "Merge weights (N = 4)"),
@@ -77,7 +82,7 @@ def rows(total_steps: int) -> list[Row]:
             {"merge.search.strategy": "coordinate", "merge.search.num_samples": 2000,
              "merge.search.cheap_samples": 500, "merge.search.rescore_top": 5}, (0,),
             "a grid search over FID", "Merge weights (N = 4)"),
-        Row("ensemble-n4", "ensemble", {}, SEEDS, "3.79 (CIFAR-10)", "The ensemble before merge"),
+        Row("ensemble-n4", "ensemble", {}, SEEDS, "3.79 (CIFAR-10)", "The ensemble before merge", 3.79),
         Row("ensemble-n8", "ensemble", deme(8), (0,), None, "The ensemble before merge"),
     ]
     return out
@@ -105,7 +110,7 @@ def _features(name: str, model: str) -> np.ndarray:
 
 
 def row_result(row: Row, all_rows: list[Row], reference: np.ndarray, rounds: int, runs: dict[str, list[str]]) -> dict:
-    fd_values, kid_values, loss_values, deltas, per_seed = [], [], [], [], []
+    fd_values, kid_values, loss_values, deltas, relative, per_seed = [], [], [], [], [], []
     for seed in row.seeds:
         name = experiment_name(row, seed, all_rows)
         report = exps.experiment_file(name)
@@ -118,9 +123,11 @@ def row_result(row: Row, all_rows: list[Row], reference: np.ndarray, rounds: int
         loss_values.append(m["heldout_loss"])
         a, b = _features(name, row.model), _features(baseline_name, "shared")
         fd = distances.frechet_distance
-        delta = fd(a, reference) - fd(b, reference)
+        shared_fd = fd(b, reference)
+        delta = fd(a, reference) - shared_fd
         ci = distances.bootstrap_ci(a, reference, fd, rounds, seed=seed, estimate=delta, paired_with=b)
         deltas.append(delta)
+        relative.append(100.0 * delta / shared_fd)
         per_seed.append({"seed": seed, "experiment": name, "fd": m["fd"], "kid": m["kid"],
                          "heldout_loss": m["heldout_loss"], "delta_fd_vs_shared": delta, "delta_fd_ci": list(ci),
                          "mlflow_runs": runs.get(name, [])})
@@ -139,7 +146,11 @@ def row_result(row: Row, all_rows: list[Row], reference: np.ndarray, rounds: int
         "fd_std": float(np.std(fd_values, ddof=1)) if k > 1 else 0.0, "kid_mean": float(np.mean(kid_values)),
         "heldout_loss_mean": float(np.mean(loss_values)), "delta_fd_vs_shared": mean_delta, "delta_fd_ci": ci,
         "delta_fd_ci_kind": "t-interval over seeds" if k > 1 else "paired bootstrap over samples",
-        "paper": row.paper, "per_seed": per_seed,
+        "delta_fd_pct_vs_shared": float(np.mean(relative)),
+        "paper": row.paper,
+        "paper_delta_pct_vs_shared": (None if row.paper_fid is None
+                                      else 100.0 * (row.paper_fid / PAPER_SHARED_FID - 1.0)),
+        "per_seed": per_seed,
         "mlflow_runs": [r for s in per_seed for r in s["mlflow_runs"][:1]],
     }
 
@@ -157,17 +168,20 @@ def render(result: dict) -> str:
              f"Default: {result['settings']}. Every row has the same total fine-tune compute "
              f"(N x steps = {result['total_steps']}). FD/KID in the feature classifier's space; Δ = FD − FD(shared "
              "baseline, same seed), paired on the same test noise. Intervals: 95%; one seed: paired bootstrap "
-             "over samples; several seeds: t-interval over seeds.", ""]
+             "over samples; several seeds: t-interval over seeds. Δ %: Δ over the same seed's shared FD, mean over "
+             f"seeds; paper Δ %: the paper's CIFAR-10 FID against its shared fine-tune ({PAPER_SHARED_FID}).", ""]
     group = None
     for r in result["rows"]:
         if r["group"] != group:
             group = r["group"]
             lines += ["", f"## {group}", "", "| row | model | seeds | FD mean ± std | KID | held-out loss | "
-                      "Δ FD vs shared [95% CI] | paper |", "|---|---|---|---|---|---|---|---|"]
+                      "Δ FD vs shared [95% CI] | Δ % | paper FID | paper Δ % |", "|---" * 10 + "|"]
+        paper_pct = r.get("paper_delta_pct_vs_shared")
         lines.append(
             f"| {r['name']} | {r['model']} | {len(r['seeds'])} | {r['fd_mean']:.4f} ± {r['fd_std']:.4f} | "
             f"{r['kid_mean']:.5f} | {r['heldout_loss_mean']:.6f} | {r['delta_fd_vs_shared']:+.4f} "
-            f"[{r['delta_fd_ci'][0]:+.4f}, {r['delta_fd_ci'][1]:+.4f}] | {r['paper'] or '–'} |")
+            f"[{r['delta_fd_ci'][0]:+.4f}, {r['delta_fd_ci'][1]:+.4f}] | {r['delta_fd_pct_vs_shared']:+.1f}% | "
+            f"{r['paper'] or '–'} | {'–' if paper_pct is None else f'{paper_pct:+.1f}%'} |")
     lines += ["", "![study](study.png)", ""]
     return "\n".join(lines)
 
