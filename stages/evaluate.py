@@ -61,7 +61,7 @@ def heldout_losses(params: Params, models, ranges, scheduler, images: np.ndarray
     ev = params.evaluate
     grid = timestep_grid(scheduler.config.num_train_timesteps, ev.heldout_timesteps)
     seed = derive_seed(ev.seed, "heldout")
-    if len(models) == 1:
+    if ranges is None:  # one model at every t (the ensemble has ranges, even when N = 1)
         return {"timesteps": grid, "losses": denoising_losses(models, scheduler, images, grid, seed,
                                                               batch_size=ev.batch_size)}
     per_range = np.stack([denoising_losses([m], scheduler, images, grid, seed, batch_size=ev.batch_size,

@@ -68,3 +68,24 @@ def stage_env(proj: Path) -> dict:
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
     env.pop("DTM_PARENT_RUN_ID", None)
     return env
+
+
+def built_project(tmp_path_factory, name: str, stages, overrides: dict | None = None):
+    """A scratch tiny-profile project with ``stages`` (name, args) run in it; yields (dir, params).
+
+    For module-scoped fixtures: the working directory and the MLflow store
+    point at the project while the stages run and are restored afterwards.
+    """
+    import pytest
+
+    proj = tmp_path_factory.mktemp(name) / "proj"
+    params = new_project(proj, overrides)
+    mp = pytest.MonkeyPatch()
+    mp.chdir(proj)
+    mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{proj / 'mlflow.db'}")
+    try:
+        for stage, args in stages:
+            assert run_stage(stage, *args) == 0, stage
+    finally:
+        mp.undo()
+    return proj, params

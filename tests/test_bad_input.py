@@ -9,21 +9,14 @@ from pathlib import Path
 
 import pytest
 from mlflow.tracking import MlflowClient
-from stagehelp import new_project, run_stage, set_param, write_params
+from stagehelp import built_project, run_stage, set_param, write_params
 
 
 @pytest.fixture(scope="module")
 def base_project(tmp_path_factory):
     """prepare + partition + pretrain + one range fine-tune on the tiny profile."""
-    proj = tmp_path_factory.mktemp("bad") / "proj"
-    params = new_project(proj)
-    mp = pytest.MonkeyPatch()
-    mp.chdir(proj)
-    mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{proj / 'mlflow.db'}")
-    for stage, args in (("prepare", ()), ("partition", ()), ("pretrain", ()), ("finetune", ("--range", "0"))):
-        assert run_stage(stage, *args) == 0, stage
-    mp.undo()
-    return proj, params
+    return built_project(tmp_path_factory, "bad", (("prepare", ()), ("partition", ()), ("pretrain", ()),
+                                                   ("finetune", ("--range", "0"))))
 
 
 @pytest.fixture

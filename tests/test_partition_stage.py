@@ -3,20 +3,12 @@
 import json
 
 import pytest
-from stagehelp import new_project, run_stage
+from stagehelp import built_project, run_stage
 
 
 @pytest.fixture(scope="module")
 def project(tmp_path_factory):
-    proj = tmp_path_factory.mktemp("part") / "proj"
-    params = new_project(proj)
-    mp = pytest.MonkeyPatch()
-    mp.chdir(proj)
-    mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{proj / 'mlflow.db'}")
-    for stage in ("prepare", "pretrain"):
-        assert run_stage(stage) == 0
-    yield proj, params
-    mp.undo()
+    return built_project(tmp_path_factory, "part", (("prepare", ()), ("pretrain", ())))
 
 
 def _run(proj, params, monkeypatch, **partition):

@@ -152,11 +152,29 @@ def test_run_variants_restarts_a_worker_that_stopped_with_experiments_queued(mon
 def test_baseline_argument_points_the_tools_at_an_older_commit(monkeypatch):
     import argparse
 
-    monkeypatch.setattr(exps, "BASELINE", "HEAD")
+    monkeypatch.setattr(exps, "BASELINE", ["HEAD"])
     ap = argparse.ArgumentParser()
     exps.add_baseline_argument(ap)
-    ap.parse_args(["--baseline", "abc123"])
-    assert exps.BASELINE == "abc123"
+    ap.parse_args(["--baseline", "abc123", "def456"])
+    assert exps.BASELINE == ["abc123", "def456"]
+
+
+def test_experiments_of_several_commits_are_read_first_commit_first(monkeypatch):
+    shas = {"new": "aa" + "1" * 38, "old": "bb" + "2" * 38}
+    refs = {shas["new"]: ["x", "y"], shas["old"]: ["y", "z"]}
+
+    def git(cmd, **kw):
+        if cmd[1] == "rev-parse":
+            return subprocess.CompletedProcess(cmd, 0, shas[cmd[2]] + "\n", "")
+        prefix = cmd[-1]
+        sha = prefix.split("/")[2] + prefix.split("/")[3]
+        return subprocess.CompletedProcess(cmd, 0, "\n".join(prefix + n for n in refs[sha]), "")
+
+    monkeypatch.setattr(exps.subprocess, "run", git)
+    monkeypatch.setattr(exps, "BASELINE", ["new", "old"])
+    found = exps.experiment_refs()
+    assert set(found) == {"x", "y", "z"} and shas["new"][2:] in found["y"]  # y from the first commit
+    assert exps.experiment_commit("z") == shas["old"] and exps.experiment_commit("missing") is None
 
 
 def test_study_rows_keep_the_compute_and_seeds_the_issue_asks_for():
@@ -191,6 +209,7 @@ def test_study_row_results_pair_each_seed_with_its_shared_baseline(monkeypatch):
     reports = {"study-deme-n2-s0": {"models": {"merged": {"fd": 0.5, "kid": 0.01, "heldout_loss": 0.08}}}}
     monkeypatch.setattr(study.exps, "experiment_file", lambda name, path=study.exps.REPORT: reports.get(name))
     monkeypatch.setattr(study, "_features", lambda name, model: feats[(name, model)])
+    monkeypatch.setattr(study.exps, "experiment_commit", lambda name: "c0ffee")
     rows = study.rows(800)
     row = next(r for r in rows if r.name == "deme-n2")
     out = study.row_result(row, rows, reference, rounds=20, runs={"study-deme-n2-s0": ["run-a"]})
@@ -205,7 +224,8 @@ def test_study_row_results_pair_each_seed_with_its_shared_baseline(monkeypatch):
     assert next(r for r in rows if r.name == "deme-n8").paper_fid == 3.87
     committed = study.results_rows({"settings": {"x": 1}, "rows": [out]})
     assert isinstance(committed, list) and {"name", "seeds", "fd_mean", "fd_std", "kid_mean", "delta_fd_vs_shared",
-                                            "delta_fd_ci", "mlflow_runs", "commit"} <= set(committed[0])
+                                            "delta_fd_ci", "mlflow_runs", "commits"} <= set(committed[0])
+    assert committed[0]["commits"] == ["c0ffee"]
 
 
 def test_a_restarted_tool_waits_for_what_is_still_queued_instead_of_queueing_it_again(monkeypatch):

@@ -13,6 +13,7 @@ is missing.
 
 from __future__ import annotations
 
+import argparse
 import json
 import logging
 import os
@@ -58,32 +59,49 @@ def set_args(overrides: dict[str, Any]) -> list[str]:
     return out
 
 
-BASELINE = "HEAD"  # the commit whose experiments are read (``--baseline`` of the tools: collect an older commit's)
+BASELINE: list[str] = ["HEAD"]  # the commits whose experiments are read, first match wins (``--baseline``)
+
+
+class _Baseline(argparse.Action):
+    def __call__(self, parser, namespace, values, option_string=None):
+        global BASELINE
+        BASELINE = list(values)
+        setattr(namespace, self.dest, BASELINE)
 
 
 def add_baseline_argument(parser) -> None:
-    """``--baseline <rev>`` of the tools: read the experiments run on that commit (sets :data:`BASELINE`)."""
-    parser.add_argument("--baseline", default="HEAD", type=_set_baseline,
-                        help="with --collect-only: read the experiments run on this commit (default HEAD)")
+    """``--baseline REV [REV ...]`` of the tools: read the experiments run on these commits (sets :data:`BASELINE`).
 
-
-def _set_baseline(rev: str) -> str:
-    global BASELINE
-    BASELINE = rev
-    return rev
+    With several, an experiment is taken from the first commit that has it: a
+    study whose rows ran on two commits (one re-run after a fix) is read whole.
+    """
+    parser.add_argument("--baseline", nargs="+", default=["HEAD"], action=_Baseline, metavar="REV",
+                        help="read the experiments run on these commits, first match wins (default HEAD)")
 
 
 def experiment_refs() -> dict[str, str]:
-    """Experiment name -> git ref, for the experiments whose baseline is the current commit.
+    """Experiment name -> git ref, for the experiments whose baseline is one of :data:`BASELINE`.
 
     DVC keeps an experiment under ``refs/exps/<sha[:2]>/<sha[2:]>/<name>`` of
     the commit it started from, so results of older code are not taken for
     this commit's (uncommitted edits are not seen: commit before a sweep).
     """
-    head = subprocess.run(["git", "rev-parse", BASELINE], capture_output=True, text=True).stdout.strip()
-    prefix = f"refs/exps/{head[:2]}/{head[2:]}/"
-    proc = subprocess.run(["git", "for-each-ref", "--format=%(refname)", prefix], capture_output=True, text=True)
-    return {ref[len(prefix):]: ref for ref in proc.stdout.split() if "/" not in ref[len(prefix):]}
+    out: dict[str, str] = {}
+    for rev in reversed(BASELINE):  # the first commit's experiments overwrite the later ones'
+        head = subprocess.run(["git", "rev-parse", rev], capture_output=True, text=True).stdout.strip()
+        prefix = f"refs/exps/{head[:2]}/{head[2:]}/"
+        proc = subprocess.run(["git", "for-each-ref", "--format=%(refname)", prefix], capture_output=True, text=True)
+        out.update({ref[len(prefix):]: ref for ref in proc.stdout.split() if "/" not in ref[len(prefix):]})
+    return out
+
+
+def experiment_commit(name: str) -> Optional[str]:
+    """The commit experiment ``name`` started from (None if it is not found)."""
+    ref = experiment_refs().get(name)
+    if ref is None:
+        return None
+    _, _, a, b, _ = ref.split("/", 4)
+    return a + b
 
 
 def experiment_file(name: str, path: str = REPORT) -> Optional[dict]:

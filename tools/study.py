@@ -128,7 +128,8 @@ def row_result(row: Row, all_rows: list[Row], reference: np.ndarray, rounds: int
         ci = distances.bootstrap_ci(a, reference, fd, rounds, seed=seed, estimate=delta, paired_with=b)
         deltas.append(delta)
         relative.append(100.0 * delta / shared_fd)
-        per_seed.append({"seed": seed, "experiment": name, "fd": m["fd"], "kid": m["kid"],
+        per_seed.append({"seed": seed, "experiment": name, "commit": exps.experiment_commit(name),
+                         "fd": m["fd"], "kid": m["kid"],
                          "heldout_loss": m["heldout_loss"], "delta_fd_vs_shared": delta, "delta_fd_ci": list(ci),
                          "mlflow_runs": runs.get(name, [])})
     k = len(row.seeds)
@@ -156,11 +157,9 @@ def row_result(row: Row, all_rows: list[Row], reference: np.ndarray, rounds: int
 
 
 def results_rows(result: dict) -> list[dict]:
-    """The committed form (docs/results/study.json): one entry per row, each naming the commit it ran on."""
-    import subprocess
-
-    commit = subprocess.run(["git", "rev-parse", exps.BASELINE], capture_output=True, text=True).stdout.strip()
-    return [{**row, "settings": result["settings"], "commit": commit} for row in result["rows"]]
+    """The committed form (docs/results/study.json): one entry per row, naming the commits its seeds ran on."""
+    return [{**row, "settings": result["settings"], "commits": sorted({s["commit"] for s in row["per_seed"]})}
+            for row in result["rows"]]
 
 
 def render(result: dict) -> str:
