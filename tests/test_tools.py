@@ -206,7 +206,8 @@ def test_study_row_results_pair_each_seed_with_its_shared_baseline(monkeypatch):
     reference = rng.normal(size=(400, 4))
     feats = {("study-default-s0", "shared"): rng.normal(size=(300, 4)) + 0.2,
              ("study-deme-n2-s0", "merged"): rng.normal(size=(300, 4)) + 0.1}
-    reports = {"study-deme-n2-s0": {"models": {"merged": {"fd": 0.5, "kid": 0.01, "heldout_loss": 0.08}}}}
+    reports = {"study-deme-n2-s0": {"models": {"merged": {"fd": 0.5, "kid": 0.01, "heldout_loss": 0.08}}},
+               "study-default-s0": {"models": {"shared": {"fd": 0.4, "kid": 0.01, "heldout_loss": 0.1}}}}
     monkeypatch.setattr(study.exps, "experiment_file", lambda name, path=study.exps.REPORT: reports.get(name))
     monkeypatch.setattr(study, "_features", lambda name, model: feats[(name, model)])
     monkeypatch.setattr(study.exps, "experiment_commit", lambda name: "c0ffee")
@@ -221,6 +222,7 @@ def test_study_row_results_pair_each_seed_with_its_shared_baseline(monkeypatch):
     shared_fd = fd(feats[("study-default-s0", "shared")], reference)
     assert out["delta_fd_pct_vs_shared"] == pytest.approx(100 * out["delta_fd_vs_shared"] / shared_fd)
     assert out["paper_delta_pct_vs_shared"] is None  # the paper has no N = 2 row
+    assert out["delta_heldout_loss_pct_vs_shared"] == pytest.approx(-20.0)
     assert next(r for r in rows if r.name == "deme-n8").paper_fid == 3.87
     committed = study.results_rows({"settings": {"x": 1}, "rows": [out]})
     assert isinstance(committed, list) and {"name", "seeds", "fd_mean", "fd_std", "kid_mean", "delta_fd_vs_shared",

@@ -110,7 +110,7 @@ def _features(name: str, model: str) -> np.ndarray:
 
 
 def row_result(row: Row, all_rows: list[Row], reference: np.ndarray, rounds: int, runs: dict[str, list[str]]) -> dict:
-    fd_values, kid_values, loss_values, deltas, relative, per_seed = [], [], [], [], [], []
+    fd_values, kid_values, loss_values, deltas, relative, loss_relative, per_seed = [], [], [], [], [], [], []
     for seed in row.seeds:
         name = experiment_name(row, seed, all_rows)
         report = exps.experiment_file(name)
@@ -118,6 +118,11 @@ def row_result(row: Row, all_rows: list[Row], reference: np.ndarray, rounds: int
         if report is None:
             raise exps.ExperimentError(f"experiment '{name}' has no {exps.REPORT} on this commit: run the study")
         m = report["models"][row.model]
+        baseline = exps.experiment_file(baseline_name)
+        if baseline is None:
+            raise exps.ExperimentError(f"experiment '{baseline_name}' (the shared baseline) has no {exps.REPORT}")
+        shared_loss = baseline["models"]["shared"]["heldout_loss"]
+        loss_relative.append(100.0 * (m["heldout_loss"] - shared_loss) / shared_loss)
         fd_values.append(m["fd"])
         kid_values.append(m["kid"])
         loss_values.append(m["heldout_loss"])
@@ -148,6 +153,7 @@ def row_result(row: Row, all_rows: list[Row], reference: np.ndarray, rounds: int
         "heldout_loss_mean": float(np.mean(loss_values)), "delta_fd_vs_shared": mean_delta, "delta_fd_ci": ci,
         "delta_fd_ci_kind": "t-interval over seeds" if k > 1 else "paired bootstrap over samples",
         "delta_fd_pct_vs_shared": float(np.mean(relative)),
+        "delta_heldout_loss_pct_vs_shared": float(np.mean(loss_relative)),
         "paper": row.paper,
         "paper_delta_pct_vs_shared": (None if row.paper_fid is None
                                       else 100.0 * (row.paper_fid / PAPER_SHARED_FID - 1.0)),
@@ -168,18 +174,20 @@ def render(result: dict) -> str:
              f"(N x steps = {result['total_steps']}). FD/KID in the feature classifier's space; Δ = FD − FD(shared "
              "baseline, same seed), paired on the same test noise. Intervals: 95%; one seed: paired bootstrap "
              "over samples; several seeds: t-interval over seeds. Δ %: Δ over the same seed's shared FD, mean over "
-             f"seeds; paper Δ %: the paper's CIFAR-10 FID against its shared fine-tune ({PAPER_SHARED_FID}).", ""]
+             "seeds; Δ held-out loss %: the same for the held-out eps-MSE; paper Δ %: the paper's CIFAR-10 FID "
+             f"against its shared fine-tune ({PAPER_SHARED_FID}).", ""]
     group = None
     for r in result["rows"]:
         if r["group"] != group:
             group = r["group"]
             lines += ["", f"## {group}", "", "| row | model | seeds | FD mean ± std | KID | held-out loss | "
-                      "Δ FD vs shared [95% CI] | Δ % | paper FID | paper Δ % |", "|---" * 10 + "|"]
+                      "Δ FD vs shared [95% CI] | Δ % | Δ held-out loss % | paper FID | paper Δ % |", "|---" * 11 + "|"]
         paper_pct = r.get("paper_delta_pct_vs_shared")
         lines.append(
             f"| {r['name']} | {r['model']} | {len(r['seeds'])} | {r['fd_mean']:.4f} ± {r['fd_std']:.4f} | "
             f"{r['kid_mean']:.5f} | {r['heldout_loss_mean']:.6f} | {r['delta_fd_vs_shared']:+.4f} "
             f"[{r['delta_fd_ci'][0]:+.4f}, {r['delta_fd_ci'][1]:+.4f}] | {r['delta_fd_pct_vs_shared']:+.1f}% | "
+            f"{r['delta_heldout_loss_pct_vs_shared']:+.2f}% | "
             f"{r['paper'] or '–'} | {'–' if paper_pct is None else f'{paper_pct:+.1f}%'} |")
     lines += ["", "![study](study.png)", ""]
     return "\n".join(lines)
