@@ -268,3 +268,26 @@ def test_same_params_reads_both_sides_as_the_stages_do(monkeypatch, tmp_path):
     monkeypatch.setattr(exps, "experiment_params", lambda name: committed)
     assert exps._same_params("x", {"seed": 1})
     assert not exps._same_params("x", {"seed": 2})
+
+
+def test_an_experiment_restored_whole_from_the_run_cache_points_at_the_runs_with_its_params(monkeypatch, tmp_path):
+    import yaml
+    from mlflow.tracking import MlflowClient
+
+    from dtm_core.config import parse_params
+    from dtm_core.tracking import params_digest
+
+    root = Path(__file__).resolve().parents[1]
+    monkeypatch.chdir(root)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    client = MlflowClient(uri)
+    exp_id = client.create_experiment(params["tracking"]["experiment_name"])
+    digest = params_digest(parse_params(params, "params.yaml"))
+    made = client.create_run(exp_id, run_name="seeds-0", tags={"dtm.kind": "pipeline", "dtm.params_digest": digest})
+    client.set_terminated(made.info.run_id)
+    client.create_run(exp_id, run_name="other", tags={"dtm.kind": "pipeline", "dtm.params_digest": "0" * 16})
+    monkeypatch.setattr(exps, "experiment_params", lambda name: params)
+    assert exps.mlflow_parent_runs(["study-default-s0"]) == {"study-default-s0": [made.info.run_id]}
+    assert exps.mlflow_parent_minutes(["study-default-s0"])["study-default-s0"] >= 0

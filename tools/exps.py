@@ -246,8 +246,8 @@ def _same_params(name: str, overrides: dict[str, Any]) -> bool:
     return parse_params(committed, name).model_dump() == parse_params(wanted, "params.yaml").model_dump()
 
 
-def mlflow_parent_runs(names: Iterable[str]) -> dict[str, list[str]]:
-    """Experiment name -> the MLflow parent run ids of its pipeline runs (newest first)."""
+def _parent_runs(names: Iterable[str]) -> dict[str, list]:
+    """Experiment name -> the MLflow parent runs of its pipeline runs (newest first)."""
     from mlflow.tracking import MlflowClient
 
     from dtm_core.config import load_params
@@ -256,12 +256,37 @@ def mlflow_parent_runs(names: Iterable[str]) -> dict[str, list[str]]:
     params = load_params("params.yaml")
     client = MlflowClient(tracking_uri(params))
     exp = client.get_experiment_by_name(params.tracking.experiment_name)
-    out: dict[str, list[str]] = {}
+    out: dict[str, list] = {}
     for name in names:
         if exp is None:
             out[name] = []
             continue
-        runs = client.search_runs([exp.experiment_id], filter_string=(
+        out[name] = client.search_runs([exp.experiment_id], filter_string=(
             f"attributes.run_name = '{name}' and tags.`dtm.kind` = 'pipeline'"), order_by=["start_time DESC"])
-        out[name] = [r.info.run_id for r in runs]
+        committed = experiment_params(name)
+        if not out[name] and committed is not None:
+            # every stage came from DVC's run-cache, so this experiment started no run: the runs that
+            # made its outputs are the pipeline runs with the same params (make seeds', the default's)
+            from dtm_core.config import parse_params
+            from dtm_core.tracking import params_digest
+
+            digest = params_digest(parse_params(committed, name))
+            out[name] = client.search_runs([exp.experiment_id], filter_string=(
+                f"tags.`dtm.params_digest` = '{digest}' and tags.`dtm.kind` = 'pipeline'"),
+                order_by=["start_time DESC"])
+    return out
+
+
+def mlflow_parent_runs(names: Iterable[str]) -> dict[str, list[str]]:
+    """Experiment name -> the MLflow parent run ids of its pipeline runs (newest first)."""
+    return {name: [r.info.run_id for r in runs] for name, runs in _parent_runs(names).items()}
+
+
+def mlflow_parent_minutes(names: Iterable[str]) -> dict[str, Optional[float]]:
+    """Experiment name -> wall minutes of its newest finished pipeline run (stages restored from the
+    run-cache cost nothing there); None where there is none."""
+    out: dict[str, Optional[float]] = {}
+    for name, runs in _parent_runs(names).items():
+        done = [r for r in runs if r.info.status == "FINISHED" and r.info.end_time]
+        out[name] = (done[0].info.end_time - done[0].info.start_time) / 60000.0 if done else None
     return out

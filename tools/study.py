@@ -109,7 +109,8 @@ def _features(name: str, model: str) -> np.ndarray:
         return npz["features"]
 
 
-def row_result(row: Row, all_rows: list[Row], reference: np.ndarray, rounds: int, runs: dict[str, list[str]]) -> dict:
+def row_result(row: Row, all_rows: list[Row], reference: np.ndarray, rounds: int, runs: dict[str, list[str]],
+               minutes: Optional[dict[str, Optional[float]]] = None) -> dict:
     fd_values, kid_values, loss_values, deltas, relative, loss_relative, per_seed = [], [], [], [], [], [], []
     for seed in row.seeds:
         name = experiment_name(row, seed, all_rows)
@@ -136,7 +137,7 @@ def row_result(row: Row, all_rows: list[Row], reference: np.ndarray, rounds: int
         per_seed.append({"seed": seed, "experiment": name, "commit": exps.experiment_commit(name),
                          "fd": m["fd"], "kid": m["kid"],
                          "heldout_loss": m["heldout_loss"], "delta_fd_vs_shared": delta, "delta_fd_ci": list(ci),
-                         "mlflow_runs": runs.get(name, [])})
+                         "mlflow_runs": runs.get(name, []), "minutes": (minutes or {}).get(name)})
     k = len(row.seeds)
     mean_delta = float(np.mean(deltas))
     if k > 1:
@@ -189,6 +190,10 @@ def render(result: dict) -> str:
             f"[{r['delta_fd_ci'][0]:+.4f}, {r['delta_fd_ci'][1]:+.4f}] | {r['delta_fd_pct_vs_shared']:+.1f}% | "
             f"{r['delta_heldout_loss_pct_vs_shared']:+.2f}% | "
             f"{r['paper'] or '–'} | {'–' if paper_pct is None else f'{paper_pct:+.1f}%'} |")
+    if result.get("experiment_minutes_total"):
+        lines += ["", f"Compute: {result['experiment_minutes_total']:.0f} min of pipeline runs over "
+                  f"{len(result['experiment_minutes'])} experiments (each experiment's newest MLflow parent run; "
+                  "stages restored from DVC's run-cache cost nothing there)."]
     lines += ["", "![study](study.png)", ""]
     return "\n".join(lines)
 
@@ -235,14 +240,19 @@ def main(argv: Optional[list[str]] = None) -> int:
 
         reference = load_reference()["train"]
         runs = exps.mlflow_parent_runs(todo)
-        results = [row_result(r, all_rows, reference, params["evaluate"]["bootstrap_rounds"], runs) for r in all_rows]
+        minutes = exps.mlflow_parent_minutes(todo)
+        results = [row_result(r, all_rows, reference, params["evaluate"]["bootstrap_rounds"], runs, minutes)
+                   for r in all_rows]
     except DtmError as exc:
         print(f"error: study: {exc}", file=sys.stderr)
         return 2
     settings = {"num_ranges": len(params["partition"]["ranges"]), "steps_per_range": params["finetune"]["steps"],
                 "lr": params["finetune"]["lr"], "shared_lr": params["finetune"]["shared_lr"],
                 "num_samples": params["evaluate"]["num_samples"], "ddim_steps": params["evaluate"]["ddim_steps"]}
-    result = {"settings": settings, "total_steps": total, "rows": results}
+    result = {"settings": settings, "total_steps": total, "rows": results,
+              # each experiment once (rows share experiments), as its newest pipeline run in MLflow took
+              "experiment_minutes": {name: minutes.get(name) for name in todo},
+              "experiment_minutes_total": sum(m for m in minutes.values() if m)}
     write_json(args.out / "study.json", result)
     plot(result, args.out / "study.png")
     if args.results:
