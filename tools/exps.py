@@ -263,8 +263,8 @@ def _parent_runs(names: Iterable[str]) -> dict[str, list]:
             continue
         out[name] = client.search_runs([exp.experiment_id], filter_string=(
             f"attributes.run_name = '{name}' and tags.`dtm.kind` = 'pipeline'"), order_by=["start_time DESC"])
-        committed = experiment_params(name)
-        if not out[name] and committed is not None:
+        committed = None if out[name] else experiment_params(name)
+        if committed is not None:
             # every stage came from DVC's run-cache, so this experiment started no run: the runs that
             # made its outputs are the pipeline runs with the same params (make seeds', the default's)
             from dtm_core.config import parse_params
