@@ -186,7 +186,7 @@ def test_study_rows_keep_the_compute_and_seeds_the_issue_asks_for():
     assert {"shared", "shared-snr_plus_one", "shared-trunc_snr", "shared-min_snr", "shared-p2", "shared-projection",
             "deme-n2", "deme-n4", "deme-n8", "deme-n8-p", "deme-n8-p-consistency", "deme-n4-p",
             "deme-n4-p-consistency", "deme-n4-weights-authors", "deme-n4-weights-searched", "ensemble-n4",
-            "ensemble-n8"} <= names
+            "ensemble-n8", "deme-n4-snr", "deme-n4-affinity"} <= names
     for r in rows:  # N x steps is the same for every row: one shared baseline serves all
         n = len(r.overrides.get("partition.ranges", [0, 1, 2, 3]))
         assert n * r.overrides.get("finetune.steps", total // 4) == total, r.name
@@ -196,7 +196,37 @@ def test_study_rows_keep_the_compute_and_seeds_the_issue_asks_for():
     assert study.experiment_name(rows[0], 1, rows) == "study-default-s1"
     by_name = {r.name: r for r in rows}
     assert study.experiment_name(by_name["ensemble-n8"], 0, rows) == "study-deme-n8-s0"
-    assert len(study.variants(rows)) == 16
+    assert len(study.variants(rows)) == 22  # 16 for the paper's rows, 2 x 3 seeds for the automatic partitions
+    assert by_name["deme-n4-affinity"].versus == "deme-n4" and by_name["deme-n4-affinity"].seeds == (0, 1, 2)
+
+
+def test_a_partition_row_is_paired_with_the_uniform_merged_model_of_each_seed(monkeypatch):
+    from tools import study
+
+    rng = np.random.default_rng(1)
+    reference = rng.normal(size=(400, 4))
+    feats, reports = {}, {}
+    for seed in (0, 1, 2):
+        for name, model, shift, loss in ((f"study-default-s{seed}", "shared", 0.3, 0.1),
+                                         (f"study-default-s{seed}", "merged", 0.2, 0.1),
+                                         (f"study-deme-n4-snr-s{seed}", "merged", 0.1 + 0.02 * seed, 0.09)):
+            feats[(name, model)] = rng.normal(size=(300, 4)) + shift
+            reports.setdefault(name, {"models": {}})["models"][model] = {"fd": shift, "kid": 0.0, "heldout_loss": loss}
+    monkeypatch.setattr(study.exps, "experiment_file", lambda name, path=study.exps.REPORT: reports.get(name))
+    monkeypatch.setattr(study, "_features", lambda name, model: feats[(name, model)])
+    monkeypatch.setattr(study.exps, "experiment_commit", lambda name: "c0ffee")
+    rows = study.rows(800)
+    out = study.row_result(next(r for r in rows if r.name == "deme-n4-snr"), rows, reference, rounds=20, runs={})
+    fd = study.distances.frechet_distance
+    v = out["versus"]
+    expected = [fd(feats[(f"study-deme-n4-snr-s{s}", "merged")], reference)
+                - fd(feats[(f"study-default-s{s}", "merged")], reference) for s in (0, 1, 2)]
+    assert v["row"] == "deme-n4" and [s["delta_fd"] for s in v["per_seed"]] == pytest.approx(expected)
+    assert v["delta_fd"] == pytest.approx(np.mean(expected))
+    assert v["delta_fd_ci"][0] < v["delta_fd"] < v["delta_fd_ci"][1]  # a t-interval over the three seeds
+    assert v["delta_heldout_loss_pct"] == pytest.approx(-10.0)
+    assert "## Paired against another row" in study.render(
+        {"settings": {}, "total_steps": 800, "rows": [out]})
 
 
 def test_study_row_results_pair_each_seed_with_its_shared_baseline(monkeypatch):

@@ -49,6 +49,7 @@ class Row:
     paper: Optional[str] = None  # the paper's number for this row, where it has one
     group: str = ""
     paper_fid: Optional[float] = None  # the same as a number (CIFAR-10 FID), for the relative change
+    versus: Optional[str] = None  # another row (same model, same seeds) to contrast with, paired, besides shared
 
 
 PAPER_SHARED_FID = 4.40  # the paper's N = 1 shared fine-tune on CIFAR-10 (Table 3): its rows' reference
@@ -63,6 +64,7 @@ def rows(total_steps: int) -> list[Row]:
     p_cons = {"finetune.channel_projection": False}
     table1 = "Table 1: the shared fine-tune and loss reweighting"
     ladder = "Table 3: the ablation ladder"
+    partition = "Beyond the paper: the partition chosen automatically (N = 4)"
     out = [
         Row("shared", "shared", {}, SEEDS, "4.40 (CIFAR-10, N = 1)", table1, 4.40),
         *[Row(f"shared-{w}", "shared", {"finetune.weighting": w}, (0,), str(fid), table1, fid)
@@ -84,6 +86,8 @@ def rows(total_steps: int) -> list[Row]:
             "a grid search over FID", "Merge weights (N = 4)"),
         Row("ensemble-n4", "ensemble", {}, SEEDS, "3.79 (CIFAR-10)", "The ensemble before merge", 3.79),
         Row("ensemble-n8", "ensemble", deme(8), (0,), None, "The ensemble before merge"),
+        *[Row(f"deme-n4-{method}", "merged", {"partition.method": method}, SEEDS, None, partition, versus="deme-n4")
+          for method in ("snr", "affinity")],
     ]
     return out
 
@@ -107,6 +111,39 @@ def variants(all_rows: list[Row]) -> dict[str, dict]:
 def _features(name: str, model: str) -> np.ndarray:
     with np.load(exps.experiment_out(name, f"samples/{model}.npz")) as npz:
         return npz["features"]
+
+
+def _across_seeds(deltas: list[float], single_ci: list[float]) -> list[float]:
+    """A t-interval over seeds for several seeds; one seed's paired bootstrap interval otherwise."""
+    k = len(deltas)
+    if k == 1:
+        return list(single_ci)
+    from scipy import stats
+
+    mean = float(np.mean(deltas))
+    half = float(stats.t.ppf(0.975, k - 1) * np.std(deltas, ddof=1) / math.sqrt(k))
+    return [mean - half, mean + half]
+
+
+def _versus(row: Row, all_rows: list[Row], reference: np.ndarray, rounds: int) -> dict:
+    """FD of ``row`` minus FD of ``row.versus`` (same model), paired per seed on the same test noise."""
+    other = next(r for r in all_rows if r.name == row.versus)
+    fd = distances.frechet_distance
+    deltas, losses, per_seed = [], [], []
+    for seed in row.seeds:
+        name, other_name = experiment_name(row, seed, all_rows), experiment_name(other, seed, all_rows)
+        a, b = _features(name, row.model), _features(other_name, other.model)
+        delta = fd(a, reference) - fd(b, reference)
+        ci = distances.bootstrap_ci(a, reference, fd, rounds, seed=seed, estimate=delta, paired_with=b)
+        loss_a = exps.experiment_file(name)["models"][row.model]["heldout_loss"]
+        loss_b = exps.experiment_file(other_name)["models"][other.model]["heldout_loss"]
+        deltas.append(delta)
+        losses.append(100.0 * (loss_a - loss_b) / loss_b)
+        per_seed.append({"seed": seed, "delta_fd": delta, "delta_fd_ci": list(ci),
+                         "delta_heldout_loss_pct": losses[-1]})
+    return {"row": other.name, "model": other.model, "delta_fd": float(np.mean(deltas)),
+            "delta_fd_ci": _across_seeds(deltas, per_seed[0]["delta_fd_ci"]),
+            "delta_heldout_loss_pct": float(np.mean(losses)), "per_seed": per_seed}
 
 
 def row_result(row: Row, all_rows: list[Row], reference: np.ndarray, rounds: int, runs: dict[str, list[str]],
@@ -140,13 +177,7 @@ def row_result(row: Row, all_rows: list[Row], reference: np.ndarray, rounds: int
                          "mlflow_runs": runs.get(name, []), "minutes": (minutes or {}).get(name)})
     k = len(row.seeds)
     mean_delta = float(np.mean(deltas))
-    if k > 1:
-        from scipy import stats
-
-        half = float(stats.t.ppf(0.975, k - 1) * np.std(deltas, ddof=1) / math.sqrt(k))
-        ci = [mean_delta - half, mean_delta + half]
-    else:
-        ci = per_seed[0]["delta_fd_ci"]
+    ci = _across_seeds(deltas, per_seed[0]["delta_fd_ci"])
     return {
         "name": row.name, "group": row.group, "model": row.model, "overrides": row.overrides,
         "seeds": list(row.seeds), "fd_mean": float(np.mean(fd_values)),
@@ -160,6 +191,7 @@ def row_result(row: Row, all_rows: list[Row], reference: np.ndarray, rounds: int
                                       else 100.0 * (row.paper_fid / PAPER_SHARED_FID - 1.0)),
         "per_seed": per_seed,
         "mlflow_runs": [r for s in per_seed for r in s["mlflow_runs"][:1]],
+        **({"versus": _versus(row, all_rows, reference, rounds)} if row.versus else {}),
     }
 
 
@@ -190,6 +222,16 @@ def render(result: dict) -> str:
             f"[{r['delta_fd_ci'][0]:+.4f}, {r['delta_fd_ci'][1]:+.4f}] | {r['delta_fd_pct_vs_shared']:+.1f}% | "
             f"{r['delta_heldout_loss_pct_vs_shared']:+.2f}% | "
             f"{r['paper'] or '–'} | {'–' if paper_pct is None else f'{paper_pct:+.1f}%'} |")
+    contrasts = [r for r in result["rows"] if r.get("versus")]
+    if contrasts:
+        lines += ["", "## Paired against another row", "",
+                  "| row | against | Δ FD [95% CI] | per seed | Δ held-out loss % |", "|---" * 5 + "|"]
+        for r in contrasts:
+            v = r["versus"]
+            seeds = ", ".join(f"{s['delta_fd']:+.4f}" for s in v["per_seed"])
+            lines.append(f"| {r['name']} ({r['model']}) | {v['row']} ({v['model']}) | {v['delta_fd']:+.4f} "
+                         f"[{v['delta_fd_ci'][0]:+.4f}, {v['delta_fd_ci'][1]:+.4f}] | {seeds} | "
+                         f"{v['delta_heldout_loss_pct']:+.2f}% |")
     if result.get("experiment_minutes_total"):
         lines += ["", f"Compute: {result['experiment_minutes_total']:.0f} min of pipeline runs over "
                   f"{len(result['experiment_minutes'])} experiments (each experiment's newest MLflow parent run; "
