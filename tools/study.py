@@ -3,6 +3,7 @@
     python -m tools.study                  # queue every missing row, run, write reports/study.{md,json,png}
     python -m tools.study --collect-only   # only read the finished experiments
     python -m tools.study --list           # the rows and their overrides
+    python -m tools.study --beyond         # also the automatic partitions (snr, affinity; 3 seeds each)
 
 Every row is one or more DVC experiments (``study-<row>-s<seed>``) on top of
 params.yaml, run one at a time by DVC's queue; the run-cache restores what a
@@ -50,6 +51,7 @@ class Row:
     group: str = ""
     paper_fid: Optional[float] = None  # the same as a number (CIFAR-10 FID), for the relative change
     versus: Optional[str] = None  # another row (same model, same seeds) to contrast with, paired, besides shared
+    beyond: bool = False  # beyond the paper (issue #10's automatic partitions): only with --beyond
 
 
 PAPER_SHARED_FID = 4.40  # the paper's N = 1 shared fine-tune on CIFAR-10 (Table 3): its rows' reference
@@ -86,7 +88,8 @@ def rows(total_steps: int) -> list[Row]:
             "a grid search over FID", "Merge weights (N = 4)"),
         Row("ensemble-n4", "ensemble", {}, SEEDS, "3.79 (CIFAR-10)", "The ensemble before merge", 3.79),
         Row("ensemble-n8", "ensemble", deme(8), (0,), None, "The ensemble before merge"),
-        *[Row(f"deme-n4-{method}", "merged", {"partition.method": method}, SEEDS, None, partition, versus="deme-n4")
+        *[Row(f"deme-n4-{method}", "merged", {"partition.method": method}, SEEDS, None, partition, versus="deme-n4",
+              beyond=True)
           for method in ("snr", "affinity")],
     ]
     return out
@@ -263,13 +266,17 @@ def main(argv: Optional[list[str]] = None) -> int:
     exps.add_baseline_argument(ap)
     ap.add_argument("--list", action="store_true")
     ap.add_argument("--only", nargs="+", help="run only these rows")
+    ap.add_argument("--beyond", action="store_true",
+                    help="also the rows beyond the paper: the automatic partitions (snr, affinity), 3 seeds each")
     ap.add_argument("--out", type=Path, default=Path("reports"))
     ap.add_argument("--results", type=Path, help="also write the rows as a list here (docs/results/study.json)")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s study %(message)s", stream=sys.stderr)
     params = yaml.safe_load(Path("params.yaml").read_text())
     total = len(params["partition"]["ranges"]) * params["finetune"]["steps"]
-    all_rows = [r for r in rows(total) if not args.only or r.name in args.only]
+    all_rows = [r for r in rows(total) if (args.beyond or not r.beyond) and (not args.only or r.name in args.only)]
+    if any(r.versus and r.versus not in {o.name for o in all_rows} for r in all_rows):
+        all_rows += [r for r in rows(total) if r.name in {o.versus for o in all_rows} - {o.name for o in all_rows}]
     todo = variants(all_rows)
     if args.list:
         for name, overrides in todo.items():
