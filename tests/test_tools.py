@@ -322,3 +322,51 @@ def test_an_experiment_restored_whole_from_the_run_cache_points_at_the_runs_with
     monkeypatch.setattr(exps, "experiment_params", lambda name: params)
     assert exps.mlflow_parent_runs(["study-default-s0"]) == {"study-default-s0": [made.info.run_id]}
     assert exps.mlflow_parent_minutes(["study-default-s0"])["study-default-s0"] >= 0
+
+
+def _report(shift: float = 0.0, contrast_shift: float = 0.0) -> dict:
+    models = {m: {"fd": 0.13 + shift, "kid": 0.001 + shift / 2, "heldout_loss": 0.082 + shift / 10}
+              for m in ("pretrained", "shared", "merged")}
+    return {"models": models, "contrasts": {"merged_minus_shared": {
+        "fd": 0.007 + contrast_shift, "heldout_loss": {"delta": -0.00003 + contrast_shift / 10}}}}
+
+
+def test_tolerances_are_twice_the_largest_shift_of_a_perturbed_run_per_key():
+    from tools import tolerances
+
+    assert tolerances.round_up(0.00123) == pytest.approx(0.0013)
+    assert tolerances.round_up(0.0029) == pytest.approx(0.0029) and tolerances.round_up(0.0) == 0.0
+    old = {"fd": {"abs": 1.0}, "kid": {"abs": 1.0}, "heldout_loss": {"abs": 1.0},
+           "contrasts.merged_minus_shared.fd": {"abs": 1.0}, "contrasts.merged_minus_shared.heldout_loss": {"abs": 1.0}}
+    runs = {"avx2": _report(0.004, 0.0002), "one-thread": _report(-0.005, 0.003)}
+    new, evidence = tolerances.derive(_report(), runs, old, factor=2.0, floor=1e-5)
+    assert set(new) == set(old)
+    assert new["fd"]["abs"] == pytest.approx(0.01)  # 2 x 0.005 (one-thread), every model moved alike
+    assert new["kid"]["abs"] == pytest.approx(0.005)
+    assert new["contrasts.merged_minus_shared.fd"]["abs"] == pytest.approx(0.006)  # its own key, not "fd"
+    assert new["contrasts.merged_minus_shared.heldout_loss"]["abs"] == pytest.approx(0.0006)
+    assert evidence["per_key"]["fd"]["run"] == "one-thread"
+    assert evidence["per_run"]["avx2"]["models.merged.fd"] == pytest.approx(0.004)
+    # a bit-exact perturbation still leaves a floor, never a zero tolerance
+    same, _ = tolerances.derive(_report(), {"avx2": _report()}, old, floor=1e-5)
+    assert all(v["abs"] == 1e-5 for v in same.values())
+
+
+def test_the_tolerances_command_writes_both_files_and_names_a_report_that_lacks_a_metric(tmp_path, monkeypatch, capsys):
+    from tools import tolerances
+
+    monkeypatch.setattr(tolerances, "committed", lambda path, rev: _report())
+    tol = tmp_path / "tolerances.json"
+    tol.write_text(json.dumps({"fd": {"abs": 1}, "kid": {"abs": 1}, "heldout_loss": {"abs": 1},
+                               "contrasts.merged_minus_shared.fd": {"abs": 1}}))
+    run = tmp_path / "run.json"
+    run.write_text(json.dumps(_report(0.002, 0.001)))
+    evidence = tmp_path / "evidence.json"
+    assert tolerances.main(["--current", str(run), "--tolerances", str(tol), "--evidence", str(evidence)]) == 0
+    assert json.loads(tol.read_text())["fd"]["abs"] == pytest.approx(0.004)
+    assert json.loads(evidence.read_text())["per_key"]["fd"]["run"] == str(run)
+    broken = _report()
+    del broken["models"]["merged"]["kid"]
+    run.write_text(json.dumps(broken))
+    assert tolerances.main(["--current", str(run), "--tolerances", str(tol), "--evidence", str(evidence)]) == 2
+    assert "kid" in capsys.readouterr().err

@@ -62,11 +62,11 @@ def gated_metrics(comparison: dict) -> dict[str, float]:
     return out
 
 
-def _tolerance(name: str, tolerances: dict, source: str) -> dict:
-    # the full name first ("contrasts.merged_minus_shared.fd"), then the metric alone ("fd")
+def tolerance_key(name: str, tolerances: dict, source: str = "tolerances") -> str:
+    """The key of ``tolerances`` that governs metric ``name``: its full name first, then the metric alone."""
     for key in (name, name.rsplit(".", 1)[-1]):
         if key in tolerances:
-            return tolerances[key]
+            return key
     raise MissingInputError(f"{source}: no tolerance for '{name}' (add '{name.rsplit('.', 1)[-1]}')")
 
 
@@ -76,7 +76,7 @@ def compare(current: dict[str, float], reference: dict[str, float], tolerances: 
     for name, ref in sorted(reference.items()):
         if name not in current:
             raise MissingInputError(f"the current run lacks metric '{name}' that the reference gates")
-        tol = _tolerance(name, tolerances, source)
+        tol = tolerances[tolerance_key(name, tolerances, source)]
         allowed = max(float(tol.get("abs", 0.0)), float(tol.get("rel", 0.0)) * abs(ref))
         rows.append(Row(name, ref, current[name], allowed))
     return rows
