@@ -198,6 +198,8 @@ def test_study_rows_keep_the_compute_and_seeds_the_issue_asks_for():
     assert study.experiment_name(by_name["ensemble-n8"], 0, rows) == "study-deme-n8-s0"
     assert len(study.variants(rows)) == 22  # 16 for the paper's rows, 2 x 3 seeds for the automatic partitions
     assert len(study.variants([r for r in rows if not r.beyond])) == 16  # make study: the paper's rows only
+    order = list(study.variants(rows))
+    assert order.index("study-deme-n4-affinity-s0") < order.index("study-deme-n4-snr-s1")  # seed 0 of every row first
     assert by_name["deme-n4-affinity"].versus == "deme-n4" and by_name["deme-n4-affinity"].seeds == (0, 1, 2)
 
 

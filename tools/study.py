@@ -104,10 +104,12 @@ def experiment_name(row: Row, seed: int, all_rows: list[Row]) -> str:
 
 
 def variants(all_rows: list[Row]) -> dict[str, dict]:
+    """Every experiment once, seed 0 of every row first: an interrupted study has one seed of each row."""
     out = {}
-    for row in all_rows:
-        for seed in row.seeds:
-            out.setdefault(experiment_name(row, seed, all_rows), {**row.overrides, "seed": seed})
+    for seed in sorted({s for row in all_rows for s in row.seeds}):
+        for row in all_rows:
+            if seed in row.seeds:
+                out.setdefault(experiment_name(row, seed, all_rows), {**row.overrides, "seed": seed})
     return out
 
 
