@@ -372,3 +372,16 @@ def test_the_tolerances_command_writes_both_files_and_names_a_report_that_lacks_
     run.write_text(json.dumps(broken))
     assert tolerances.main(["--current", str(run), "--tolerances", str(tol), "--evidence", str(evidence)]) == 2
     assert "kid" in capsys.readouterr().err
+
+
+def test_a_partial_study_reports_each_row_on_its_finished_seeds(monkeypatch):
+    from tools import study
+
+    finished = {"study-default-s0", "study-default-s1", "study-deme-n4-snr-s0"}
+    monkeypatch.setattr(study.exps, "experiment_file",
+                        lambda name, path=study.exps.REPORT: {"models": {}} if name in finished else None)
+    rows = [r for r in study.rows(800) if r.name in ("deme-n4", "deme-n4-snr", "deme-n4-affinity")]
+    kept, missing = study.finished_seeds(rows)
+    assert {r.name: r.seeds for r in kept} == {"deme-n4": (0, 1), "deme-n4-snr": (0,)}
+    assert "study-deme-n4-affinity-s0" in missing and "study-default-s2" in missing
+    assert "study-deme-n4-snr-s0" not in missing

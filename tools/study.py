@@ -23,6 +23,7 @@ t-interval when a row has several.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import math
 import sys
@@ -111,6 +112,18 @@ def variants(all_rows: list[Row]) -> dict[str, dict]:
             if seed in row.seeds:
                 out.setdefault(experiment_name(row, seed, all_rows), {**row.overrides, "seed": seed})
     return out
+
+
+def finished_seeds(all_rows: list[Row]) -> tuple[list[Row], list[str]]:
+    """Each row cut to the seeds whose experiment finished (rows with none dropped), and the unfinished names."""
+    kept, missing = [], set()
+    for row in all_rows:
+        names = {seed: experiment_name(row, seed, all_rows) for seed in row.seeds}
+        done = tuple(seed for seed, name in names.items() if exps.experiment_file(name) is not None)
+        missing |= {name for seed, name in names.items() if seed not in done}
+        if done:
+            kept.append(dataclasses.replace(row, seeds=done))
+    return kept, sorted(missing)
 
 
 def _features(name: str, model: str) -> np.ndarray:
@@ -268,6 +281,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     exps.add_baseline_argument(ap)
     ap.add_argument("--list", action="store_true")
     ap.add_argument("--only", nargs="+", help="run only these rows")
+    ap.add_argument("--partial", action="store_true",
+                    help="with --collect-only: report each row on the seeds that finished, leave out rows with none")
     ap.add_argument("--beyond", action="store_true",
                     help="also the rows beyond the paper: the automatic partitions (snr, affinity), 3 seeds each")
     ap.add_argument("--out", type=Path, default=Path("reports"))
@@ -287,6 +302,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     try:
         if not args.collect_only:
             exps.run_all(todo)
+        if args.partial:
+            all_rows, missing = finished_seeds(all_rows)
+            for name in missing:
+                logging.warning("not finished, left out of the report: %s", name)
         from stages.common import load_reference
 
         reference = load_reference()["train"]
