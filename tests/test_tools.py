@@ -186,7 +186,7 @@ def test_study_rows_keep_the_compute_and_seeds_the_issue_asks_for():
     assert {"shared", "shared-snr_plus_one", "shared-trunc_snr", "shared-min_snr", "shared-p2", "shared-projection",
             "deme-n2", "deme-n4", "deme-n8", "deme-n8-p", "deme-n8-p-consistency", "deme-n4-p",
             "deme-n4-p-consistency", "deme-n4-weights-authors", "deme-n4-weights-searched", "ensemble-n4",
-            "ensemble-n8", "deme-n4-snr", "deme-n4-affinity"} <= names
+            "ensemble-n8", "deme-n4-snr", "deme-n4-affinity", "deme-n4-weights-distill"} <= names
     for r in rows:  # N x steps is the same for every row: one shared baseline serves all
         n = len(r.overrides.get("partition.ranges", [0, 1, 2, 3]))
         assert n * r.overrides.get("finetune.steps", total // 4) == total, r.name
@@ -196,7 +196,7 @@ def test_study_rows_keep_the_compute_and_seeds_the_issue_asks_for():
     assert study.experiment_name(rows[0], 1, rows) == "study-default-s1"
     by_name = {r.name: r for r in rows}
     assert study.experiment_name(by_name["ensemble-n8"], 0, rows) == "study-deme-n8-s0"
-    assert len(study.variants(rows)) == 22  # 16 for the paper's rows, 2 x 3 seeds for the automatic partitions
+    assert len(study.variants(rows)) == 25  # 16 for the paper's rows, 3 x 3 seeds beyond it
     assert len(study.variants([r for r in rows if not r.beyond])) == 16  # make study: the paper's rows only
     order = list(study.variants(rows))
     assert order.index("study-deme-n4-affinity-s0") < order.index("study-deme-n4-snr-s1")  # seed 0 of every row first

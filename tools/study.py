@@ -3,7 +3,7 @@
     python -m tools.study                  # queue every missing row, run, write reports/study.{md,json,png}
     python -m tools.study --collect-only   # only read the finished experiments
     python -m tools.study --list           # the rows and their overrides
-    python -m tools.study --beyond         # also the automatic partitions (snr, affinity; 3 seeds each)
+    python -m tools.study --beyond         # also the automatic partitions and distilled weights (3 seeds each)
 
 Every row is one or more DVC experiments (``study-<row>-s<seed>``) on top of
 params.yaml, run one at a time by DVC's queue; the run-cache restores what a
@@ -52,7 +52,7 @@ class Row:
     group: str = ""
     paper_fid: Optional[float] = None  # the same as a number (CIFAR-10 FID), for the relative change
     versus: Optional[str] = None  # another row (same model, same seeds) to contrast with, paired, besides shared
-    beyond: bool = False  # beyond the paper (issue #10's automatic partitions): only with --beyond
+    beyond: bool = False  # beyond the paper (issue #10: automatic partitions, learned weights): only with --beyond
 
 
 PAPER_SHARED_FID = 4.40  # the paper's N = 1 shared fine-tune on CIFAR-10 (Table 3): its rows' reference
@@ -92,6 +92,8 @@ def rows(total_steps: int) -> list[Row]:
         *[Row(f"deme-n4-{method}", "merged", {"partition.method": method}, SEEDS, None, partition, versus="deme-n4",
               beyond=True)
           for method in ("snr", "affinity")],
+        Row("deme-n4-weights-distill", "merged", {"merge.search.strategy": "distill"}, SEEDS, None,
+            "Beyond the paper: merge weights learned by distillation (N = 4)", versus="deme-n4", beyond=True),
     ]
     return out
 
@@ -284,7 +286,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--partial", action="store_true",
                     help="with --collect-only: report each row on the seeds that finished, leave out rows with none")
     ap.add_argument("--beyond", action="store_true",
-                    help="also the rows beyond the paper: the automatic partitions (snr, affinity), 3 seeds each")
+                    help="also the rows beyond the paper: the automatic partitions (snr, affinity) and the "
+                         "distilled merge weights, 3 seeds each")
     ap.add_argument("--out", type=Path, default=Path("reports"))
     ap.add_argument("--results", type=Path, help="also write the rows as a list here (docs/results/study.json)")
     args = ap.parse_args(argv)
