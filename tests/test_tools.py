@@ -149,6 +149,21 @@ def test_run_variants_restarts_a_worker_that_stopped_with_experiments_queued(mon
     assert starts == [1, 1]  # the first start, and one restart after two idle polls (not after one)
 
 
+def test_a_tool_started_beside_a_live_worker_starts_no_second_one(monkeypatch):
+    # `dvc queue start` beside a live worker starts another of the same name: two pipelines on two cores
+    listing = "Task  Name  Created  Status\nab12  a  09:40 AM  Running\n\nWorker status: {} active, {} idle\n"
+    starts = []
+    monkeypatch.setattr(exps, "start_workers", lambda jobs: starts.append(jobs))
+    for busy, idle, started in ((1, 0, []), (0, 1, []), (0, 0, [1])):
+        starts.clear()
+        monkeypatch.setattr(exps, "_dvc", lambda *args, text=listing.format(busy, idle), **kw: text)
+        assert exps.live_workers() == busy + idle
+        exps.ensure_workers(1)
+        assert starts == started
+    monkeypatch.setattr(exps, "_dvc", lambda *args, **kw: "")  # nothing printed: no worker
+    assert exps.live_workers() == 0
+
+
 def test_baseline_argument_points_the_tools_at_an_older_commit(monkeypatch):
     import argparse
 

@@ -185,7 +185,7 @@ def run_variants(variants: dict[str, dict[str, Any]], jobs: int = 1, poll: float
         return status
     if jobs > 1:  # each worker gets its share of the cores (dtm_core.distributed)
         os.environ.setdefault(THREADS_ENV, str(max(1, (os.cpu_count() or 1) // jobs)))
-    start_workers(jobs)
+    ensure_workers(jobs)
     started = time.time()
     idle_polls = 0
     while True:
@@ -199,7 +199,7 @@ def run_variants(variants: dict[str, dict[str, Any]], jobs: int = 1, poll: float
         idle_polls = idle_polls + 1 if not any(current.get(n) == "Running" for n in todo) else 0
         if idle_polls >= 2:
             log.info("no experiment running but %d queued: restarting the queue's worker", len(waiting))
-            start_workers(jobs)
+            ensure_workers(jobs)
             idle_polls = 0
         log.info("%d of %d variants left (%.0f min)", len(waiting), len(todo), (time.time() - started) / 60)
         time.sleep(poll)
@@ -207,6 +207,19 @@ def run_variants(variants: dict[str, dict[str, Any]], jobs: int = 1, poll: float
     for name in todo:
         status[name] = "Success" if experiment_file(name) is not None else current.get(name, "Failed")
     return status
+
+
+def live_workers() -> int:
+    """The queue's live workers, busy or idle, as ``dvc queue status`` counts them (0 when it says nothing)."""
+    m = re.search(r"Worker status:\s*(\d+) active,\s*(\d+) idle", _dvc("queue", "status"))
+    return int(m.group(1)) + int(m.group(2)) if m else 0
+
+
+def ensure_workers(jobs: int) -> None:
+    """Start the queue's workers unless they run: `dvc queue start` beside a live worker starts a second one
+    of the same name, and two pipelines then share the two cores (each many times slower)."""
+    if live_workers() < jobs:
+        start_workers(jobs)
 
 
 def start_workers(jobs: int) -> None:
