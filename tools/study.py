@@ -295,8 +295,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     params = yaml.safe_load(Path("params.yaml").read_text())
     total = len(params["partition"]["ranges"]) * params["finetune"]["steps"]
     all_rows = [r for r in rows(total) if (args.beyond or not r.beyond) and (not args.only or r.name in args.only)]
-    if any(r.versus and r.versus not in {o.name for o in all_rows} for r in all_rows):
-        all_rows += [r for r in rows(total) if r.name in {o.versus for o in all_rows} - {o.name for o in all_rows}]
+    all_rows += [r for r in rows(total) if r.name in {o.versus for o in all_rows} - {o.name for o in all_rows}]
     todo = variants(all_rows)
     if args.list:
         for name, overrides in todo.items():
