@@ -164,6 +164,24 @@ def test_a_tool_started_beside_a_live_worker_starts_no_second_one(monkeypatch):
     assert exps.live_workers() == 0
 
 
+def test_the_queue_workers_get_an_absolute_python_when_it_was_found_through_a_relative_path():
+    # PATH=.venv/bin:... makes sys.executable relative; the workers run in .dvc/tmp/exps/<dir>, where
+    # a relative python is not found and the stages fell back to a python without torch
+    import os
+    import sys
+
+    venv_bin = Path(sys.executable).parent
+    relative = os.path.relpath(venv_bin)
+    env = {**os.environ, "PATH": os.pathsep.join([relative, os.environ.get("PATH", "")])}
+    code = ("import os, sys; from tools import exps; "
+            "print(sys.executable); print(exps.DVC[0]); print(os.environ['PATH'])")
+    out = subprocess.run(["python", "-c", code], env=env,
+                         capture_output=True, text=True, check=True).stdout.splitlines()
+    assert not os.path.isabs(out[0])  # the case this guards against: sys.executable came out relative
+    assert os.path.isabs(out[1]) and Path(out[1]).parent == venv_bin
+    assert out[2].split(os.pathsep)[0] == str(venv_bin)
+
+
 def test_baseline_argument_points_the_tools_at_an_older_commit(monkeypatch):
     import argparse
 

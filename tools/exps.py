@@ -35,9 +35,12 @@ class ExperimentError(DtmError):
     """A DVC experiment could not be queued, failed, or left no results."""
 
 
-DVC = [sys.executable, "-m", "dvc"]  # this environment's DVC, whatever PATH says
+# sys.executable is relative when python was found through a relative PATH entry (PATH=.venv/bin:...),
+# and the queue's workers run in another directory: make it absolute.
+PYTHON = os.path.abspath(sys.executable)
+DVC = [PYTHON, "-m", "dvc"]  # this environment's DVC, whatever PATH says
 # The queue's workers run the stages' `python -m stages.<name>` through the shell: it must be this python.
-os.environ["PATH"] = os.pathsep.join([os.path.dirname(sys.executable), os.environ.get("PATH", "")])
+os.environ["PATH"] = os.pathsep.join([os.path.dirname(PYTHON), os.environ.get("PATH", "")])
 
 
 def _dvc(*args: str, timeout: float = 600) -> str:

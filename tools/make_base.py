@@ -49,7 +49,7 @@ def train_base(workdir: Path) -> Path:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")])),
            "MLFLOW_TRACKING_URI": os.environ.get("MLFLOW_TRACKING_URI") or tracking_uri()}
     for stage in ("prepare", "pretrain"):
-        proc = subprocess.run([sys.executable, "-m", f"stages.{stage}"], cwd=workdir, env=env)
+        proc = subprocess.run([os.path.abspath(sys.executable), "-m", f"stages.{stage}"], cwd=workdir, env=env)
         if proc.returncode != 0:
             raise SystemExit(f"make_base: stage {stage} failed (exit {proc.returncode})")
     return workdir / "models" / "pretrained"
