@@ -145,21 +145,34 @@ def _across_seeds(deltas: list[float], single_ci: list[float]) -> list[float]:
     return [mean - half, mean + half]
 
 
+def _paired_fd(a: tuple[str, str], b: tuple[str, str], reference: np.ndarray, rounds: int,
+               seed: int) -> tuple[float, list[float], float]:
+    """FD(a) − FD(b) for (experiment, model) pairs sampled from the same test noise, its paired bootstrap
+    interval (both resampled with the same indices), and FD(b)."""
+    fa, fb = _features(*a), _features(*b)
+    fd = distances.frechet_distance
+    fd_b = fd(fb, reference)
+    delta = fd(fa, reference) - fd_b
+    return delta, list(distances.bootstrap_ci(fa, reference, fd, rounds, seed=seed, estimate=delta,
+                                              paired_with=fb)), fd_b
+
+
+def _percent(value: float, reference: float) -> float:
+    return 100.0 * (value - reference) / reference
+
+
 def _versus(row: Row, all_rows: list[Row], reference: np.ndarray, rounds: int) -> dict:
     """FD of ``row`` minus FD of ``row.versus`` (same model), paired per seed on the same test noise."""
     other = next(r for r in all_rows if r.name == row.versus)
-    fd = distances.frechet_distance
     deltas, losses, per_seed = [], [], []
     for seed in row.seeds:
         name, other_name = experiment_name(row, seed, all_rows), experiment_name(other, seed, all_rows)
-        a, b = _features(name, row.model), _features(other_name, other.model)
-        delta = fd(a, reference) - fd(b, reference)
-        ci = distances.bootstrap_ci(a, reference, fd, rounds, seed=seed, estimate=delta, paired_with=b)
+        delta, ci, _ = _paired_fd((name, row.model), (other_name, other.model), reference, rounds, seed)
         loss_a = exps.experiment_file(name)["models"][row.model]["heldout_loss"]
         loss_b = exps.experiment_file(other_name)["models"][other.model]["heldout_loss"]
         deltas.append(delta)
-        losses.append(100.0 * (loss_a - loss_b) / loss_b)
-        per_seed.append({"seed": seed, "delta_fd": delta, "delta_fd_ci": list(ci),
+        losses.append(_percent(loss_a, loss_b))
+        per_seed.append({"seed": seed, "delta_fd": delta, "delta_fd_ci": ci,
                          "delta_heldout_loss_pct": losses[-1]})
     return {"row": other.name, "model": other.model, "delta_fd": float(np.mean(deltas)),
             "delta_fd_ci": _across_seeds(deltas, per_seed[0]["delta_fd_ci"]),
@@ -179,21 +192,16 @@ def row_result(row: Row, all_rows: list[Row], reference: np.ndarray, rounds: int
         baseline = exps.experiment_file(baseline_name)
         if baseline is None:
             raise exps.ExperimentError(f"experiment '{baseline_name}' (the shared baseline) has no {exps.REPORT}")
-        shared_loss = baseline["models"]["shared"]["heldout_loss"]
-        loss_relative.append(100.0 * (m["heldout_loss"] - shared_loss) / shared_loss)
+        loss_relative.append(_percent(m["heldout_loss"], baseline["models"]["shared"]["heldout_loss"]))
         fd_values.append(m["fd"])
         kid_values.append(m["kid"])
         loss_values.append(m["heldout_loss"])
-        a, b = _features(name, row.model), _features(baseline_name, "shared")
-        fd = distances.frechet_distance
-        shared_fd = fd(b, reference)
-        delta = fd(a, reference) - shared_fd
-        ci = distances.bootstrap_ci(a, reference, fd, rounds, seed=seed, estimate=delta, paired_with=b)
+        delta, ci, shared_fd = _paired_fd((name, row.model), (baseline_name, "shared"), reference, rounds, seed)
         deltas.append(delta)
         relative.append(100.0 * delta / shared_fd)
         per_seed.append({"seed": seed, "experiment": name, "commit": exps.experiment_commit(name),
                          "fd": m["fd"], "kid": m["kid"],
-                         "heldout_loss": m["heldout_loss"], "delta_fd_vs_shared": delta, "delta_fd_ci": list(ci),
+                         "heldout_loss": m["heldout_loss"], "delta_fd_vs_shared": delta, "delta_fd_ci": ci,
                          "mlflow_runs": runs.get(name, []), "minutes": (minutes or {}).get(name)})
     k = len(row.seeds)
     mean_delta = float(np.mean(deltas))
