@@ -175,7 +175,7 @@ def test_the_queue_workers_get_an_absolute_python_when_it_was_found_through_a_re
     env = {**os.environ, "PATH": os.pathsep.join([relative, os.environ.get("PATH", "")])}
     code = ("import os, sys; from tools import exps; "
             "print(sys.executable); print(exps.DVC[0]); print(os.environ['PATH'])")
-    out = subprocess.run(["python", "-c", code], env=env,
+    out = subprocess.run([Path(sys.executable).name, "-c", code], env=env,  # found through PATH, no slash
                          capture_output=True, text=True, check=True).stdout.splitlines()
     assert not os.path.isabs(out[0])  # the case this guards against: sys.executable came out relative
     assert os.path.isabs(out[1]) and Path(out[1]).parent == venv_bin
