@@ -108,6 +108,18 @@ def test_seed_summary_means_stds_and_contrast_counts():
     assert "5.2000 ± 0.2000" in text and "| merged − shared | -0.2000 ± 0.2000 | 2 | 0 |" in text
 
 
+def test_seed_settings_drop_the_last_seed_and_name_each_fine_tunes_learning_rate():
+    import yaml
+
+    params = yaml.safe_load((Path(__file__).resolve().parents[1] / "params.yaml").read_text())
+    params["finetune"].update(lr=5e-5, shared_lr=None)
+    settings = seeds.common_settings({"seed": 2, "num_ranges": 4}, params)
+    assert settings == {"num_ranges": 4, "finetune_lr": 5e-5, "shared_lr": 5e-5}
+    params["finetune"]["shared_lr"] = 2e-4
+    assert seeds.common_settings({"seed": 0}, params)["shared_lr"] == 2e-4
+    assert seeds.common_settings({"seed": 0, "ddim_steps": 50}, None) == {"ddim_steps": 50}
+
+
 def test_set_arguments_are_yaml():
     from tools.exps import set_args
 

@@ -50,6 +50,19 @@ def seed_row(seed: int, comparison: dict, mlflow_runs: list[str]) -> dict:
     return row
 
 
+def common_settings(settings: dict, params: Optional[dict]) -> dict:
+    """What every seed's run shares: the report's settings less its seed, plus the fine-tunes' learning
+    rates (the report does not record them, and after a change of default the overrides no longer do)."""
+    out = {k: v for k, v in settings.items() if k != "seed"}
+    if params is not None:
+        from dtm_core.config import parse_params
+
+        finetune = parse_params(params, "params.yaml").finetune
+        out["finetune_lr"] = finetune.lr
+        out["shared_lr"] = finetune.shared_lr if finetune.shared_lr is not None else finetune.lr
+    return out
+
+
 def summarise(rows: list[dict], settings: dict) -> dict:
     models = [k for k in rows[0] if isinstance(rows[0][k], dict) and "fd" in rows[0][k] and k not in CONTRASTS]
     summary = {m: {k: mean_std([r[m][k] for r in rows]) for k in MODEL_METRICS} for m in models}
@@ -70,7 +83,8 @@ def render(result: dict) -> str:
     lines = ["# The default comparison over training seeds", "",
              f"Seeds {result['seeds']}; {s.get('num_ranges')} ranges x {s.get('finetune_steps_per_range')} steps vs "
              f"a shared fine-tune of {s.get('shared_steps')} steps; {s.get('num_samples')} samples x "
-             f"{s.get('noise_seeds')} noise seed(s), DDIM {s.get('ddim_steps')}. Mean ± std over seeds.", "",
+             f"{s.get('noise_seeds')} noise seed(s), DDIM {s.get('ddim_steps')}; learning rates: range fine-tunes "
+             f"{s.get('finetune_lr')}, shared {s.get('shared_lr')}. Mean ± std over seeds.", "",
              "| model | FD | KID | held-out loss | memorised |", "|---|---|---|---|---|"]
     for model, m in result["summary"].items():
         lines.append(f"| {model} | {m['fd']['mean']:.4f} ± {m['fd']['std']:.4f} | {m['kid']['mean']:.5f} ± "
@@ -138,7 +152,7 @@ def main(argv: Optional[list[str]] = None) -> int:
             comparison = exps.experiment_file(name)
             if comparison is None:
                 raise exps.ExperimentError(f"experiment '{name}' has no {exps.REPORT} on this commit: run it first")
-            settings = comparison["settings"]
+            settings = common_settings(comparison["settings"], exps.experiment_params(name))
             rows.append(seed_row(overrides_s["seed"], comparison, runs.get(name, [])))
         result = summarise(rows, {**settings, "overrides": overrides})
     except DtmError as exc:
