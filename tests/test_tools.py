@@ -369,6 +369,11 @@ def test_an_experiment_restored_whole_from_the_run_cache_points_at_the_runs_with
     monkeypatch.setattr(exps, "experiment_params", lambda name: params)
     assert exps.mlflow_parent_runs(["study-default-s0"]) == {"study-default-s0": [made.info.run_id]}
     assert exps.mlflow_parent_minutes(["study-default-s0"])["study-default-s0"] >= 0
+    # a run of the same name under an earlier default's params is not this experiment's
+    client.create_run(exp_id, run_name="seeds-1", tags={"dtm.kind": "pipeline", "dtm.params_digest": "1" * 16})
+    assert exps.mlflow_parent_runs(["seeds-1"]) == {"seeds-1": [made.info.run_id]}
+    mine = client.create_run(exp_id, run_name="seeds-1", tags={"dtm.kind": "pipeline", "dtm.params_digest": digest})
+    assert exps.mlflow_parent_runs(["seeds-1"]) == {"seeds-1": [mine.info.run_id]}
 
 
 def _report(shift: float = 0.0, contrast_shift: float = 0.0) -> dict:

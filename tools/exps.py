@@ -266,8 +266,8 @@ def _parent_runs(names: Iterable[str]) -> dict[str, list]:
     """Experiment name -> the MLflow parent runs of its pipeline runs (newest first)."""
     from mlflow.tracking import MlflowClient
 
-    from dtm_core.config import load_params
-    from dtm_core.tracking import tracking_uri
+    from dtm_core.config import load_params, parse_params
+    from dtm_core.tracking import params_digest, tracking_uri
 
     params = load_params("params.yaml")
     client = MlflowClient(tracking_uri(params))
@@ -277,16 +277,15 @@ def _parent_runs(names: Iterable[str]) -> dict[str, list]:
         if exp is None:
             out[name] = []
             continue
+        # a name is reused (seeds-1 of an earlier default): only the runs with this experiment's params count
+        committed = experiment_params(name)
+        digest = params_digest(parse_params(committed, name)) if committed is not None else None
+        same = f" and tags.`dtm.params_digest` = '{digest}'" if digest else ""
         out[name] = client.search_runs([exp.experiment_id], filter_string=(
-            f"attributes.run_name = '{name}' and tags.`dtm.kind` = 'pipeline'"), order_by=["start_time DESC"])
-        committed = None if out[name] else experiment_params(name)
-        if committed is not None:
+            f"attributes.run_name = '{name}' and tags.`dtm.kind` = 'pipeline'{same}"), order_by=["start_time DESC"])
+        if not out[name] and digest:
             # every stage came from DVC's run-cache, so this experiment started no run: the runs that
             # made its outputs are the pipeline runs with the same params (make seeds', the default's)
-            from dtm_core.config import parse_params
-            from dtm_core.tracking import params_digest
-
-            digest = params_digest(parse_params(committed, name))
             out[name] = client.search_runs([exp.experiment_id], filter_string=(
                 f"tags.`dtm.params_digest` = '{digest}' and tags.`dtm.kind` = 'pipeline'"),
                 order_by=["start_time DESC"])
