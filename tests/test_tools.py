@@ -388,6 +388,10 @@ def test_tolerances_are_twice_the_largest_shift_of_a_perturbed_run_per_key():
 
     assert tolerances.round_up(0.00123) == pytest.approx(0.0013)
     assert tolerances.round_up(0.0029) == pytest.approx(0.0029) and tolerances.round_up(0.0) == 0.0
+    name = next(iter(tolerances.PERTURBATIONS))
+    assert tolerances.run_label(Path(f"/tmp/w/{name}/reports/comparison.json")) == name
+    assert tolerances.run_label(Path("/tmp/w/x/reports/comparison.json")) == "/tmp/w/x/reports/comparison.json"
+    assert tolerances.round_up(0.00419) == 0.0042 and tolerances.round_up(0.2) == 0.2  # exact, as written
     old = {"fd": {"abs": 1.0}, "kid": {"abs": 1.0}, "heldout_loss": {"abs": 1.0},
            "contrasts.merged_minus_shared.fd": {"abs": 1.0}, "contrasts.merged_minus_shared.heldout_loss": {"abs": 1.0}}
     runs = {"avx2": _report(0.004, 0.0002), "one-thread": _report(-0.005, 0.003)}

@@ -53,7 +53,7 @@ def round_up(x: float, digits: int = 2) -> float:
     if x <= 0:
         return 0.0
     scale = 10 ** (math.floor(math.log10(x)) - digits + 1)
-    return math.ceil(x / scale - 1e-9) * scale
+    return float(f"{math.ceil(x / scale - 1e-9) * scale:.{digits}g}")  # 0.0042, not 0.004200000000000001
 
 
 def shifts(reference: dict, runs: dict[str, dict]) -> dict[str, dict[str, float]]:
@@ -97,6 +97,13 @@ def perturbed_run(name: str, env: dict[str, str], workdir: Path) -> tuple[dict, 
     return read_json(clone / REPORT, f"{name} report"), seconds
 
 
+def run_label(path: Path) -> str:
+    """A report of ``--run``'s clones (``<workdir>/<perturbation>/reports/comparison.json``) keeps its
+    perturbation's name; any other report is named by its path."""
+    clone = path.resolve().parent.parent.name
+    return clone if path.parent.name == "reports" and clone in PERTURBATIONS else str(path)
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m tools.tolerances", description=__doc__.split("\n\n")[0])
     ap.add_argument("--run", action="store_true", help="run the perturbations in fresh clones of HEAD")
@@ -113,7 +120,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     try:
         reference = committed(REPORT, args.rev)
         old = read_json(args.tolerances, "regression tolerances")
-        runs = {str(path): read_json(path, "perturbed report") for path in args.current}
+        runs = {run_label(path): read_json(path, "perturbed report") for path in args.current}
         seconds = {}
         if args.run:
             workdir = args.workdir or Path(tempfile.mkdtemp(prefix="dtm-tolerances-"))
