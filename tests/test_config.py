@@ -104,7 +104,8 @@ def test_derive_seed_stable_and_distinct():
 
 def test_flatten_dotted(default_params_dict):
     flat = flatten(parse_params(default_params_dict))
-    assert flat["finetune.lr"] == pytest.approx(2e-4)
+    assert flat["finetune.lr"] == pytest.approx(default_params_dict["finetune"]["lr"])
+    assert flat["finetune.shared_lr"] == pytest.approx(default_params_dict["finetune"]["shared_lr"])
     assert flat["evaluate.classifier.feature_dim"] == 64
     assert flat["seed"] == 0
     assert not any(isinstance(v, dict) for v in flat.values())

@@ -16,7 +16,8 @@ from dtm_core.io import dir_digest
 
 UPSTREAM = [("prepare", ()), ("pretrain", ()), ("partition", ())]
 # enough steps for EMA and AdamW to move the weights, a checkpoint on the way
-OVERRIDES = {"finetune.steps": 12, "finetune.checkpoint_every": 5, "finetune.batch_size": 16}
+# the test's own lr (not params.yaml's): 12 steps must move the weights far above float noise
+OVERRIDES = {"finetune.steps": 12, "finetune.checkpoint_every": 5, "finetune.batch_size": 16, "finetune.lr": 2e-4}
 
 
 def test_thread_share_reads_the_environment(monkeypatch):
