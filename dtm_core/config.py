@@ -162,6 +162,10 @@ class FinetuneConfig(OptimConfig):
     consistency_weight: float = Field(1.0, ge=0.0)
     channel_projection: bool = True
 
+    @property
+    def shared(self) -> "FinetuneConfig":
+        """The shared baseline's recipe: this one at ``shared_lr`` where that is set."""
+        return self if self.shared_lr is None else self.model_copy(update={"lr": self.shared_lr})
 
 
 class SearchConfig(_Section):

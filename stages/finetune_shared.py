@@ -22,9 +22,7 @@ from stages.finetune import finish, load_inputs
 
 
 def finetune_shared(params: Params, run=NullRun()) -> dict:
-    ft = params.finetune
-    if ft.shared_lr is not None:
-        ft = ft.model_copy(update={"lr": ft.shared_lr})
+    ft = params.finetune.shared
     steps = params.num_ranges * ft.steps
     images, base, scheduler = load_inputs()
     ckpt = checkpoint_dir("finetune_shared", params)

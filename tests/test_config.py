@@ -102,6 +102,13 @@ def test_derive_seed_stable_and_distinct():
     assert all(0 <= s < 2**31 for s in seeds)
 
 
+def test_the_shared_recipe_is_the_fine_tune_at_its_own_lr(default_params_dict):
+    ft = parse_params(default_params_dict).finetune
+    assert ft.model_copy(update={"shared_lr": None}).shared.lr == ft.lr
+    shared = ft.model_copy(update={"lr": 1e-4, "shared_lr": 3e-4}).shared
+    assert shared.lr == 3e-4 and shared.steps == ft.steps and shared.weighting == ft.weighting
+
+
 def test_flatten_dotted(default_params_dict):
     flat = flatten(parse_params(default_params_dict))
     assert flat["finetune.lr"] == pytest.approx(default_params_dict["finetune"]["lr"])

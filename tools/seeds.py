@@ -59,7 +59,7 @@ def common_settings(settings: dict, params: Optional[dict]) -> dict:
 
         finetune = parse_params(params, "params.yaml").finetune
         out["finetune_lr"] = finetune.lr
-        out["shared_lr"] = finetune.shared_lr if finetune.shared_lr is not None else finetune.lr
+        out["shared_lr"] = finetune.shared.lr
     return out
 
 
