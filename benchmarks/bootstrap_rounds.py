@@ -46,6 +46,7 @@ from dtm_core.io import write_json  # noqa: E402
 from dtm_core.seeding import derive_seed  # noqa: E402
 from dtm_core.tracking import git_commit  # noqa: E402
 from stages.common import REFERENCE_FILE, SAMPLES_DIR  # noqa: E402
+from stages.report import fd_contrast  # noqa: E402
 
 
 def load_npz(path: Path, rev: Optional[str] = None) -> dict:
@@ -78,14 +79,13 @@ def settings(rev: Optional[str] = None) -> dict:
             "evaluate.bootstrap_rounds": params.evaluate.bootstrap_rounds}
 
 
-def interval(a: np.ndarray, b: np.ndarray, reference: np.ndarray, rounds: int, seed: int,
-             delta: float) -> tuple[float, float]:
-    """The report's paired interval of FD(a) - FD(b) (stages/report.py fd_contrast) at ``rounds`` rounds."""
-    return distances.bootstrap_ci(a, reference, distances.frechet_distance, rounds, seed, delta, paired_with=b)
+def interval(a: np.ndarray, b: np.ndarray, reference: np.ndarray, rounds: int, seed: int) -> list[float]:
+    """The report's own paired interval of FD(a) - FD(b) (stages/report.py fd_contrast) at ``rounds`` rounds."""
+    return fd_contrast({"features": a}, {"features": b}, reference, rounds, seed)["fd_ci"]
 
 
-def half_width(a: np.ndarray, b: np.ndarray, reference: np.ndarray, rounds: int, seed: int, delta: float) -> float:
-    low, high = interval(a, b, reference, rounds, seed, delta)
+def half_width(a: np.ndarray, b: np.ndarray, reference: np.ndarray, rounds: int, seed: int) -> float:
+    low, high = interval(a, b, reference, rounds, seed)
     return (high - low) / 2
 
 
@@ -99,11 +99,11 @@ def measure(pair: tuple[str, str], rounds: list[int], repeats: int, reference_ro
     row = {"contrast": key, "rev": rev or "workspace", "params": settings(rev), "n": len(a), "fd": delta,
            "by_rounds": {}}
     for r in rounds:
-        widths = [half_width(a, b, reference, r, derive_seed(seed, f"{key}-{r}-{i}"), delta) for i in range(repeats)]
+        widths = [half_width(a, b, reference, r, derive_seed(seed, f"{key}-{r}-{i}")) for i in range(repeats)]
         row["by_rounds"][str(r)] = {"repeats": repeats, "mean": float(np.mean(widths)),
                                     "sd": float(np.std(widths, ddof=1)) if repeats > 1 else 0.0,
                                     "min": float(min(widths)), "max": float(max(widths))}
-    low, high = interval(a, b, reference, reference_rounds, derive_seed(seed, f"{key}-reference"), delta)
+    low, high = interval(a, b, reference, reference_rounds, derive_seed(seed, f"{key}-reference"))
     h = (high - low) / 2
     row["half_width"] = {"rounds": reference_rounds, "value": h, "ci": [low, high]}
     row["samples_for_target"] = int(np.ceil(len(a) * (h / target) ** 2))
