@@ -21,7 +21,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from dtm_core.model import load_scheduler, load_unet  # noqa: E402
-from dtm_core.sampling import ddim_scheduler, initial_noise, sample  # noqa: E402
+from dtm_core.sampling import initial_noise, sample, sampling_scheduler  # noqa: E402
 
 
 @torch.inference_mode()
@@ -29,7 +29,7 @@ def one_stream(model, train_scheduler, noise: torch.Tensor, steps: int, batch_si
     """The sampler before inference_map: batches one after another, each over all intra-op threads."""
     out = []
     for start in range(0, len(noise), batch_size):
-        scheduler = ddim_scheduler(train_scheduler, steps)
+        scheduler = sampling_scheduler(train_scheduler, steps)
         x = noise[start : start + batch_size]
         for t in scheduler.timesteps:
             x = scheduler.step(model(x, t).sample, t, x).prev_sample

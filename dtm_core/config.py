@@ -168,7 +168,24 @@ class FinetuneConfig(OptimConfig):
         return self if self.shared_lr is None else self.model_copy(update={"lr": self.shared_lr})
 
 
-class SearchConfig(_Section):
+class _Sampling(_Section):
+    """The sampler of a section that generates images (evaluate, merge.search)."""
+
+    # ddim: DDIMScheduler (first order; eta > 0 adds DDIM's noise). dpmsolver:
+    # DPMSolverMultistepScheduler, DPM-Solver++ of order 2, as exact in fewer
+    # steps (docs/RESULTS.md "A faster sampler"). Both deterministic at eta 0.
+    sampler: Literal["ddim", "dpmsolver"] = "ddim"
+    sampling_steps: int = Field(50, ge=1)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _renamed(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "ddim_steps" in data:
+            raise ValueError("ddim_steps was renamed sampling_steps (the sampler itself is set by 'sampler')")
+        return data
+
+
+class SearchConfig(_Sampling):
     """merge.search: pick the merge weights by scoring candidates on validation samples."""
 
     # none: use merge.weights as given. grid: every combination of `values`
@@ -183,7 +200,6 @@ class SearchConfig(_Section):
     values: list[float] = Field(default_factory=lambda: [0.0, 0.25, 0.5, 0.75, 1.0], min_length=1)
     max_evaluations: int = Field(24, ge=1)  # distinct weight vectors scored, at most
     num_samples: int = Field(500, ge=2)  # validation samples per candidate (one fixed bank of noise)
-    ddim_steps: int = Field(50, ge=1)
     # Successive halving: score every candidate on the first cheap_samples of
     # the bank (null: no cheap round), then re-score the best rescore_top at
     # num_samples; the best full score wins.
@@ -226,7 +242,7 @@ class ClassifierConfig(_Section):
     feature_dim: int = Field(64, ge=2)
 
 
-class EvaluateConfig(_Section):
+class EvaluateConfig(_Sampling):
     # Feature space of FD/KID: "classifier" (the embedded digit classifier) or
     # "inception" (clean-fid's standard mode="clean" Inception, the one
     # comparable with published FIDs; its weight file must be on disk).
@@ -238,8 +254,7 @@ class EvaluateConfig(_Section):
     seed: int = Field(0, ge=0)
     inception_dir: Optional[str] = None  # holds inception-2015-12-05.pt; null: where clean-fid looks (/tmp)
     num_samples: int = Field(8000, ge=2)
-    ddim_steps: int = Field(50, ge=1)
-    eta: float = Field(0.0, ge=0.0, le=1.0)
+    eta: float = Field(0.0, ge=0.0, le=1.0)  # ddim only
     batch_size: int = Field(500, ge=1)
     noise_seeds: int = Field(1, ge=1, le=100)  # repeat the evaluation over this many initial-noise seeds
     bootstrap_rounds: int = Field(50, ge=10)  # resamples for the FD/KID confidence intervals
@@ -261,6 +276,9 @@ class EvaluateConfig(_Section):
 
     @model_validator(mode="after")
     def _enough_samples(self) -> "EvaluateConfig":
+        if self.eta > 0 and self.sampler != "ddim":
+            raise ValueError(f"evaluate.eta ({self.eta}) is DDIM's noise; evaluate.sampler '{self.sampler}' is "
+                             "deterministic: set evaluate.eta 0 or evaluate.sampler ddim")
         dim = self.feature_dim
         if self.num_samples <= dim:
             where = "the Inception features" if self.features == "inception" else "evaluate.classifier.feature_dim"
@@ -270,6 +288,13 @@ class EvaluateConfig(_Section):
                 + (" or lower evaluate.classifier.feature_dim" if self.features == "classifier" else "")
             )
         return self
+
+
+class ReportConfig(_Section):
+    # Resamples of the report's paired intervals (merged - shared, ...). Its own
+    # section so that changing it re-runs only the report stage; 50 rounds gave
+    # intervals 6-17% too narrow (docs/RESULTS.md "Time against power").
+    bootstrap_rounds: int = Field(1000, ge=10)
 
 
 class TrackingConfig(_Section):
@@ -291,6 +316,7 @@ class Params(_Section):
     finetune: FinetuneConfig = Field(default_factory=FinetuneConfig)
     merge: MergeConfig = Field(default_factory=MergeConfig)
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
+    report: ReportConfig = Field(default_factory=ReportConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
 
     @model_validator(mode="after")

@@ -98,15 +98,28 @@ def bootstrap_ci(
     """
     if paired_with is not None and len(paired_with) != len(feats):
         raise ValueError(f"paired bootstrap over {len(feats)} and {len(paired_with)} samples")
+    boot = bootstrap_replicates(feats, reference, statistic, rounds, seed)
+    if paired_with is not None:
+        boot = boot - bootstrap_replicates(paired_with, reference, statistic, rounds, seed)
+    return centred_percentile_ci(boot, estimate, level)
 
-    def stat(idx: np.ndarray) -> float:
-        value = statistic(feats[idx], reference)
-        if paired_with is not None:
-            value -= statistic(paired_with[idx], reference)
-        return value
 
+def bootstrap_replicates(feats: np.ndarray, reference: np.ndarray, statistic: Statistic, rounds: int,
+                         seed: int) -> np.ndarray:
+    """``statistic(feats[idx], reference)`` for ``rounds`` resamples idx drawn from ``seed``.
+
+    The indices depend only on the seed, the round and ``len(feats)``: two
+    models sampled from the same noise and resampled with the same seed are
+    resampled with the same indices, so the difference of their replicates is
+    the paired bootstrap of their difference (each model's replicates can be
+    drawn once and shared by every contrast it enters).
+    """
     rng = np.random.default_rng(seed)
-    boot = np.array([stat(rng.integers(0, len(feats), len(feats))) for _ in range(rounds)])
+    return np.array([statistic(feats[rng.integers(0, len(feats), len(feats))], reference) for _ in range(rounds)])
+
+
+def centred_percentile_ci(boot: np.ndarray, estimate: float, level: float = 0.95) -> tuple[float, float]:
+    """The replicates' percentile spread about their mean, placed around ``estimate`` (see bootstrap_ci)."""
     tail = (1 - level) / 2 * 100
     low, high = np.percentile(boot - boot.mean(), [tail, 100 - tail]) + estimate
     return float(low), float(high)

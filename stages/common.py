@@ -137,7 +137,7 @@ STAGES: dict[str, Stage] = {
         metrics=("metrics/{item}.json",), item="model",
     ),
     "report": Stage(
-        params=("seed", "data.source", "finetune.steps", "evaluate.seed", "evaluate.bootstrap_rounds"),
+        params=("seed", "data.source", "finetune.steps", "evaluate.seed", "report"),
         deps=(str(CLASSIFIER_DIR), str(PARTITION_FILE), str(PARTITION_ANALYSIS_DIR), str(TASK_VECTOR_DIR),
               str(WEIGHTS_FILE), "metrics/classifier.json",
               *(f"{d}/{m}.{ext}" for m in EVAL_MODELS

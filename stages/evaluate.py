@@ -86,7 +86,7 @@ def evaluate(params: Params, run=NullRun(), name: str = "merged") -> dict:
     for s in range(ev.noise_seeds):
         noise = initial_noise(noise_seed(params, s), ev.num_samples, shape)
         start = time.perf_counter()
-        images.append(sample(models, scheduler, noise, ev.ddim_steps, ranges=ranges, eta=ev.eta,
+        images.append(sample(models, scheduler, noise, ev.sampling_steps, ranges=ranges, eta=ev.eta, sampler=ev.sampler,
                              batch_size=ev.batch_size, seed=derive_seed(ev.seed, f"evaluate-eta-{s}"),
                              desc=f"sample {name} (noise {s})"))
         seconds += time.perf_counter() - start
@@ -134,7 +134,7 @@ def evaluate(params: Params, run=NullRun(), name: str = "merged") -> dict:
         "memorisation_features": mem_feats,
         **distances.class_coverage(probs, ref["class_freq"]),
         "settings": {"features": ev.features, "num_samples": ev.num_samples, "noise_seeds": ev.noise_seeds,
-                     "ddim_steps": ev.ddim_steps},
+                     "sampler": ev.sampler, "sampling_steps": ev.sampling_steps},
     }
     if "range_losses" in losses:
         details["range_model_heldout_loss_curves"] = losses["range_losses"].mean(axis=1).tolist()

@@ -54,7 +54,8 @@ def validation_scorer(params: Params, template, base, files, num_samples: int):
     def score(weights: list[float], block_weights: dict | None = None) -> float:
         full.update(merged_state(params, base, files, weights, block_weights))
         template.load_state_dict(full)
-        images = sample([template], scheduler, noise, sc.ddim_steps, batch_size=params.evaluate.batch_size,
+        images = sample([template], scheduler, noise, sc.sampling_steps, sampler=sc.sampler,
+                        batch_size=params.evaluate.batch_size,
                         desc=f"search {[round(w, 3) for w in weights]}")
         return distances.frechet_distance(features.extract_features(clf, images), ref)
 

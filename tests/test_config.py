@@ -50,6 +50,9 @@ def test_load_params_bad_yaml(tmp_path):
         ("partition", {"ranges": []}, "partition.ranges"),
         ("data", {"source": "cifar"}, "data.source"),
         ("evaluate", {"num_samples": 10}, "evaluate"),
+        ("evaluate", {"sampler": "euler"}, "evaluate.sampler"),
+        ("evaluate", {"sampler": "dpmsolver", "eta": 0.5}, "evaluate.eta"),
+        ("report", {"bootstrap_rounds": 5}, "report.bootstrap_rounds"),
         ("tracking", {"experiment_name": ""}, "tracking.experiment_name"),
     ],
 )
@@ -57,6 +60,13 @@ def test_bad_values_name_the_key(default_params_dict, section, values, key):
     with pytest.raises(ConfigError) as exc:
         parse_params(_with(default_params_dict, section, **values))
     assert key in str(exc.value)
+
+
+def test_renamed_ddim_steps_says_its_new_name(default_params_dict):
+    for section in ("evaluate", "merge"):
+        values = {"ddim_steps": 20} if section == "evaluate" else {"search": {"ddim_steps": 20}}
+        with pytest.raises(ConfigError, match="ddim_steps was renamed sampling_steps"):
+            parse_params(_with(default_params_dict, section, **values))
 
 
 def test_unknown_top_level_section(default_params_dict):
@@ -132,7 +142,7 @@ def test_flatten_dotted(default_params_dict):
         ({"search": {"values": [0.5, 0.5]}}, "merge.search.values"),
         ({"search": {"max_evaluations": 0}}, "merge.search.max_evaluations"),
         ({"search": {"num_samples": 1}}, "merge.search.num_samples"),
-        ({"search": {"ddim_steps": 0}}, "merge.search.ddim_steps"),
+        ({"search": {"sampling_steps": 0}}, "merge.search.sampling_steps"),
         ({"search": {"strategy": "random"}}, "merge.search.strategy"),
         ({"search": {"valuez": [1.0]}}, "merge.search.valuez"),
     ],
@@ -149,7 +159,7 @@ def test_merge_defaults_and_methods(default_params_dict):
     for method in ("ties", "dare_linear", "dare_ties", "magnitude_prune"):
         assert parse_params(_with(default_params_dict, "merge", method=method, density=1.0)).merge.method == method
     s = parse_params(_with(default_params_dict, "merge", search={})).merge.search
-    assert (s.strategy, s.values, s.max_evaluations, s.num_samples, s.ddim_steps) == (
+    assert (s.strategy, s.values, s.max_evaluations, s.num_samples, s.sampling_steps) == (
         "none", [0.0, 0.25, 0.5, 0.75, 1.0], 24, 500, 50
     )
 

@@ -122,3 +122,23 @@ def test_distances_and_coverage():
     assert cov["class_histogram"] == [0.5, 0.5, 0.0]
     assert cov["class_tv_distance"] == pytest.approx(0.5)
     assert cov["class_kl_divergence"] > 1.0 and cov["mean_confidence"] == 1.0
+
+
+def test_report_contrasts_reuse_each_models_replicates_and_equal_the_paired_bootstrap():
+    from stages.report import fd_contrast
+
+    rng = np.random.default_rng(4)
+    ref = rng.normal(size=(300, 4))
+    a, b, c = (rng.normal(loc, 1, size=(200, 4)) for loc in (0.1, 0.3, 0.0))
+    fd = distances.frechet_distance
+    models = {name: {"features": f} for name, f in (("a", a), ("b", b), ("c", c))}
+    ab = fd_contrast(models["a"], models["b"], ref, 40, seed=3)
+    lo, hi = distances.bootstrap_ci(a, ref, fd, 40, seed=3, estimate=ab["fd"], paired_with=b)
+    np.testing.assert_allclose(ab["fd_ci"], [lo, hi], rtol=1e-12)
+    assert ab["fd"] == pytest.approx(fd(a, ref) - fd(b, ref))
+    cached = models["a"]["fd_replicates"][40, 3]
+    ac = fd_contrast(models["a"], models["c"], ref, 40, seed=3)
+    assert models["a"]["fd_replicates"][40, 3] is cached  # drawn once, shared by a's contrasts
+    lo, hi = distances.bootstrap_ci(a, ref, fd, 40, seed=3, estimate=ac["fd"], paired_with=c)
+    np.testing.assert_allclose(ac["fd_ci"], [lo, hi], rtol=1e-12)
+    assert fd_contrast(models["a"], models["b"], ref, 40, seed=4)["fd_ci"] != ab["fd_ci"]  # another draw

@@ -208,7 +208,7 @@ def test_dvc_repro_end_to_end(tmp_path):
     _run(["dvc", "exp", "run", "--queue", "-n", "ties", "-S", "merge.method=ties"], proj, env)
     _run(["dvc", "exp", "run", "--queue", "-n", "search", "-S", "merge.search.strategy=coordinate",
           "-S", "merge.search.max_evaluations=3", "-S", "merge.search.num_samples=40",
-          "-S", "merge.search.ddim_steps=3"], proj, env)
+          "-S", "merge.search.sampling_steps=3"], proj, env)
     # the workers outlive `dvc queue start`: give them no pipe of ours to hold open
     subprocess.run(["dvc", "queue", "start", "-j", "2"], cwd=proj, env=env, check=True, timeout=120,
                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

@@ -100,3 +100,31 @@ def test_inference_map_keeps_order_runs_in_inference_mode_and_spreads_over_threa
     assert out == [x * x for x in range(30)]
     assert all(inference and n == 1 for _, inference, n in seen)
     assert len({ident for ident, _, _ in seen}) > 1  # more than one stream
+
+
+def test_dpmsolver_is_deterministic_routes_the_ensemble_and_converges():
+    sched = build_scheduler(CFG)
+    noise = initial_noise(3, 6, (1, 8, 8))
+    net = _unet(0)
+    a = sample([net], sched, noise, steps=8, batch_size=6, sampler="dpmsolver")
+    b = sample([net], sched, noise, steps=8, batch_size=4, sampler="dpmsolver")
+    np.testing.assert_allclose(a, b, atol=1e-4)
+    ens = sample([_unet(0), _unet(0)], sched, noise, steps=8, ranges=uniform_ranges(1000, 2), sampler="dpmsolver")
+    np.testing.assert_array_equal(a, ens)
+    mixed = sample([_unet(0), _unet(1)], sched, noise, steps=8, ranges=uniform_ranges(1000, 2), sampler="dpmsolver")
+    assert not np.allclose(mixed, a)
+    # it converges: more steps land nearer its own many-step solution of the ODE
+    exact = sample([net], sched, noise, steps=200, sampler="dpmsolver")
+    err = {k: np.abs(sample([net], sched, noise, steps=k, sampler="dpmsolver") - exact).mean() for k in (4, 50)}
+    assert err[50] < 0.5 * err[4]
+
+
+def test_dpmsolver_refuses_eta_and_unknown_samplers():
+    import pytest
+
+    sched = build_scheduler(CFG)
+    noise = initial_noise(0, 2, (1, 8, 8))
+    with pytest.raises(ValueError, match="deterministic"):
+        sample([_unet(0)], sched, noise, steps=2, eta=0.5, sampler="dpmsolver")
+    with pytest.raises(ValueError, match="unknown sampler 'euler'"):
+        sample([_unet(0)], sched, noise, steps=2, sampler="euler")

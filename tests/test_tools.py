@@ -117,7 +117,7 @@ def test_seed_settings_drop_the_last_seed_and_name_each_fine_tunes_learning_rate
     assert settings == {"num_ranges": 4, "finetune_lr": 5e-5, "shared_lr": 5e-5}
     params["finetune"]["shared_lr"] = 2e-4
     assert seeds.common_settings({"seed": 0}, params)["shared_lr"] == 2e-4
-    assert seeds.common_settings({"seed": 0, "ddim_steps": 50}, None) == {"ddim_steps": 50}
+    assert seeds.common_settings({"seed": 0, "sampling_steps": 50}, None) == {"sampling_steps": 50}
 
 
 def test_set_arguments_are_yaml():

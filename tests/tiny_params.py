@@ -8,7 +8,7 @@ TINY_OVERRIDES = {
     "finetune": {"steps": 10, "batch_size": 32, "checkpoint_every": 0},
     "evaluate": {
         "num_samples": 80,
-        "ddim_steps": 4,
+        "sampling_steps": 4,
         "batch_size": 80,
         "kid_subsets": 5,
         "bootstrap_rounds": 10,

@@ -25,6 +25,7 @@ import numpy as np
 
 from dtm_core.errors import DtmError
 from dtm_core.io import atomic_file, write_json
+from stages.report import sampler_label
 from tools import exps
 
 CONTRASTS = ("merged_minus_shared", "ensemble_minus_shared", "merged_minus_pretrained")
@@ -83,7 +84,7 @@ def render(result: dict) -> str:
     lines = ["# The default comparison over training seeds", "",
              f"Seeds {result['seeds']}; {s.get('num_ranges')} ranges x {s.get('finetune_steps_per_range')} steps vs "
              f"a shared fine-tune of {s.get('shared_steps')} steps; {s.get('num_samples')} samples x "
-             f"{s.get('noise_seeds')} noise seed(s), DDIM {s.get('ddim_steps')}; learning rates: range fine-tunes "
+             f"{s.get('noise_seeds')} noise seed(s), {sampler_label(s)}; learning rates: range fine-tunes "
              f"{s.get('finetune_lr')}, shared {s.get('shared_lr')}. Mean ± std over seeds.", "",
              "| model | FD | KID | held-out loss | memorised |", "|---|---|---|---|---|"]
     for model, m in result["summary"].items():

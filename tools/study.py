@@ -321,14 +321,15 @@ def main(argv: Optional[list[str]] = None) -> int:
         reference = load_reference()["train"]
         runs = exps.mlflow_parent_runs(todo)
         minutes = exps.mlflow_parent_minutes(todo)
-        results = [row_result(r, all_rows, reference, params["evaluate"]["bootstrap_rounds"], runs, minutes)
+        results = [row_result(r, all_rows, reference, params["report"]["bootstrap_rounds"], runs, minutes)
                    for r in all_rows]
     except DtmError as exc:
         print(f"error: study: {exc}", file=sys.stderr)
         return 2
     settings = {"num_ranges": len(params["partition"]["ranges"]), "steps_per_range": params["finetune"]["steps"],
                 "lr": params["finetune"]["lr"], "shared_lr": params["finetune"]["shared_lr"],
-                "num_samples": params["evaluate"]["num_samples"], "ddim_steps": params["evaluate"]["ddim_steps"]}
+                "num_samples": params["evaluate"]["num_samples"], "sampler": params["evaluate"]["sampler"],
+                "sampling_steps": params["evaluate"]["sampling_steps"]}
     result = {"settings": settings, "total_steps": total, "rows": results,
               # each experiment once (rows share experiments), as its newest pipeline run in MLflow took
               "experiment_minutes": {name: minutes.get(name) for name in todo},
