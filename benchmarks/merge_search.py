@@ -5,12 +5,12 @@
 
 1. The full grid over merge.search.values (5^N candidates for N ranges) is
    scored on one fixed bank of validation noise (``--val-samples`` samples,
-   DDIM ``--ddim``; common random numbers, a seed of its own). Scores are
+   ``--steps`` of merge.search.sampler; common random numbers, a seed of its own). Scores are
    cached in .dtm/cache/, keyed by the task vectors' digest and the budget,
    so the grid runs once.
 2. Does validation transfer? The grid's best ``--top`` candidates by
    validation are scored on the test noise exactly as evaluate@merged scores
-   a model (evaluate.num_samples, evaluate.ddim_steps); Spearman's rank
+   a model (evaluate.num_samples, evaluate.sampler, evaluate.sampling_steps); Spearman's rank
    correlation between their validation and test FDs is reported, with the
    same at ``--rescore-samples`` validation samples (the successive-halving
    budget).
@@ -63,9 +63,10 @@ from stages.merge import merge_inputs, merged_state  # noqa: E402
 class Scorer:
     """FD of a merge on the first n noises of a bank (validation or test), in classifier features."""
 
-    def __init__(self, params, template, base, files, bank: torch.Tensor, ddim: int, reference: np.ndarray, clf):
+    def __init__(self, params, template, base, files, bank: torch.Tensor, steps: int, sampler: str,
+                 reference: np.ndarray, clf):
         self.params, self.template, self.base, self.files = params, template, base, files
-        self.bank, self.ddim, self.reference, self.clf = bank, ddim, reference, clf
+        self.bank, self.steps, self.sampler, self.reference, self.clf = bank, steps, sampler, reference, clf
         self.scheduler = load_scheduler(PRETRAINED_DIR)
         self.full = template.state_dict()
         self.calls = 0
@@ -74,7 +75,8 @@ class Scorer:
         self.calls += 1
         self.full.update(merged_state(self.params, self.base, self.files, list(weights), block_weights))
         self.template.load_state_dict(self.full)
-        images = sample([self.template], self.scheduler, self.bank[:n], self.ddim, batch_size=1000, desc="merge")
+        images = sample([self.template], self.scheduler, self.bank[:n], self.steps, batch_size=1000, desc="merge",
+                        sampler=self.sampler)
         return distances.frechet_distance(features.extract_features(self.clf, images), self.reference)
 
 
@@ -88,14 +90,15 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--val-samples", type=int, default=500)
     ap.add_argument("--rescore-samples", type=int, default=2000)
-    ap.add_argument("--ddim", type=int, default=None, help="validation DDIM steps (default merge.search.ddim_steps)")
+    ap.add_argument("--steps", type=int, default=None,
+                    help="validation sampling steps (default merge.search.sampling_steps)")
     ap.add_argument("--top", type=int, default=5)
     ap.add_argument("--out", type=Path, default=ROOT / "docs" / "results" / "merge_search.json")
     args = ap.parse_args()
     torch.set_num_threads(2)
     params = load_params(ROOT / "params.yaml")
     sc, ev = params.merge.search, params.evaluate
-    args.ddim = args.ddim or sc.ddim_steps
+    args.steps = args.steps or sc.sampling_steps
     ranges, _ = load_partition(PARTITION_FILE)
     n = len(ranges)
     template, base, files = merge_inputs(n)
@@ -104,11 +107,11 @@ def main() -> int:
     shape = (template.config.in_channels, template.config.sample_size, template.config.sample_size)
     val_bank = initial_noise(derive_seed(ev.seed, "validation"), max(args.val_samples, args.rescore_samples), shape)
     test_bank = initial_noise(noise_seed(params, 0), ev.num_samples, shape)
-    val = Scorer(params, template, base, files, val_bank, args.ddim, ref["train_classifier"], clf)
-    test = Scorer(params, template, base, files, test_bank, ev.ddim_steps, ref["train"], clf)
+    val = Scorer(params, template, base, files, val_bank, args.steps, sc.sampler, ref["train_classifier"], clf)
+    test = Scorer(params, template, base, files, test_bank, ev.sampling_steps, ev.sampler, ref["train"], clf)
 
     # 1. the full grid, cached
-    key = hashlib.sha256(json.dumps([dir_digest(TASK_VECTOR_DIR), sc.values, args.val_samples, args.ddim,
+    key = hashlib.sha256(json.dumps([dir_digest(TASK_VECTOR_DIR), sc.values, args.val_samples, args.steps, sc.sampler,
                                      params.merge.method, ev.seed]).encode()).hexdigest()[:16]
     cache = ROOT / ".dtm" / "cache" / f"merge-grid-{key}.json"
     grid = json.loads(cache.read_text()) if cache.is_file() else None
@@ -135,8 +138,9 @@ def main() -> int:
     uniform = [1.0 / n] * n
     result = {
         "settings": {"values": sc.values, "n": n, "val_samples": args.val_samples,
-                     "rescore_samples": args.rescore_samples, "ddim_steps": args.ddim,
-                     "test_samples": ev.num_samples, "test_ddim_steps": ev.ddim_steps},
+                     "rescore_samples": args.rescore_samples, "sampler": sc.sampler, "sampling_steps": args.steps,
+                     "test_samples": ev.num_samples, "test_sampler": ev.sampler,
+                     "test_sampling_steps": ev.sampling_steps},
         "grid": {"evaluations": len(grid["scores"]), "best_weights": top[0]["weights"],
                  "best_val_fd": top[0]["score"], "best_test_fd": grid_best_test,
                  "best_test_fd_of_top": min(top_test), "seconds": grid["seconds"]},

@@ -105,7 +105,7 @@ def merge_weights(params: Params, run=NullRun()) -> dict:
                 run.log_curve("search/score", [(c["index"], c["score"]) for c in result.candidates])
                 record.update({"evaluations": result.evaluations, "best_score": result.best_score,
                                "full_evaluations": sum(c["fidelity"] == "full" for c in result.candidates)})
-            record.update({"num_samples": sc.num_samples, "ddim_steps": sc.ddim_steps,
+            record.update({"num_samples": sc.num_samples, "sampler": sc.sampler, "sampling_steps": sc.sampling_steps,
                            "cheap_samples": sc.cheap_samples})
         write_json(tmp / "search.json", record)
     run.log_metrics({"search_seconds": time.perf_counter() - start})
