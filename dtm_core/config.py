@@ -113,6 +113,7 @@ class OptimConfig(_Section):
 class PretrainConfig(OptimConfig):
     steps: int = Field(5000, ge=1)
     lr: float = Field(1e-3, gt=0.0, le=1.0)
+    checkpoint_every: int = Field(500, ge=0)
     lr_schedule: Literal["constant", "cosine"] = "cosine"
     warmup_steps: int = Field(500, ge=0)
     ema_max_decay: float = Field(0.999, ge=0.0, lt=1.0)
@@ -148,10 +149,10 @@ class PartitionConfig(_Section):
 
 class FinetuneConfig(OptimConfig):
     steps: int = Field(200, ge=1)  # per range model; the shared baseline gets N x steps
-    lr: float = Field(2e-4, gt=0.0, le=1.0)
+    lr: float = Field(5e-5, gt=0.0, le=1.0)
     # The shared baseline's own learning rate (null: finetune.lr). Each method's
     # rate is chosen by the same validation protocol (docs/RESULTS.md).
-    shared_lr: Optional[float] = Field(None, gt=0.0, le=1.0)
+    shared_lr: Optional[float] = Field(2e-4, gt=0.0, le=1.0)
     # The shared baseline's loss weighting over timesteps (paper Table 1's
     # baselines; dtm_core/weighting.py): none | snr_plus_one | trunc_snr |
     # min_snr | p2, with weighting_gamma (null: 5 for min_snr, 1 for p2).
@@ -174,8 +175,8 @@ class _Sampling(_Section):
     # ddim: DDIMScheduler (first order; eta > 0 adds DDIM's noise). dpmsolver:
     # DPMSolverMultistepScheduler, DPM-Solver++ of order 2, as exact in fewer
     # steps (docs/RESULTS.md "A faster sampler"). Both deterministic at eta 0.
-    sampler: Literal["ddim", "dpmsolver"] = "ddim"
-    sampling_steps: int = Field(50, ge=1)
+    sampler: Literal["ddim", "dpmsolver"] = "dpmsolver"
+    sampling_steps: int = Field(20, ge=1)
 
     @model_validator(mode="before")
     @classmethod
@@ -253,7 +254,7 @@ class EvaluateConfig(_Sampling):
     # another name, never the test noise itself.
     seed: int = Field(0, ge=0)
     inception_dir: Optional[str] = None  # holds inception-2015-12-05.pt; null: where clean-fid looks (/tmp)
-    num_samples: int = Field(8000, ge=2)
+    num_samples: int = Field(12000, ge=2)
     eta: float = Field(0.0, ge=0.0, le=1.0)  # ddim only
     batch_size: int = Field(500, ge=1)
     noise_seeds: int = Field(1, ge=1, le=100)  # repeat the evaluation over this many initial-noise seeds

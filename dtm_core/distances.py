@@ -10,6 +10,8 @@ image to 299x299 first, which changes the numbers for a custom extractor.
 
 from __future__ import annotations
 
+import os
+from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Optional
 
 import numpy as np
@@ -23,6 +25,12 @@ def feature_stats(feats: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return feats.mean(axis=0), np.cov(feats, rowvar=False)
 
 
+def _fd_from_stats(stats_a: tuple[np.ndarray, np.ndarray], stats_b: tuple[np.ndarray, np.ndarray]) -> float:
+    from cleanfid.fid import frechet_distance as _fd
+
+    return float(_fd(*stats_a, *stats_b))
+
+
 def frechet_distance(feats_a: np.ndarray, feats_b: np.ndarray) -> float:
     """Frechet distance between two feature sets, by clean-fid's formula.
 
@@ -30,16 +38,12 @@ def frechet_distance(feats_a: np.ndarray, feats_b: np.ndarray) -> float:
     user chooses them (params validation, the classifier stage); here too few
     samples are a bug.
     """
-    from cleanfid.fid import frechet_distance as _fd
-
     if len(feats_a) <= feats_a.shape[1] or len(feats_b) <= feats_b.shape[1]:
         raise ValueError(
             f"Frechet distance needs more samples than feature dimensions ({feats_a.shape[1]}); "
             f"got {len(feats_a)} and {len(feats_b)}"
         )
-    mu_a, sigma_a = feature_stats(feats_a)
-    mu_b, sigma_b = feature_stats(feats_b)
-    return float(_fd(mu_a, sigma_a, mu_b, sigma_b))
+    return _fd_from_stats(feature_stats(feats_a), feature_stats(feats_b))
 
 
 def _cubic_kernel_sum(x: np.ndarray, y: np.ndarray, dim: int, skip_diagonal: bool = False) -> float:
@@ -53,21 +57,33 @@ def _cubic_kernel_sum(x: np.ndarray, y: np.ndarray, dim: int, skip_diagonal: boo
     return total - float(np.trace(cube)) if skip_diagonal else total
 
 
-def kernel_distance(feats_a: np.ndarray, feats_b: np.ndarray, num_subsets: int, subset_size: int, seed: int) -> float:
+def kernel_distance(feats_a: np.ndarray, feats_b: np.ndarray, num_subsets: int, subset_size: int, seed: int,
+                    workers: int = 1) -> float:
     """KID (unbiased MMD^2, cubic polynomial kernel): clean-fid's estimator, subset draws and seed handling.
 
     The same number as ``cleanfid.fid.kernel_distance`` after ``np.random.seed(seed)`` (tests check it),
-    computed twice as fast and without touching numpy's global random state.
+    computed twice as fast and without touching numpy's global random state. ``workers`` threads
+    compute the subsets' terms, which are summed in draw order: the same number for any ``workers``.
     """
     rng = np.random.RandomState(seed)  # the draws of np.random.choice after np.random.seed(seed)
     dim = feats_a.shape[1]
     m = min(len(feats_a), len(feats_b), subset_size)
-    total = 0.0
-    for _ in range(num_subsets):
-        x = feats_b[rng.choice(len(feats_b), m, replace=False)]
-        y = feats_a[rng.choice(len(feats_a), m, replace=False)]
+    draws = [(rng.choice(len(feats_b), m, replace=False), rng.choice(len(feats_a), m, replace=False))
+             for _ in range(num_subsets)]
+
+    def term(draw: tuple[np.ndarray, np.ndarray]) -> float:
+        x, y = feats_b[draw[0]], feats_a[draw[1]]
         within = _cubic_kernel_sum(x, x, dim, skip_diagonal=True) + _cubic_kernel_sum(y, y, dim, skip_diagonal=True)
-        total += within / (m - 1) - _cubic_kernel_sum(x, y, dim) * 2 / m
+        return within / (m - 1) - _cubic_kernel_sum(x, y, dim) * 2 / m
+
+    if workers > 1:
+        with ThreadPoolExecutor(workers) as pool:
+            terms = list(pool.map(term, draws))
+    else:
+        terms = [term(d) for d in draws]
+    total = 0.0
+    for t in terms:
+        total += t
     return float(total / num_subsets / m)
 
 
@@ -104,8 +120,23 @@ def bootstrap_ci(
     return centred_percentile_ci(boot, estimate, level)
 
 
+def bootstrap_workers() -> int:
+    """Threads for bootstrap replicates: numpy and LAPACK release the GIL, so two cores run two replicates at once.
+
+    ``DTM_THREADS`` (the per-process thread share, dtm_core.distributed) caps it.
+    """
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cores = os.cpu_count() or 1
+    share = os.environ.get("DTM_THREADS", "").strip()
+    if share.isdigit() and int(share) > 0:
+        cores = min(cores, int(share))
+    return max(1, min(cores, 4))
+
+
 def bootstrap_replicates(feats: np.ndarray, reference: np.ndarray, statistic: Statistic, rounds: int,
-                         seed: int) -> np.ndarray:
+                         seed: int, chunk: int = 64) -> np.ndarray:
     """``statistic(feats[idx], reference)`` for ``rounds`` resamples idx drawn from ``seed``.
 
     The indices depend only on the seed, the round and ``len(feats)``: two
@@ -113,9 +144,25 @@ def bootstrap_replicates(feats: np.ndarray, reference: np.ndarray, statistic: St
     resampled with the same indices, so the difference of their replicates is
     the paired bootstrap of their difference (each model's replicates can be
     drawn once and shared by every contrast it enters).
+
+    The indices are drawn in round order ``chunk`` rounds at a time and the
+    replicates computed on :func:`bootstrap_workers` threads: every replicate
+    is computed exactly as alone, so the result does not depend on the number
+    of threads (tests check it). For FD the reference's statistics are
+    computed once instead of once per replicate (the same numbers).
     """
+    if statistic is frechet_distance:
+        ref_stats = feature_stats(reference)
+        one = lambda idx: _fd_from_stats(feature_stats(feats[idx]), ref_stats)  # noqa: E731
+    else:
+        one = lambda idx: statistic(feats[idx], reference)  # noqa: E731
     rng = np.random.default_rng(seed)
-    return np.array([statistic(feats[rng.integers(0, len(feats), len(feats))], reference) for _ in range(rounds)])
+    out: list[float] = []
+    with ThreadPoolExecutor(bootstrap_workers()) as pool:
+        for start in range(0, rounds, chunk):
+            draws = [rng.integers(0, len(feats), len(feats)) for _ in range(min(chunk, rounds - start))]
+            out.extend(pool.map(one, draws))
+    return np.array(out)
 
 
 def centred_percentile_ci(boot: np.ndarray, estimate: float, level: float = 0.95) -> tuple[float, float]:
@@ -142,9 +189,9 @@ def distances(feats: np.ndarray, reference: np.ndarray, kid_subsets: int, kid_su
     The KID inside the bootstrap uses a tenth of the subsets (at least 5) to
     keep the cost bounded; the point estimate uses all of them.
     """
-    kid = lambda a, b, n=kid_subsets: kernel_distance(a, b, n, kid_subset_size, seed)  # noqa: E731
-    kid_boot = lambda a, b: kid(a, b, max(5, kid_subsets // 10))  # noqa: E731
-    fd, kd = frechet_distance(feats, reference), kid(feats, reference)
+    kid = lambda a, b, n=kid_subsets, w=1: kernel_distance(a, b, n, kid_subset_size, seed, w)  # noqa: E731
+    kid_boot = lambda a, b: kid(a, b, max(5, kid_subsets // 10))  # noqa: E731  (threads: one per replicate)
+    fd, kd = frechet_distance(feats, reference), kid(feats, reference, w=bootstrap_workers())
     return {
         "fd": fd,
         "kid": kd,

@@ -3,8 +3,10 @@
 Merge methods are small pure functions over the N task-vector tensors of one
 parameter (stacked along dim 0) and their weights, ``MergeFn(task_tensors,
 weights) -> Tensor``; knobs such as ``density`` are bound with
-:func:`get_method`. Apart from :func:`task_arithmetic` (Eq. 8 of the paper)
-they wrap PEFT's implementations in ``peft.utils.merge_utils``.
+:func:`get_method`. Besides :func:`task_arithmetic` (Eq. 8 of the paper) they are
+TIES, DARE and magnitude pruning as PEFT's ``peft.utils.merge_utils`` defines
+them (the same numbers, bit for bit, checked against peft 0.21 when this
+module stopped importing it: importing peft cost every stage ~2 s).
 
 :func:`merge_files` streams tensor by tensor from the saved task-vector files,
 so peak memory is the merged model plus N copies of a single tensor, whatever
@@ -17,7 +19,6 @@ from __future__ import annotations
 
 import functools
 import math
-import warnings
 from pathlib import Path
 from typing import Callable, Mapping, Sequence
 
@@ -39,18 +40,42 @@ def task_arithmetic(task_tensors: torch.Tensor, weights: torch.Tensor) -> torch.
     return (_shaped(weights, task_tensors) * task_tensors).sum(dim=0)
 
 
-def _call_peft(name: str, task_tensors: torch.Tensor, weights: torch.Tensor, **knobs) -> torch.Tensor:
-    """Run PEFT's merge ``name`` (which takes a list of tensors) on our stacked layout."""
-    # Imported here: importing peft costs seconds, which every stage that
-    # imports this module would otherwise pay.
-    from peft.utils import merge_utils
+def _trim(tau: torch.Tensor, density: float) -> torch.Tensor:
+    """``tau`` with all but its ``int(density * numel)`` largest-magnitude entries set to zero."""
+    if density >= 1:
+        return tau
+    flat = tau.reshape(-1)
+    keep = torch.zeros_like(flat)
+    keep[flat.abs().topk(int(density * flat.numel())).indices] = 1
+    return tau * keep.view_as(tau)
 
-    fn = getattr(merge_utils, name)
-    with warnings.catch_warnings():
-        # PEFT warns on every tensor when density is 1 ("no pruning will be
-        # performed"); that is a legitimate setting here, not a mistake.
-        warnings.filterwarnings("ignore", message="The density .* no pruning will be performed")
-        return fn(list(task_tensors.unbind(0)), weights.to(task_tensors.dtype), **knobs)
+
+def _drop(tau: torch.Tensor, density: float) -> torch.Tensor:
+    """DARE's drop: each entry kept with probability ``density`` (global RNG), the kept ones scaled by 1/density."""
+    if density >= 1:
+        return tau
+    return tau * torch.bernoulli(torch.full_like(tau, density)) / density
+
+
+def _each(task_tensors: torch.Tensor, prune: Callable[[torch.Tensor, float], torch.Tensor],
+          density: float) -> torch.Tensor:
+    """``prune`` applied to every task vector on its own, tau_1 first (the order DARE's masks are drawn in)."""
+    return torch.stack([prune(tau, density) for tau in task_tensors.unbind(0)])
+
+
+def _elect_and_average(task_tensors: torch.Tensor, weights: torch.Tensor, majority_sign_method: str) -> torch.Tensor:
+    """TIES' last two steps: elect each entry's sign from the (unweighted) taus, average the weighted
+    entries that agree with it (entries where none agrees become 0)."""
+    signs = task_tensors.sign()
+    if majority_sign_method == "total":
+        mass = task_tensors.sum(dim=0)
+    elif majority_sign_method == "frequency":
+        mass = signs.sum(dim=0)
+    else:
+        raise ConfigError(f"majority_sign_method must be 'total' or 'frequency' (got '{majority_sign_method}')")
+    agree = signs == torch.where(mass >= 0, 1, -1)
+    weighted = _shaped(weights, task_tensors) * task_tensors
+    return (weighted * agree).sum(dim=0) / torch.clamp(agree.sum(dim=0), min=1.0)
 
 
 def ties(
@@ -58,28 +83,28 @@ def ties(
 ) -> torch.Tensor:
     """TIES: keep each tau_i's top-``density`` entries by magnitude, elect a sign per
     entry (sign of the summed trimmed taus), average the weighted entries that agree."""
-    return _call_peft("ties", task_tensors, weights, density=density, majority_sign_method=majority_sign_method)
+    return _elect_and_average(_each(task_tensors, _trim, density), weights, majority_sign_method)
 
 
 def dare_linear(task_tensors: torch.Tensor, weights: torch.Tensor, *, density: float = 0.5) -> torch.Tensor:
     """DARE: keep each entry with probability ``density``, rescale by 1/density, weighted sum."""
-    return _call_peft("dare_linear", task_tensors, weights, density=density)
+    return task_arithmetic(_each(task_tensors, _drop, density), weights)
 
 
 def dare_ties(
     task_tensors: torch.Tensor, weights: torch.Tensor, *, density: float = 0.5, majority_sign_method: str = "total"
 ) -> torch.Tensor:
     """DARE's random drop and rescale, then TIES' sign election and disjoint mean."""
-    return _call_peft("dare_ties", task_tensors, weights, density=density, majority_sign_method=majority_sign_method)
+    return _elect_and_average(_each(task_tensors, _drop, density), weights, majority_sign_method)
 
 
 def magnitude_prune(task_tensors: torch.Tensor, weights: torch.Tensor, *, density: float = 0.5) -> torch.Tensor:
     """Keep each tau_i's top-``density`` fraction of entries by magnitude, weighted sum.
 
-    As in PEFT, ``int(density * numel)`` entries survive, so a tensor smaller
+    ``int(density * numel)`` entries survive (as in PEFT), so a tensor smaller
     than 1/density entries is pruned to zero.
     """
-    return _call_peft("magnitude_prune", task_tensors, weights, density=density)
+    return task_arithmetic(_each(task_tensors, _trim, density), weights)
 
 
 METHODS: dict[str, Callable[..., torch.Tensor]] = {

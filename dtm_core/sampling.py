@@ -1,9 +1,12 @@
 """Sampling from one model, or from range models by timestep (the ensemble).
 
-Two samplers of the probability-flow ODE, both diffusers schedulers built from
-the model's own training schedule: ``ddim`` (DDIMScheduler, first order; eta > 0
-adds DDIM's stochasticity) and ``dpmsolver`` (DPMSolverMultistepScheduler,
-DPM-Solver++ of order 2, which reaches DDIM's quality in fewer steps).
+Two deterministic samplers (at eta = 0), both diffusers schedulers built from
+the model's own training schedule: ``dpmsolver`` (DPMSolverMultistepScheduler,
+DPM-Solver++ of order 2, a solver of the probability-flow ODE: its samples
+converge as the steps grow) and ``ddim`` (DDIMScheduler, first order; eta > 0
+adds DDIM's stochasticity). DDIM with the model's ``clip_sample`` clips every
+step's x0 prediction, so it does not solve the ODE and its samples move away
+from the solution as its steps grow (docs/RESULTS.md "A faster sampler").
 
 Every model in a comparison starts from the same initial noise (common random
 numbers): :func:`initial_noise` depends only on the seed, count and shape,

@@ -19,6 +19,16 @@ def test_repo_params_parse_and_defaults(default_params_dict):
     assert p.finetune.p == 0.3 and p.finetune.consistency_weight == 1.0 and p.finetune.channel_projection
 
 
+def test_code_defaults_are_params_yaml(default_params_dict):
+    # A key left out of a user's params.yaml gets the shipped default, not an older one.
+    # Two defaults differ on purpose: the library knows no repository (no base/
+    # checkpoint to import, no registry to fill) until params.yaml names one.
+    on_purpose = {"model.pretrained_path", "tracking.register_model"}
+    shipped = flatten(parse_params(default_params_dict).model_dump())
+    defaults = flatten(parse_params({}).model_dump())
+    assert {k for k in shipped if shipped[k] != defaults.get(k)} == on_purpose
+
+
 def test_load_params_missing_file(tmp_path):
     with pytest.raises(ConfigError, match="not found"):
         load_params(tmp_path / "nope.yaml")
@@ -160,7 +170,7 @@ def test_merge_defaults_and_methods(default_params_dict):
         assert parse_params(_with(default_params_dict, "merge", method=method, density=1.0)).merge.method == method
     s = parse_params(_with(default_params_dict, "merge", search={})).merge.search
     assert (s.strategy, s.values, s.max_evaluations, s.num_samples, s.sampling_steps) == (
-        "none", [0.0, 0.25, 0.5, 0.75, 1.0], 24, 500, 50
+        "none", [0.0, 0.25, 0.5, 0.75, 1.0], 24, 500, 20
     )
 
 

@@ -142,3 +142,20 @@ def test_report_contrasts_reuse_each_models_replicates_and_equal_the_paired_boot
     lo, hi = distances.bootstrap_ci(a, ref, fd, 40, seed=3, estimate=ac["fd"], paired_with=c)
     np.testing.assert_allclose(ac["fd_ci"], [lo, hi], rtol=1e-12)
     assert fd_contrast(models["a"], models["b"], ref, 40, seed=4)["fd_ci"] != ab["fd_ci"]  # another draw
+
+
+@pytest.mark.parametrize("statistic", ["fd", "kid"])
+def test_bootstrap_replicates_equal_the_plain_loop_whatever_the_threads(statistic, monkeypatch):
+    # the threaded, chunked replicates are bit for bit the one-resample-at-a-time definition
+    rng = np.random.default_rng(4)
+    feats, ref = rng.normal(size=(300, 6)), rng.normal(0.2, 1.1, size=(250, 6))
+    stat = distances.frechet_distance if statistic == "fd" else (
+        lambda a, b: distances.kernel_distance(a, b, 3, 50, 1))
+    draws = np.random.default_rng(9)
+    plain = np.array([stat(feats[draws.integers(0, 300, 300)], ref) for _ in range(23)])
+    monkeypatch.setenv("DTM_THREADS", "1")
+    assert distances.bootstrap_workers() == 1
+    assert np.array_equal(distances.bootstrap_replicates(feats, ref, stat, 23, seed=9), plain)
+    monkeypatch.setenv("DTM_THREADS", "2")
+    threaded = distances.bootstrap_replicates(feats, ref, stat, 23, seed=9, chunk=5)
+    assert np.array_equal(threaded, plain)

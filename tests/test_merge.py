@@ -1,6 +1,5 @@
 import pytest
 import torch
-from peft.utils import merge_utils as peft_merge
 
 from dtm_core.errors import ConfigError, MissingInputError
 from dtm_core.merge import (
@@ -9,7 +8,6 @@ from dtm_core.merge import (
     get_method,
     magnitude_prune,
     merge_files,
-    merge_seed,
     merge_tensor,
     parameter_distance,
     task_arithmetic,
@@ -103,9 +101,9 @@ def _taus(n=3, shape=(5, 7), seed=1):
     return torch.randn(n, *shape, generator=g), torch.tensor([0.5, -0.25, 1.5, 0.75][:n])
 
 
-def test_task_arithmetic_equals_peft():
-    taus, w = _taus()
-    assert torch.equal(task_arithmetic(taus, w), peft_merge.task_arithmetic(list(taus), w))
+def test_task_arithmetic_by_hand():
+    taus = torch.tensor([[1.0, 2.0], [3.0, -4.0]])
+    assert torch.equal(task_arithmetic(taus, torch.tensor([0.5, 2.0])), torch.tensor([6.5, -7.0]))
 
 
 def test_ties_by_hand():
@@ -144,24 +142,42 @@ def test_dare_linear_drops_and_rescales():
     assert 0.2 < kept.float().mean() < 0.3
 
 
-@pytest.mark.parametrize(
-    "name, peft_fn, knobs",
-    [
-        ("ties", peft_merge.ties, {"density": 0.4}),
-        ("magnitude_prune", peft_merge.magnitude_prune, {"density": 0.4}),
-        ("dare_linear", peft_merge.dare_linear, {"density": 0.4}),
-        ("dare_ties", peft_merge.dare_ties, {"density": 0.4}),
-    ],
-)
-def test_wrappers_equal_peft(name, peft_fn, knobs):
+def test_ties_sign_election_total_vs_frequency():
+    # one large positive entry against two small negative ones: the summed mass
+    # elects +, the count of signs elects -; only the agreeing entries are averaged
+    taus = torch.tensor([[5.0], [-1.0], [-2.0]])
+    w = torch.ones(3)
+    assert torch.equal(ties(taus, w, density=1.0, majority_sign_method="total"), torch.tensor([5.0]))
+    assert torch.equal(ties(taus, w, density=1.0, majority_sign_method="frequency"), torch.tensor([-1.5]))
+    with pytest.raises(ConfigError, match="majority_sign_method"):
+        ties(taus, w, majority_sign_method="median")
+
+
+def test_ties_and_magnitude_prune_keep_int_density_times_numel():
+    tau = torch.arange(1.0, 8.0).view(1, 7)  # int(0.5 * 7) = 3 entries survive: 5, 6, 7
+    expected = torch.tensor([0.0, 0, 0, 0, 5, 6, 7])
+    assert torch.equal(magnitude_prune(tau, torch.ones(1), density=0.5), expected)
+    assert torch.equal(ties(tau, torch.ones(1), density=0.5), expected)
+    assert torch.equal(magnitude_prune(torch.ones(1, 1), torch.ones(1), density=0.5), torch.zeros(1))
+
+
+def test_dare_ties_averages_the_kept_rescaled_entries():
+    # all taus 1: every kept entry is 1/density and agrees with the + sign, so
+    # each output entry is 1/density where any model kept it and 0 where none did
+    taus, density = torch.ones(3, 20000), 0.4
+    out = merge_tensor(taus, torch.ones(3), "dare_ties", density=density, seed=2, key="k")
+    assert set(out.unique().tolist()) <= {0.0, 1 / density}
+    assert abs(float((out == 0).float().mean()) - (1 - density) ** 3) < 0.01
+    # dare_linear sums instead: 0..3 kept entries of 1/density each
+    lin = merge_tensor(taus, torch.ones(3), "dare_linear", density=density, seed=2, key="k")
+    torch.testing.assert_close(lin.mean(), torch.tensor(3.0), atol=0.05, rtol=0)
+
+
+def test_density_one_prunes_nothing():
     taus, w = _taus()
-    seed, key = 11, "down_blocks.0.conv.weight"
-    torch.manual_seed(merge_seed(seed, key))  # the stream merge_tensor draws DARE masks from
-    expected = peft_fn(list(taus.clone()), w, **knobs)
-    ours = merge_tensor(taus, w, name, seed=seed, key=key, **knobs)
-    assert torch.equal(ours, expected)
-    if name in ("ties", "magnitude_prune"):
-        assert torch.equal(METHODS[name](taus, w, **knobs), expected)
+    assert torch.equal(magnitude_prune(taus, w, density=1.0), task_arithmetic(taus, w))
+    for method in ("ties", "dare_ties"):
+        assert torch.equal(merge_tensor(taus, w, method, density=1.0, seed=1, key="k"), ties(taus, w, density=1.0))
 
 
 @pytest.mark.parametrize("method", ["dare_linear", "dare_ties"])

@@ -33,6 +33,7 @@ def test_kid_is_seeded_and_near_zero_for_same_distribution():
     a, b = _gauss(600, 8, seed=0), _gauss(600, 8, seed=1)
     k1 = kernel_distance(a, b, 20, 200, seed=3)
     assert k1 == kernel_distance(a, b, 20, 200, seed=3)
+    assert k1 == kernel_distance(a, b, 20, 200, seed=3, workers=3)  # threads sum the subsets in draw order
     assert abs(k1) < 0.05
     assert kernel_distance(a, _gauss(600, 8, shift=2.0), 20, 200, seed=3) > 10 * max(abs(k1), 1e-3)
 

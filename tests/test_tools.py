@@ -439,3 +439,21 @@ def test_a_partial_study_reports_each_row_on_its_finished_seeds(monkeypatch):
     assert {r.name: r.seeds for r in kept} == {"deme-n4": (0, 1), "deme-n4-snr": (0,)}
     assert "study-deme-n4-affinity-s0" in missing and "study-default-s2" in missing
     assert "study-deme-n4-snr-s0" not in missing
+
+
+def test_study_paired_fd_is_the_reports_contrast(monkeypatch):
+    import numpy as np
+
+    from dtm_core import distances
+    from tools import study
+
+    rng = np.random.default_rng(0)
+    feats = {("e1", "merged"): rng.normal(size=(200, 4)), ("e2", "shared"): rng.normal(0.1, 1.0, size=(200, 4))}
+    ref = rng.normal(size=(150, 4))
+    monkeypatch.setattr(study, "_features", lambda name, model: feats[name, model])
+    delta, ci, fd_b = study._paired_fd(("e1", "merged"), ("e2", "shared"), ref, rounds=30, seed=5)
+    fd = distances.frechet_distance
+    assert fd_b == fd(feats["e2", "shared"], ref)
+    assert delta == fd(feats["e1", "merged"], ref) - fd_b
+    assert ci == list(distances.bootstrap_ci(feats["e1", "merged"], ref, fd, 30, seed=5, estimate=delta,
+                                             paired_with=feats["e2", "shared"]))

@@ -148,13 +148,12 @@ def _across_seeds(deltas: list[float], single_ci: list[float]) -> list[float]:
 def _paired_fd(a: tuple[str, str], b: tuple[str, str], reference: np.ndarray, rounds: int,
                seed: int) -> tuple[float, list[float], float]:
     """FD(a) − FD(b) for (experiment, model) pairs sampled from the same test noise, its paired bootstrap
-    interval (both resampled with the same indices), and FD(b)."""
-    fa, fb = _features(*a), _features(*b)
-    fd = distances.frechet_distance
-    fd_b = fd(fb, reference)
-    delta = fd(fa, reference) - fd_b
-    return delta, list(distances.bootstrap_ci(fa, reference, fd, rounds, seed=seed, estimate=delta,
-                                              paired_with=fb)), fd_b
+    interval (the report's own contrast, stages.report.fd_contrast), and FD(b)."""
+    from stages.report import fd_contrast
+
+    fb = _features(*b)
+    contrast = fd_contrast({"features": _features(*a)}, {"features": fb}, reference, rounds, seed)
+    return contrast["fd"], contrast["fd_ci"], distances.frechet_distance(fb, reference)
 
 
 def _percent(value: float, reference: float) -> float:
