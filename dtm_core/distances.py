@@ -123,16 +123,16 @@ def bootstrap_ci(
 def bootstrap_workers() -> int:
     """Threads for bootstrap replicates: numpy and LAPACK release the GIL, so two cores run two replicates at once.
 
-    ``DTM_THREADS`` (the per-process thread share, dtm_core.distributed) caps it.
+    At most the process's thread share (dtm_core.distributed.thread_share: ``DTM_THREADS``, or a launch's
+    share of the cores), its cores, and 4.
     """
+    from .distributed import thread_share  # imports torch, which every caller has loaded already
+
     try:
         cores = len(os.sched_getaffinity(0))
     except AttributeError:  # not on Linux
         cores = os.cpu_count() or 1
-    share = os.environ.get("DTM_THREADS", "").strip()
-    if share.isdigit() and int(share) > 0:
-        cores = min(cores, int(share))
-    return max(1, min(cores, 4))
+    return max(1, min(cores, thread_share() or cores, 4))
 
 
 def bootstrap_replicates(feats: np.ndarray, reference: np.ndarray, statistic: Statistic, rounds: int,
