@@ -174,8 +174,9 @@ class _Sampling(_Section):
 
     # ddim: DDIMScheduler (first order; eta > 0 adds DDIM's noise). dpmsolver:
     # DPMSolverMultistepScheduler, DPM-Solver++ of order 2, as exact in fewer
-    # steps (docs/RESULTS.md "A faster sampler"). Both deterministic at eta 0.
-    sampler: Literal["ddim", "dpmsolver"] = "dpmsolver"
+    # steps (docs/RESULTS.md "A faster sampler"). unipc: UniPCMultistepScheduler,
+    # the same solver plus a corrector. All deterministic at eta 0.
+    sampler: Literal["ddim", "dpmsolver", "unipc"] = "dpmsolver"
     sampling_steps: int = Field(20, ge=1)
 
     @model_validator(mode="before")

@@ -21,6 +21,7 @@ from diffusers import DDPMScheduler, UNet2DModel
 from tqdm.auto import tqdm
 
 from .distributed import inference_map
+from .model import computing
 from .partition import Range, range_of
 from .seeding import derive_seed
 
@@ -72,6 +73,7 @@ def denoising_losses(
             out[i : i + len(xb), j] = ((pred - nb) ** 2).flatten(1).mean(dim=1).double().numpy()
         bar.update(1)
 
-    inference_map(column, range(len(timesteps)), device)
+    with computing(models):
+        inference_map(column, range(len(timesteps)), device)
     bar.close()
     return out

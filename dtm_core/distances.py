@@ -46,6 +46,31 @@ def frechet_distance(feats_a: np.ndarray, feats_b: np.ndarray) -> float:
     return _fd_from_stats(feature_stats(feats_a), feature_stats(feats_b))
 
 
+class FrechetToReference:
+    """FD of feature sets against one fixed reference, for the bootstrap's many replicates.
+
+    The same quantity as :func:`frechet_distance`, by another route to its
+    one costly term: with R the symmetric square root of the reference's
+    covariance S2 (computed once), tr sqrt(S1 S2) = sum of sqrt(eigenvalues of
+    R S1 R), a symmetric eigenproblem, where clean-fid takes a general matrix
+    square root of S1 S2 (scipy's sqrtm: 20 ms at 64 dimensions against
+    0.2 ms). The two agree to about 1e-9 relative (tests check 1e-8);
+    reported FDs stay clean-fid's, only the bootstrap replicates take this.
+    """
+
+    def __init__(self, reference: np.ndarray):
+        self.mu, sigma = feature_stats(reference)
+        w, v = np.linalg.eigh(sigma)
+        self.root = (v * np.sqrt(np.maximum(w, 0.0))) @ v.T
+        self.trace = float(np.trace(sigma))
+
+    def __call__(self, feats: np.ndarray) -> float:
+        mu, sigma = feature_stats(feats)
+        diff = mu - self.mu
+        eig = np.linalg.eigvalsh(self.root @ sigma @ self.root)
+        return float(diff @ diff + np.trace(sigma) + self.trace - 2.0 * np.sqrt(np.maximum(eig, 0.0)).sum())
+
+
 def _cubic_kernel_sum(x: np.ndarray, y: np.ndarray, dim: int, skip_diagonal: bool = False) -> float:
     """Sum of the polynomial kernel (x . y / dim + 1)^3 over all pairs (the diagonal left out on request)."""
     k = x @ y.T
@@ -58,12 +83,17 @@ def _cubic_kernel_sum(x: np.ndarray, y: np.ndarray, dim: int, skip_diagonal: boo
 
 
 def kernel_distance(feats_a: np.ndarray, feats_b: np.ndarray, num_subsets: int, subset_size: int, seed: int,
-                    workers: int = 1) -> float:
+                    workers: int = 1, b_sums: Optional[dict] = None) -> float:
     """KID (unbiased MMD^2, cubic polynomial kernel): clean-fid's estimator, subset draws and seed handling.
 
     The same number as ``cleanfid.fid.kernel_distance`` after ``np.random.seed(seed)`` (tests check it),
     computed twice as fast and without touching numpy's global random state. ``workers`` threads
     compute the subsets' terms, which are summed in draw order: the same number for any ``workers``.
+
+    ``b_sums``: a dict kept by a caller that computes several KIDs against the same ``feats_b`` (the
+    bootstrap: every replicate draws the same reference subsets, since the draws depend only on the
+    seed and the sizes). It holds ``feats_b``'s within-subset kernel sums by subset, each computed once;
+    the numbers are the same as without it.
     """
     rng = np.random.RandomState(seed)  # the draws of np.random.choice after np.random.seed(seed)
     dim = feats_a.shape[1]
@@ -71,9 +101,17 @@ def kernel_distance(feats_a: np.ndarray, feats_b: np.ndarray, num_subsets: int, 
     draws = [(rng.choice(len(feats_b), m, replace=False), rng.choice(len(feats_a), m, replace=False))
              for _ in range(num_subsets)]
 
+    def b_sum(x: np.ndarray, idx: np.ndarray) -> float:
+        if b_sums is None:
+            return _cubic_kernel_sum(x, x, dim, skip_diagonal=True)
+        key = idx.tobytes()
+        if key not in b_sums:
+            b_sums[key] = _cubic_kernel_sum(x, x, dim, skip_diagonal=True)
+        return b_sums[key]
+
     def term(draw: tuple[np.ndarray, np.ndarray]) -> float:
         x, y = feats_b[draw[0]], feats_a[draw[1]]
-        within = _cubic_kernel_sum(x, x, dim, skip_diagonal=True) + _cubic_kernel_sum(y, y, dim, skip_diagonal=True)
+        within = b_sum(x, draw[0]) + _cubic_kernel_sum(y, y, dim, skip_diagonal=True)
         return within / (m - 1) - _cubic_kernel_sum(x, y, dim) * 2 / m
 
     if workers > 1:
@@ -82,7 +120,7 @@ def kernel_distance(feats_a: np.ndarray, feats_b: np.ndarray, num_subsets: int, 
     else:
         terms = [term(d) for d in draws]
     total = 0.0
-    for t in terms:
+    for t in terms:  # plain left-to-right addition, as clean-fid's loop adds them (sum() is compensated on 3.12+)
         total += t
     return float(total / num_subsets / m)
 
@@ -148,12 +186,13 @@ def bootstrap_replicates(feats: np.ndarray, reference: np.ndarray, statistic: St
     The indices are drawn in round order ``chunk`` rounds at a time and the
     replicates computed on :func:`bootstrap_workers` threads: every replicate
     is computed exactly as alone, so the result does not depend on the number
-    of threads (tests check it). For FD the reference's statistics are
-    computed once instead of once per replicate (the same numbers).
+    of threads (tests check it). For FD the replicates are
+    :class:`FrechetToReference`'s: the reference's statistics and square root
+    computed once, and each replicate's square-root term a hundred times cheaper than sqrtm's.
     """
     if statistic is frechet_distance:
-        ref_stats = feature_stats(reference)
-        one = lambda idx: _fd_from_stats(feature_stats(feats[idx]), ref_stats)  # noqa: E731
+        to_reference = FrechetToReference(reference)
+        one = lambda idx: to_reference(feats[idx])  # noqa: E731
     else:
         one = lambda idx: statistic(feats[idx], reference)  # noqa: E731
     rng = np.random.default_rng(seed)
@@ -189,7 +228,8 @@ def distances(feats: np.ndarray, reference: np.ndarray, kid_subsets: int, kid_su
     The KID inside the bootstrap uses a tenth of the subsets (at least 5) to
     keep the cost bounded; the point estimate uses all of them.
     """
-    kid = lambda a, b, n=kid_subsets, w=1: kernel_distance(a, b, n, kid_subset_size, seed, w)  # noqa: E731
+    b_sums: dict = {}  # the reference's within-subset sums: the same subsets in every call below
+    kid = lambda a, b, n=kid_subsets, w=1: kernel_distance(a, b, n, kid_subset_size, seed, w, b_sums)  # noqa: E731
     kid_boot = lambda a, b: kid(a, b, max(5, kid_subsets // 10))  # noqa: E731  (threads: one per replicate)
     fd, kd = frechet_distance(feats, reference), kid(feats, reference, w=bootstrap_workers())
     return {

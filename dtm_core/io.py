@@ -15,7 +15,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Optional
 
 from .errors import MissingInputError, OutputError
 
@@ -144,3 +144,18 @@ def dir_digest(path: str | os.PathLike) -> str:
         h.update(str(file.relative_to(path)).encode())
         h.update(file_digest(file).encode())
     return h.hexdigest()
+
+
+def read_unet_config(path: str | Path) -> Optional[dict]:
+    """The UNet's config.json of a model or pipeline directory, or None where there is none.
+
+    Here rather than in dtm_core.model so that a stage can read it without importing diffusers.
+    """
+    path = Path(path).expanduser()
+    for candidate in (path / "config.json", path / "unet" / "config.json"):
+        if candidate.is_file():
+            try:
+                return json.loads(candidate.read_text())
+            except json.JSONDecodeError:
+                return None
+    return None

@@ -45,6 +45,7 @@ from . import distributed
 from .config import OptimConfig
 from .data import BatchSampler
 from .errors import TrainingDivergedError
+from .model import compute_layout, storage_layout
 
 log = logging.getLogger(__name__)
 
@@ -165,12 +166,13 @@ def train(
     )
     state = _LoopState(seed, BatchSampler(images, cfg.batch_size, torch.Generator().manual_seed(seed + 1)))
     model.train()
+    compute_layout(model)  # faster convolutions; the weights' values are untouched (model.compute_layout)
     model, optimizer = accelerator.prepare(model, optimizer)
     ema.to(device)
     accelerator.register_for_checkpointing(ema)
     accelerator.register_for_checkpointing(state)
     if use_teacher:
-        teacher = teacher.to(device).eval().requires_grad_(False)
+        teacher = compute_layout(teacher.to(device).eval().requires_grad_(False))
     alphas = scheduler.alphas_cumprod.to(device)
     if loss_weights is not None:
         loss_weights = loss_weights.to(device)
@@ -195,7 +197,9 @@ def train(
     while state.step < steps:
         if stop_after is not None and state.step >= stop_after:
             bar.close()
-            return TrainResult(model=accelerator.unwrap_model(model), steps=state.step)
+            if use_teacher:
+                storage_layout(teacher)
+            return TrainResult(model=storage_layout(accelerator.unwrap_model(model)), steps=state.step)
         for group in optimizer.param_groups:  # a function of the step alone, so a resumed run continues it exactly
             group["lr"] = cfg.lr * lr_factor(state.step, steps, cfg.lr_schedule, cfg.warmup_steps)
         x0 = state.sampler.next()
@@ -243,7 +247,7 @@ def train(
         if on_snapshot is not None and snapshot_every and state.step % snapshot_every == 0:
             snap = copy.deepcopy(accelerator.unwrap_model(model))
             ema.copy_to(snap.parameters())
-            on_snapshot(state.step, snap.to("cpu").eval())
+            on_snapshot(state.step, storage_layout(snap.to("cpu").eval()))
     bar.close()
     seconds = time.perf_counter() - start
     accelerator.wait_for_everyone()
@@ -252,7 +256,9 @@ def train(
 
     final = accelerator.unwrap_model(model)
     ema.copy_to(final.parameters())
-    final = final.to("cpu").eval()
+    final = storage_layout(final.to("cpu").eval())
+    if use_teacher:
+        storage_layout(teacher)  # the caller's model, back as it came
     return TrainResult(
         model=final,
         losses=state.losses,
@@ -275,7 +281,9 @@ def _save_checkpoint(accelerator: Accelerator, checkpoint_dir: Path, step: int) 
         checkpoint_dir.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(tmp, ignore_errors=True)
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp), safe_serialization=True)
+    # torch.save, not safetensors: the weights are held channels-last while training (model.compute_layout),
+    # which safetensors refuses; these files are this run's own and deleted when it finishes
+    accelerator.save_state(str(tmp), safe_serialization=False)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         (tmp / "COMPLETE").write_text(str(step))

@@ -11,7 +11,7 @@ import sys
 from dtm_core import data as data_mod
 from dtm_core.config import Params
 from dtm_core.errors import ModelLoadError
-from dtm_core.model import read_unet_config
+from dtm_core.io import read_unet_config
 from dtm_core.seeding import derive_seed
 from dtm_core.tracking import NullRun
 from stages.common import DATA_DIR, main

@@ -55,7 +55,7 @@ def _verdict(ci: list[float]) -> str:
 
 def sampler_label(settings: dict) -> str:
     """'DPM-Solver++ 20 steps' from a report's settings (older reports: DDIM with ddim_steps)."""
-    name = {"ddim": "DDIM", "dpmsolver": "DPM-Solver++"}[settings.get("sampler", "ddim")]
+    name = {"ddim": "DDIM", "dpmsolver": "DPM-Solver++", "unipc": "UniPC"}[settings.get("sampler", "ddim")]
     return f"{name} {settings.get('sampling_steps', settings.get('ddim_steps'))} steps"
 
 

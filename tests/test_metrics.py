@@ -38,6 +38,34 @@ def test_kid_is_seeded_and_near_zero_for_same_distribution():
     assert kernel_distance(a, _gauss(600, 8, shift=2.0), 20, 200, seed=3) > 10 * max(abs(k1), 1e-3)
 
 
+def test_frechet_to_reference_is_clean_fids_fd():
+    from dtm_core.distances import FrechetToReference
+
+    ref = _gauss(700, 16, seed=1)
+    to_ref = FrechetToReference(ref)
+    for shift, seed in ((0.0, 2), (0.3, 3), (2.0, 4)):
+        feats = _gauss(900, 16, shift=shift, seed=seed)
+        assert to_ref(feats) == pytest.approx(frechet_distance(feats, ref), rel=1e-8, abs=1e-12)
+    # a correlated, anisotropic reference: R S1 R is not diagonal
+    rng = np.random.default_rng(5)
+    mix = rng.normal(size=(16, 16))
+    corr_ref, corr = _gauss(800, 16, seed=6) @ mix, _gauss(900, 16, shift=0.2, seed=7) @ mix.T
+    assert FrechetToReference(corr_ref)(corr) == pytest.approx(frechet_distance(corr, corr_ref), rel=1e-8)
+
+
+def test_kid_reference_sums_cached_across_calls_give_the_same_numbers():
+    from dtm_core.distances import bootstrap_replicates
+
+    a, b = _gauss(500, 8, seed=0), _gauss(400, 8, shift=0.2, seed=1)
+    sums: dict = {}
+    assert kernel_distance(a, b, 6, 150, seed=2, b_sums=sums) == kernel_distance(a, b, 6, 150, seed=2)
+    assert len(sums) == 6  # one per reference subset
+    # the bootstrap's replicates draw the same reference subsets in every round: cached once, same replicates
+    cached = bootstrap_replicates(a, b, lambda x, y: kernel_distance(x, y, 6, 150, 2, b_sums=sums), 7, seed=4)
+    plain = bootstrap_replicates(a, b, lambda x, y: kernel_distance(x, y, 6, 150, 2), 7, seed=4)
+    assert len(sums) == 6 and (cached == plain).all()
+
+
 @pytest.mark.parametrize("dtype,rtol", [(np.float64, 1e-12), (np.float32, 1e-5)])
 def test_kid_is_clean_fids_estimator_and_leaves_numpys_random_state_alone(dtype, rtol):
     from cleanfid.fid import kernel_distance as clean_fid_kid

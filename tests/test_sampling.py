@@ -1,4 +1,5 @@
 import numpy as np
+import pytest
 import torch
 
 from dtm_core.config import ModelConfig
@@ -102,26 +103,29 @@ def test_inference_map_keeps_order_runs_in_inference_mode_and_spreads_over_threa
     assert len({ident for ident, _, _ in seen}) > 1  # more than one stream
 
 
-def test_dpmsolver_is_deterministic_routes_the_ensemble_and_converges():
+@pytest.mark.parametrize("solver", ["dpmsolver", "unipc"])
+def test_ode_solver_is_deterministic_routes_the_ensemble_and_converges(solver):
     sched = build_scheduler(CFG)
     noise = initial_noise(3, 6, (1, 8, 8))
     net = _unet(0)
-    a = sample([net], sched, noise, steps=8, batch_size=6, sampler="dpmsolver")
-    b = sample([net], sched, noise, steps=8, batch_size=4, sampler="dpmsolver")
+    a = sample([net], sched, noise, steps=8, batch_size=6, sampler=solver)
+    b = sample([net], sched, noise, steps=8, batch_size=4, sampler=solver)
     np.testing.assert_allclose(a, b, atol=1e-4)
-    ens = sample([_unet(0), _unet(0)], sched, noise, steps=8, ranges=uniform_ranges(1000, 2), sampler="dpmsolver")
+    ens = sample([_unet(0), _unet(0)], sched, noise, steps=8, ranges=uniform_ranges(1000, 2), sampler=solver)
     np.testing.assert_array_equal(a, ens)
-    mixed = sample([_unet(0), _unet(1)], sched, noise, steps=8, ranges=uniform_ranges(1000, 2), sampler="dpmsolver")
+    mixed = sample([_unet(0), _unet(1)], sched, noise, steps=8, ranges=uniform_ranges(1000, 2), sampler=solver)
     assert not np.allclose(mixed, a)
     # it converges: more steps land nearer its own many-step solution of the ODE
-    exact = sample([net], sched, noise, steps=200, sampler="dpmsolver")
-    err = {k: np.abs(sample([net], sched, noise, steps=k, sampler="dpmsolver") - exact).mean() for k in (4, 50)}
+    exact = sample([net], sched, noise, steps=200, sampler=solver)
+    err = {k: np.abs(sample([net], sched, noise, steps=k, sampler=solver) - exact).mean() for k in (4, 50)}
     assert err[50] < 0.5 * err[4]
+    # to the same solution: both solve the same probability-flow ODE
+    if solver != "dpmsolver":
+        other = sample([net], sched, noise, steps=200, sampler="dpmsolver")
+        assert np.abs(exact - other).mean() < err[4] / 10
 
 
 def test_dpmsolver_refuses_eta_and_unknown_samplers():
-    import pytest
-
     sched = build_scheduler(CFG)
     noise = initial_noise(0, 2, (1, 8, 8))
     with pytest.raises(ValueError, match="deterministic"):
