@@ -88,7 +88,7 @@ def main() -> int:
     unet = build_unet(params.model, sample_size=shape[-1], channels=shape[0])
     res = train(unet, scheduler, torch.as_tensor(train_ds.images), params.pretrain,
                 seed=derive_seed(params.seed, "pretrain"), snapshot_every=args.every, on_snapshot=score,
-                desc="pretrain (convergence)")
+                desc="pretrain (convergence)", channels_last=False)  # the shipped base's layout, as pretrain
     final = Path("/tmp/base-convergence-final")
     save_model(res.model, scheduler, final, {"source": "embedded", "steps": res.steps})
     recipe = {k: v for k, v in params.model_dump(mode="json").items() if k in ("seed", "data", "model", "pretrain")}

@@ -135,6 +135,7 @@ def train(
     snapshot_every: int = 0,
     on_snapshot: Optional[Callable[[int, UNet2DModel], None]] = None,
     desc: str = "train",
+    channels_last: bool = True,
 ) -> TrainResult:
     """Train ``model`` (in place) and return its EMA weights.
 
@@ -142,6 +143,11 @@ def train(
     timestep (the loss-reweighting baselines, :mod:`dtm_core.weighting`).
     ``stop_after`` ends the loop early after that many total steps, without
     producing a result (used by tests to simulate an interrupted run).
+    ``channels_last`` holds the weights of ``model`` and ``teacher`` in that
+    layout while training (:func:`dtm_core.model.compute_layout`: faster
+    convolutions, other rounding); off, the run is the one this project's
+    shipped base was trained with, which ``make base`` must regenerate bit
+    for bit.
     ``on_snapshot(step, ema_model)`` is called every ``snapshot_every`` steps
     with a CPU copy holding the EMA weights (convergence curves); it draws no
     random numbers from the loop's streams, so the run is unchanged by it.
@@ -166,13 +172,14 @@ def train(
     )
     state = _LoopState(seed, BatchSampler(images, cfg.batch_size, torch.Generator().manual_seed(seed + 1)))
     model.train()
-    compute_layout(model)  # faster convolutions; the weights' values are untouched (model.compute_layout)
+    layout = compute_layout if channels_last else storage_layout
+    layout(model)  # channels-last: faster convolutions; the weights' values are untouched (model.compute_layout)
     model, optimizer = accelerator.prepare(model, optimizer)
     ema.to(device)
     accelerator.register_for_checkpointing(ema)
     accelerator.register_for_checkpointing(state)
     if use_teacher:
-        teacher = compute_layout(teacher.to(device).eval().requires_grad_(False))
+        teacher = layout(teacher.to(device).eval().requires_grad_(False))
     alphas = scheduler.alphas_cumprod.to(device)
     if loss_weights is not None:
         loss_weights = loss_weights.to(device)

@@ -48,7 +48,10 @@ def pretrain(params: Params, run=NullRun()) -> dict:
     ckpt = checkpoint_dir("pretrain", params)
     res = train(unet, scheduler, torch.as_tensor(train_ds.images), params.pretrain,
                 seed=derive_seed(params.seed, "pretrain"), checkpoint_dir=ckpt,
-                checkpoint_every=params.pretrain.checkpoint_every, desc="pretrain")
+                checkpoint_every=params.pretrain.checkpoint_every, desc="pretrain",
+                # the shipped base (base/) was trained in the contiguous layout, and make base
+                # regenerates it with this stage bit for bit
+                channels_last=False)
     run.log_curve("train/loss", res.losses)
     log_data_version(run, params, "training")
     info = {"source": "embedded", "steps": res.steps, "final_loss": smoothed(res.losses),

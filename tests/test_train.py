@@ -45,6 +45,30 @@ def test_same_seed_same_weights(images):
     assert any(not torch.equal(sa[k], sc[k]) for k in sa)
 
 
+@pytest.mark.parametrize("channels_last", [True, False])
+def test_layout_while_training_and_after(images, channels_last):
+    seen = []
+    model, teacher = with_projection(_base(), True), _base().eval()
+    for net in (model, teacher):
+        net.conv_out.register_forward_pre_hook(  # conv_in's one input channel fits both layouts
+            lambda m, args: seen.append(m.weight.is_contiguous(memory_format=torch.channels_last)
+                                        and not m.weight.is_contiguous()))
+    res = train(model, build_scheduler(CFG), images, _ft(steps=2), seed=1, teacher=teacher, consistency_weight=1.0,
+                channels_last=channels_last)
+    assert seen and all(s == channels_last for s in seen)  # the trained model and the teacher, every step
+    # both leave in the storage layout, so they save as safetensors and difference into task vectors
+    assert all(v.is_contiguous() for v in float_state(res.model).values())
+    assert all(v.is_contiguous() for v in float_state(teacher).values())
+
+
+def test_layouts_train_the_same_model_up_to_rounding(images):
+    runs = [float_state(train(with_projection(_base(), True), build_scheduler(CFG), images, _ft(), seed=2,
+                              channels_last=cl).model) for cl in (True, False)]
+    diff = sum(float((runs[0][k] - runs[1][k]).norm() ** 2) for k in runs[0]) ** 0.5
+    norm = sum(float(runs[1][k].norm() ** 2) for k in runs[1]) ** 0.5
+    assert diff < 1e-4 * norm
+
+
 def test_consistency_loss_is_logged_and_pulls_towards_teacher(images):
     teacher = _base().eval()
     draw = lambda b, g: sample_timesteps(b, 0, 250, 1000, 0.3, g)[0]  # noqa: E731
