@@ -79,6 +79,17 @@ def test_renamed_ddim_steps_says_its_new_name(default_params_dict):
             parse_params(_with(default_params_dict, section, **values))
 
 
+def test_sampler_choices_are_the_samplers_sampling_knows():
+    # config.py cannot import dtm_core.sampling (torch, diffusers) just to validate: the two lists must agree
+    import typing
+
+    from dtm_core.config import EvaluateConfig, SearchConfig
+    from dtm_core.sampling import SAMPLERS
+
+    for section in (EvaluateConfig, SearchConfig):
+        assert set(typing.get_args(section.model_fields["sampler"].annotation)) == set(SAMPLERS)
+
+
 def test_unknown_top_level_section(default_params_dict):
     with pytest.raises(ConfigError, match="finetuen.*unknown key"):
         parse_params({**default_params_dict, "finetuen": {}})
