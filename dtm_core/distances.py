@@ -1,6 +1,7 @@
 """Distances between feature sets (FD, KID), their bootstrap intervals, and memorisation.
 
-The statistics are clean-fid's: FD is ``cleanfid.fid.frechet_distance``; KID is
+The statistics are clean-fid's: FD is ``cleanfid.fid.frechet_distance``'s formula, written out
+here because clean-fid calls scipy's ``sqrtm`` with an argument scipy 1.18 removed; KID is
 ``cleanfid.fid.kernel_distance``'s estimator and subset draws, written out
 here to run twice as fast (tests check it gives clean-fid's number). Both are
 computed on features extracted at the
@@ -25,10 +26,29 @@ def feature_stats(feats: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return feats.mean(axis=0), np.cov(feats, rowvar=False)
 
 
-def _fd_from_stats(stats_a: tuple[np.ndarray, np.ndarray], stats_b: tuple[np.ndarray, np.ndarray]) -> float:
-    from cleanfid.fid import frechet_distance as _fd
+def _sqrtm(a: np.ndarray) -> np.ndarray:
+    """scipy's matrix square root; scipy 1.18 removed the ``disp`` argument that clean-fid passes."""
+    from scipy import linalg
 
-    return float(_fd(*stats_a, *stats_b))
+    return linalg.sqrtm(a)
+
+
+def _fd_from_stats(stats_a: tuple[np.ndarray, np.ndarray], stats_b: tuple[np.ndarray, np.ndarray],
+                   eps: float = 1e-6) -> float:
+    """``cleanfid.fid.frechet_distance`` step for step (the same number; tests compare them where
+    clean-fid runs), without its ``sqrtm(..., disp=False)`` call, which fails on scipy >= 1.18."""
+    (mu1, sigma1), (mu2, sigma2) = stats_a, stats_b
+    mu1, mu2, sigma1, sigma2 = np.atleast_1d(mu1), np.atleast_1d(mu2), np.atleast_2d(sigma1), np.atleast_2d(sigma2)
+    diff = mu1 - mu2
+    covmean = _sqrtm(sigma1.dot(sigma2))
+    if not np.isfinite(covmean).all():  # a near-singular product: clean-fid's regularised retry
+        offset = np.eye(sigma1.shape[0]) * eps
+        covmean = _sqrtm((sigma1 + offset).dot(sigma2 + offset))
+    if np.iscomplexobj(covmean):
+        if not np.allclose(np.diagonal(covmean).imag, 0, atol=1e-3):
+            raise ValueError(f"Frechet distance: imaginary component {np.max(np.abs(covmean.imag))} in sqrtm")
+        covmean = covmean.real
+    return float(diff.dot(diff) + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean))
 
 
 def frechet_distance(feats_a: np.ndarray, feats_b: np.ndarray) -> float:

@@ -24,6 +24,32 @@ def test_fd_sees_a_mean_shift():
     assert frechet_distance(a, _gauss(4000, 4, seed=2)) < 0.05
 
 
+def test_fd_is_clean_fids_formula_and_runs_on_a_scipy_without_sqrtm_disp(monkeypatch):
+    """clean-fid calls sqrtm(..., disp=False), which scipy 1.18 removed (seen on a GPU machine):
+    our FD is clean-fid's number bit for bit where clean-fid runs, and needs no disp."""
+    import warnings
+
+    import scipy.linalg
+    from cleanfid.fid import frechet_distance as clean_fid_fd
+
+    from dtm_core.distances import feature_stats
+
+    pairs = [(_gauss(300, 12, seed=s) * (1 + s / 4), _gauss(450, 12, shift=0.2 * s, seed=s + 9)) for s in range(4)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        theirs = [float(clean_fid_fd(*feature_stats(a), *feature_stats(b))) for a, b in pairs]
+    assert [frechet_distance(a, b) for a, b in pairs] == theirs
+    real_sqrtm = scipy.linalg.sqrtm
+
+    def sqrtm_without_disp(a, **kwargs):
+        if kwargs:
+            raise TypeError(f"sqrtm() got an unexpected keyword argument {next(iter(kwargs))!r}")
+        return real_sqrtm(a)
+
+    monkeypatch.setattr(scipy.linalg, "sqrtm", sqrtm_without_disp)
+    assert [frechet_distance(a, b) for a, b in pairs] == theirs
+
+
 def test_fd_needs_more_samples_than_dims():
     with pytest.raises(ValueError, match="more samples than feature dimensions"):
         frechet_distance(_gauss(10, 16), _gauss(100, 16))
