@@ -26,24 +26,19 @@ def feature_stats(feats: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return feats.mean(axis=0), np.cov(feats, rowvar=False)
 
 
-def _sqrtm(a: np.ndarray) -> np.ndarray:
-    """scipy's matrix square root; scipy 1.18 removed the ``disp`` argument that clean-fid passes."""
-    from scipy import linalg
-
-    return linalg.sqrtm(a)
-
-
 def _fd_from_stats(stats_a: tuple[np.ndarray, np.ndarray], stats_b: tuple[np.ndarray, np.ndarray],
                    eps: float = 1e-6) -> float:
-    """``cleanfid.fid.frechet_distance`` step for step (the same number; tests compare them where
-    clean-fid runs), without its ``sqrtm(..., disp=False)`` call, which fails on scipy >= 1.18."""
+    """``cleanfid.fid.frechet_distance`` step for step (the same number, tested), without its
+    ``sqrtm(..., disp=False)`` call, which fails on scipy >= 1.18."""
+    from scipy import linalg
+
     (mu1, sigma1), (mu2, sigma2) = stats_a, stats_b
     mu1, mu2, sigma1, sigma2 = np.atleast_1d(mu1), np.atleast_1d(mu2), np.atleast_2d(sigma1), np.atleast_2d(sigma2)
     diff = mu1 - mu2
-    covmean = _sqrtm(sigma1.dot(sigma2))
+    covmean = linalg.sqrtm(sigma1.dot(sigma2))
     if not np.isfinite(covmean).all():  # a near-singular product: clean-fid's regularised retry
         offset = np.eye(sigma1.shape[0]) * eps
-        covmean = _sqrtm((sigma1 + offset).dot(sigma2 + offset))
+        covmean = linalg.sqrtm((sigma1 + offset).dot(sigma2 + offset))
     if np.iscomplexobj(covmean):
         if not np.allclose(np.diagonal(covmean).imag, 0, atol=1e-3):
             raise ValueError(f"Frechet distance: imaginary component {np.max(np.abs(covmean.imag))} in sqrtm")

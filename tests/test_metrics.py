@@ -26,20 +26,22 @@ def test_fd_sees_a_mean_shift():
 
 def test_fd_is_clean_fids_formula_and_runs_on_a_scipy_without_sqrtm_disp(monkeypatch):
     """clean-fid calls sqrtm(..., disp=False), which scipy 1.18 removed (seen on a GPU machine):
-    our FD is clean-fid's number bit for bit where clean-fid runs, and needs no disp."""
-    import warnings
-
+    our FD is clean-fid's number bit for bit (clean-fid run under the old sqrtm API, so this test
+    holds on any scipy), and needs no disp."""
     import scipy.linalg
     from cleanfid.fid import frechet_distance as clean_fid_fd
 
     from dtm_core.distances import feature_stats
 
     pairs = [(_gauss(300, 12, seed=s) * (1 + s / 4), _gauss(450, 12, shift=0.2 * s, seed=s + 9)) for s in range(4)]
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)
-        theirs = [float(clean_fid_fd(*feature_stats(a), *feature_stats(b))) for a, b in pairs]
-    assert [frechet_distance(a, b) for a, b in pairs] == theirs
     real_sqrtm = scipy.linalg.sqrtm
+
+    def sqrtm_with_disp(a, disp=True):  # the old API clean-fid calls, on any scipy: (root, error estimate)
+        return (real_sqrtm(a), 0.0) if disp is False else real_sqrtm(a)
+
+    monkeypatch.setattr(scipy.linalg, "sqrtm", sqrtm_with_disp)
+    theirs = [float(clean_fid_fd(*feature_stats(a), *feature_stats(b))) for a, b in pairs]
+    assert [frechet_distance(a, b) for a, b in pairs] == theirs
 
     def sqrtm_without_disp(a, **kwargs):
         if kwargs:
