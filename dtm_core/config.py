@@ -149,6 +149,11 @@ class PartitionConfig(_Section):
 
 class FinetuneConfig(OptimConfig):
     steps: int = Field(200, ge=1)  # per range model; the shared baseline gets N x steps
+    # The shared baseline's own step count (null: N x steps, equal compute).
+    # Fewer steps stop it early, at a budget chosen on validation noise
+    # (benchmarks/shared_budget.py); under a constant learning rate an S-step
+    # run is exactly the S-step snapshot of a longer one.
+    shared_steps: Optional[int] = Field(None, ge=1)
     lr: float = Field(5e-5, gt=0.0, le=1.0)
     # The shared baseline's own learning rate (null: finetune.lr). Each method's
     # rate is chosen by the same validation protocol (docs/RESULTS.md).
@@ -167,6 +172,10 @@ class FinetuneConfig(OptimConfig):
     def shared(self) -> "FinetuneConfig":
         """The shared baseline's recipe: this one at ``shared_lr`` where that is set."""
         return self if self.shared_lr is None else self.model_copy(update={"lr": self.shared_lr})
+
+    def shared_total_steps(self, num_ranges: int) -> int:
+        """The shared baseline's steps: ``shared_steps``, or N x ``steps`` (equal compute) when that is null."""
+        return num_ranges * self.steps if self.shared_steps is None else self.shared_steps
 
 
 class _Sampling(_Section):

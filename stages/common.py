@@ -111,8 +111,8 @@ STAGES: dict[str, Stage] = {
         outs=(str(RANGES_DIR / "range-{item}"),), item="range",
     ),
     "finetune_shared": Stage(
-        params=("seed", "partition.ranges", *OPTIM_KEYS, "finetune.shared_lr", "finetune.weighting",
-                "finetune.weighting_gamma"),
+        params=("seed", "partition.ranges", *OPTIM_KEYS, "finetune.shared_steps", "finetune.shared_lr",
+                "finetune.weighting", "finetune.weighting_gamma"),
         deps=(str(DATA_DIR), str(PRETRAINED_DIR)), outs=(str(SHARED_DIR),),
     ),
     "task_vectors": Stage(

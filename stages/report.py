@@ -147,7 +147,7 @@ def report(params: Params, run=NullRun()) -> dict:
         "settings": {
             **details["shared"]["settings"], "bootstrap_rounds": rounds, "num_ranges": len(ranges),
             "ranges": [list(r) for r in ranges], "finetune_steps_per_range": params.finetune.steps,
-            "shared_steps": len(ranges) * params.finetune.steps, "seed": params.seed,
+            "shared_steps": params.finetune.shared_total_steps(len(ranges)), "seed": params.seed,
             "classifier_heldout_accuracy": clf["heldout_accuracy"], "data_source": params.data.source,
             "heldout_images": int(data["shared"]["losses"].shape[0]),
             "partition_method": read_json(PARTITION_FILE, "partition").get("method", "uniform"),
@@ -188,6 +188,14 @@ def _ci(ci: list[float], d: int = 4) -> str:
     return f"[{ci[0]:+.{d}f}, {ci[1]:+.{d}f}]"
 
 
+def compute_label(s: dict) -> str:
+    """'equal compute' when the shared baseline ran N x steps, else its share of DeMe's total steps."""
+    total = s["num_ranges"] * s["finetune_steps_per_range"]
+    if s["shared_steps"] == total:
+        return "equal compute"
+    return f"its own budget, finetune.shared_steps: {s['shared_steps'] / total:.2f} x DeMe's {total}"
+
+
 def render_markdown(c: dict) -> str:
     s, f, models = c["settings"], c["floor"], c["models"]
     space = (f"a classifier trained on the {s['data_source']} train split (held-out accuracy "
@@ -197,7 +205,7 @@ def render_markdown(c: dict) -> str:
         "# DeMe comparison",
         "",
         f"Training seed {s['seed']}. N = {s['num_ranges']} range models x {s['finetune_steps_per_range']} steps "
-        f"against a shared fine-tune of {s['shared_steps']} steps (equal compute). {s['num_samples']} samples per "
+        f"against a shared fine-tune of {s['shared_steps']} steps ({compute_label(s)}). {s['num_samples']} samples per "
         f"model x {s['noise_seeds']} noise seed(s), {sampler_label(s)}, identical initial noise for every "
         f"model. FD and KID in the feature space of {space}, against the train split. Held-out loss: eps-MSE on "
         f"the {s['heldout_images']} held-out images at {len(c['heldout_loss_curves']['timesteps'])} timesteps, the "

@@ -215,3 +215,11 @@ def test_params_yaml_spells_out_every_key(default_params_dict):
     """Every parameter is explicit in params.yaml, so `dvc params diff` and MLflow show all of them."""
     parsed = flatten(parse_params(default_params_dict))
     assert set(parsed) == set(flatten(default_params_dict))
+
+
+def test_the_shared_budget_is_n_times_steps_unless_set(default_params_dict):
+    ft = parse_params(default_params_dict).finetune
+    assert ft.shared_steps is None and ft.shared_total_steps(4) == 4 * ft.steps
+    assert ft.model_copy(update={"shared_steps": 1500}).shared_total_steps(4) == 1500
+    with pytest.raises(ConfigError, match="finetune.shared_steps"):
+        parse_params(_with(default_params_dict, "finetune", shared_steps=0))

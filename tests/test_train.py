@@ -128,3 +128,15 @@ def test_loss_weights_reweight_by_timestep(images):
     skewed = torch.linspace(0.01, 2.0, 1000)
     other = train(_base(), build_scheduler(CFG), images, _ft(), seed=1, loss_weights=skewed)
     assert any(not torch.allclose(float_state(other.model)[k], v) for k, v in float_state(plain.model).items())
+
+
+def test_a_shorter_run_is_the_snapshot_of_a_longer_one_at_a_constant_lr(images):
+    """finetune.shared_steps = S trains exactly the S-step snapshot that benchmarks/shared_budget.py scored."""
+    snaps = {}
+    train(with_projection(_base(), False), build_scheduler(CFG), images, _ft(steps=6), seed=5, snapshot_every=2,
+          on_snapshot=lambda step, m: snaps.setdefault(step, float_state(m)))
+    assert sorted(snaps) == [2, 4, 6]
+    short = train(with_projection(_base(), False), build_scheduler(CFG), images, _ft(steps=4), seed=5).model
+    short = float_state(short)
+    assert all(torch.equal(short[k], snaps[4][k]) for k in short)
+    assert any(not torch.equal(snaps[4][k], snaps[6][k]) for k in short)
