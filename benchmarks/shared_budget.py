@@ -36,6 +36,7 @@ sys.path.insert(0, str(ROOT))
 from dtm_core import data as data_mod  # noqa: E402
 from dtm_core import distances, features  # noqa: E402
 from dtm_core.config import ConfigError, Params, parse_params  # noqa: E402
+from dtm_core.errors import DtmError  # noqa: E402
 from dtm_core.io import write_json  # noqa: E402
 from dtm_core.plots import save_figure  # noqa: E402
 from dtm_core.sampling import initial_noise, sample  # noqa: E402
@@ -78,9 +79,16 @@ def main() -> int:
     ap.add_argument("--figure", type=Path, default=ROOT / "docs" / "figures" / "shared_budget.png")
     args = ap.parse_args()
     torch.set_num_threads(2)
-    params = parse_params(with_overrides(yaml.safe_load(Path("params.yaml").read_text()), args.set))
+    path = Path("params.yaml")
+    if not path.is_file():
+        raise ConfigError(f"'{path.resolve()}' not found: run the benchmark from the repository root, after make repro")
+    params = parse_params(with_overrides(yaml.safe_load(path.read_text()), args.set), str(path))
     if args.val_seed == params.evaluate.seed:
         raise ConfigError(f"--val-seed {args.val_seed} is evaluate.seed, the test noise: choose another")
+    if params.finetune.lr_schedule != "constant":
+        raise ConfigError(f"finetune.lr_schedule is '{params.finetune.lr_schedule}': a shorter run is then not a "
+                          "snapshot of the longer one, so the early stop could not be trained by "
+                          "finetune.shared_steps; set finetune.lr_schedule=constant")
     val = params.model_copy(update={"evaluate": params.evaluate.model_copy(update={"seed": args.val_seed})})
     budget = params.finetune.shared_total_steps(params.num_ranges)
     rows = score_snapshots(params, val, budget, args.every, args.samples or params.evaluate.num_samples)
@@ -155,4 +163,8 @@ def plot(rows: list[dict], chosen: int, path: Path) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except DtmError as exc:  # bad params or missing pipeline outputs: the message names the key or file
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)

@@ -52,7 +52,11 @@ def test_the_benchmark_scores_snapshots_on_validation_noise_and_the_stage_trains
     # the test noise is refused as validation noise
     proc = subprocess.run([*cmd[:2], "--val-seed", str(params["evaluate"]["seed"])], cwd=proj, env=stage_env(proj),
                           capture_output=True, text=True, timeout=600)
-    assert proc.returncode != 0 and "test noise" in proc.stderr
+    assert proc.returncode == 2 and "test noise" in proc.stderr
+    # under a cosine schedule an S-step run is not the S-step snapshot: refused, naming the key
+    proc = subprocess.run([*cmd[:2], "-S", "finetune.lr_schedule=cosine"], cwd=proj, env=stage_env(proj),
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 2 and "finetune.lr_schedule" in proc.stderr and "Traceback" not in proc.stderr
 
     write_params(proj, set_param(params, "finetune.shared_steps", result["chosen_steps"]))
     proc = subprocess.run(stage_command("finetune_shared"), cwd=proj, env=stage_env(proj), capture_output=True,
