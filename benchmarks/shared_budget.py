@@ -28,14 +28,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from dtm_core import data as data_mod  # noqa: E402
 from dtm_core import distances, features  # noqa: E402
-from dtm_core.config import ConfigError, Params, parse_params  # noqa: E402
+from dtm_core.config import ConfigError, Params, load_params, parse_params  # noqa: E402
 from dtm_core.errors import DtmError  # noqa: E402
 from dtm_core.io import write_json  # noqa: E402
 from dtm_core.plots import save_figure  # noqa: E402
@@ -45,20 +44,16 @@ from stages.common import CLASSIFIER_DIR, DATA_DIR, load_reference  # noqa: E402
 from stages.evaluate import heldout_losses, noise_seed  # noqa: E402
 from stages.finetune import load_inputs  # noqa: E402
 from stages.finetune_shared import train_shared  # noqa: E402
+from tools.exps import apply_overrides  # noqa: E402
+from tools.seeds import parse_sets  # noqa: E402
 
 
 def with_overrides(raw: dict, sets: list[str]) -> dict:
-    """params.yaml's dict with ``key=value`` overrides (values in YAML, as ``dvc exp run -S``)."""
+    """params.yaml's dict with ``key=value`` overrides, read as the tools read ``-S`` (tools.seeds.parse_sets)."""
     for item in sets:
-        key, sep, value = item.partition("=")
-        if not sep:
+        if "=" not in item:
             raise ConfigError(f"-S {item!r}: write key=value, e.g. -S finetune.steps=1500")
-        *path, last = key.split(".")
-        node = raw
-        for part in path:
-            node = node.setdefault(part, {})
-        node[last] = yaml.safe_load(value)
-    return raw
+    return apply_overrides(raw, parse_sets(sets))
 
 
 def choose(rows: list[dict]) -> dict:
@@ -79,10 +74,7 @@ def main() -> int:
     ap.add_argument("--figure", type=Path, default=ROOT / "docs" / "figures" / "shared_budget.png")
     args = ap.parse_args()
     torch.set_num_threads(2)
-    path = Path("params.yaml")
-    if not path.is_file():
-        raise ConfigError(f"'{path.resolve()}' not found: run the benchmark from the repository root, after make repro")
-    params = parse_params(with_overrides(yaml.safe_load(path.read_text()), args.set), str(path))
+    params = parse_params(with_overrides(load_params().model_dump(mode="json"), args.set), "params.yaml")
     if args.val_seed == params.evaluate.seed:
         raise ConfigError(f"--val-seed {args.val_seed} is evaluate.seed, the test noise: choose another")
     if params.finetune.lr_schedule != "constant":

@@ -240,6 +240,17 @@ def run_all(variants: dict[str, dict[str, Any]], **kw) -> dict[str, str]:
     return status
 
 
+def apply_overrides(params: dict, overrides: dict[str, Any]) -> dict:
+    """``params`` (a params.yaml dictionary, changed in place and returned) with dotted ``key: value`` set."""
+    for key, value in overrides.items():
+        node = params
+        *path, last = key.split(".")
+        for p in path:
+            node = node.setdefault(p, {})
+        node[last] = value
+    return params
+
+
 def _same_params(name: str, overrides: dict[str, Any]) -> bool:
     """Whether experiment ``name`` ran with these overrides (on top of the current params.yaml)."""
     import yaml
@@ -248,13 +259,7 @@ def _same_params(name: str, overrides: dict[str, Any]) -> bool:
     if committed is None:
         return False
     with open("params.yaml") as handle:
-        wanted = yaml.safe_load(handle)
-    for key, value in overrides.items():
-        node = wanted
-        *path, last = key.split(".")
-        for p in path:
-            node = node.setdefault(p, {})
-        node[last] = value
+        wanted = apply_overrides(yaml.safe_load(handle), overrides)
     # compared as the stages read them: DVC's -S rewrites params.yaml in YAML 1.2 (`"no"` loses its quotes,
     # which PyYAML then reads as False), so the raw dictionaries of one and the same run can differ
     from dtm_core.config import parse_params
