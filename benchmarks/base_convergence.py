@@ -36,6 +36,7 @@ from dtm_core.model import build_scheduler, build_unet, save_model  # noqa: E402
 from dtm_core.plots import save_figure  # noqa: E402
 from dtm_core.sampling import initial_noise, sample  # noqa: E402
 from dtm_core.seeding import derive_seed  # noqa: E402
+from dtm_core.tracking import git_commit  # noqa: E402
 from dtm_core.train import train  # noqa: E402
 from tools.make_base import recipe_params  # noqa: E402
 
@@ -92,7 +93,7 @@ def main() -> int:
     final = Path("/tmp/base-convergence-final")
     save_model(res.model, scheduler, final, {"source": "embedded", "steps": res.steps})
     recipe = {k: v for k, v in params.model_dump(mode="json").items() if k in ("seed", "data", "model", "pretrain")}
-    result = {"recipe": recipe, "samples": args.samples, "ddim_steps": args.ddim,
+    result = {"git_commit": git_commit(), "recipe": recipe, "samples": args.samples, "ddim_steps": args.ddim,
               "classifier_heldout_accuracy": clf.heldout_accuracy, "heldout_images": len(held.images),
               "final_weights_sha256": file_digest(final / "diffusion_pytorch_model.safetensors"), "rows": rows}
     write_json(args.out, result)

@@ -40,6 +40,7 @@ from dtm_core.io import write_json  # noqa: E402
 from dtm_core.plots import save_figure  # noqa: E402
 from dtm_core.sampling import initial_noise, sample  # noqa: E402
 from dtm_core.seeding import derive_seed  # noqa: E402
+from dtm_core.tracking import git_commit  # noqa: E402
 from stages.common import CLASSIFIER_DIR, DATA_DIR, load_reference  # noqa: E402
 from stages.evaluate import heldout_losses, noise_seed  # noqa: E402
 from stages.finetune import load_inputs  # noqa: E402
@@ -87,7 +88,7 @@ def main() -> int:
     best = choose(rows)
     ev = val.evaluate
     result = {
-        "overrides": args.set, "budget": budget, "every": args.every,
+        "git_commit": git_commit(), "overrides": args.set, "budget": budget, "every": args.every,
         "deme_total_steps": params.num_ranges * params.finetune.steps,
         "shared_lr": params.finetune.shared.lr, "seed": params.seed,
         "validation": {"evaluate_seed": args.val_seed, "num_samples": args.samples or ev.num_samples,

@@ -8,6 +8,8 @@ from pathlib import Path
 import yaml
 from tiny_params import tiny_params
 
+from tools.exps import apply_overrides
+
 ROOT = Path(__file__).resolve().parents[1]
 
 # every stage of the tiny profile (N = 2), in dependency order
@@ -25,12 +27,7 @@ def write_params(proj: Path, params: dict) -> None:
 
 
 def set_param(params: dict, dotted: str, value) -> dict:
-    *path, last = dotted.split(".")
-    node = params
-    for p in path:
-        node = node.setdefault(p, {})
-    node[last] = value
-    return params
+    return apply_overrides(params, {dotted: value})
 
 
 def run_stage(stage: str, *args: str) -> int:

@@ -2,6 +2,7 @@
 
 import importlib.util
 import json
+import re
 import subprocess
 import sys
 
@@ -46,6 +47,7 @@ def test_the_benchmark_scores_snapshots_on_validation_noise_and_the_stage_trains
     result = json.loads(out.read_text())
     assert [r["step"] for r in result["rows"]] == [0, 3, 6] and fig.stat().st_size > 0
     assert result["budget"] == 6 and result["validation"]["evaluate_seed"] == 1
+    assert re.fullmatch(r"[0-9a-f]{40}|unknown", result["git_commit"])  # the code that ran (unknown outside git)
     tuned = [r for r in result["rows"] if r["step"]]
     assert result["chosen_steps"] == min(tuned, key=lambda r: r["fd"])["step"]
     assert all(r["fd"] > 0 and r["heldout_loss"] > 0 and 0 <= r["memorised_fraction"] <= 1 for r in result["rows"])
