@@ -129,6 +129,17 @@ def test_set_arguments_are_yaml():
         "finetune.lr": 1e-4, "partition.ranges": [0, 1]}
 
 
+@pytest.mark.parametrize("tool", ["seeds", "sweep"])
+def test_a_set_argument_without_a_value_is_refused_before_any_experiment(tool, monkeypatch, capsys):
+    from tools import sweep
+
+    monkeypatch.setattr(exps, "_dvc", lambda *a, **kw: pytest.fail("dvc was called"))
+    main, argv = (seeds.main, []) if tool == "seeds" else (sweep.main, ["finetune.lr", "1e-4"])
+    assert main([*argv, "-S", "finetune.steps"]) == 2
+    err = capsys.readouterr().err
+    assert "'finetune.steps'" in err and "key=value" in err and "Traceback" not in err
+
+
 def test_run_variants_skips_finished_replaces_stale_and_never_forces(monkeypatch):
     calls = []
     monkeypatch.setattr(exps, "_dvc", lambda *args, **kw: calls.append(args) or "")

@@ -23,7 +23,7 @@ from typing import Any, Optional
 
 import numpy as np
 
-from dtm_core.errors import DtmError
+from dtm_core.errors import ConfigError, DtmError
 from dtm_core.io import atomic_file, write_json
 from stages.report import sampler_label
 from tools import exps
@@ -120,7 +120,9 @@ def parse_sets(items: list[str]) -> dict[str, Any]:
 
     out = {}
     for item in items:
-        key, _, value = item.partition("=")
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ConfigError(f"-S {item!r}: write key=value, e.g. -S finetune.steps=1500")
         parsed = yaml.safe_load(value)
         if isinstance(parsed, str):  # PyYAML reads YAML 1.1, where 1e-4 is a string; DVC reads it as a number
             try:
@@ -142,9 +144,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--out", type=Path, default=Path("reports"))
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s seeds %(message)s", stream=sys.stderr)
-    overrides = parse_sets(args.set)
-    variants = {variant_name(s, args.label): {**overrides, "seed": s} for s in args.seeds}
     try:
+        overrides = parse_sets(args.set)
+        variants = {variant_name(s, args.label): {**overrides, "seed": s} for s in args.seeds}
         if not args.collect_only:
             exps.run_all(variants, rerun=args.rerun)
         runs = exps.mlflow_parent_runs(variants)

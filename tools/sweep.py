@@ -59,10 +59,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--out", type=Path, default=Path("reports"))
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s sweep %(message)s", stream=sys.stderr)
-    fixed = parse_sets(args.set)
-    values = [parse_sets([f"v={v}"])["v"] for v in args.values]
-    variants = {f"sweep-{args.key.replace('.', '-')}-{v}": {**fixed, args.key: v} for v in values}
     try:
+        fixed = parse_sets(args.set)
+        values = [parse_sets([f"v={v}"])["v"] for v in args.values]
+        variants = {f"sweep-{args.key.replace('.', '-')}-{v}": {**fixed, args.key: v} for v in values}
         if not args.collect_only:
             exps.run_all(variants)
         rows = []
