@@ -286,6 +286,11 @@ def test_a_partition_row_is_paired_with_the_uniform_merged_model_of_each_seed(mo
     assert v["delta_heldout_loss_pct"] == pytest.approx(-10.0)
     assert "## Paired against another row" in study.render(
         {"settings": {}, "total_steps": 800, "rows": [out]})
+    # --partial: the compute line counts the experiments that ran, not the ones still missing
+    text = study.render({"settings": {}, "total_steps": 800, "rows": [out], "experiment_minutes_total": 30.0,
+                         "experiment_minutes": {"study-default-s0": 10.0, "study-deme-n4-snr-s0": 20.0,
+                                                "study-default-s1": None}})
+    assert "30 min of pipeline runs over 2 experiments" in text
 
 
 def test_study_row_results_pair_each_seed_with_its_shared_baseline(monkeypatch):

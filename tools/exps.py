@@ -1,6 +1,6 @@
 """Run a set of named variants of the pipeline as DVC experiments and read their results back.
 
-Each variant is ``dvc exp run --queue -f -n <name> -S key=value ...``; the
+Each variant is ``dvc exp run --queue -n <name> -S key=value ...``; the
 queue runs them one at a time (``dvc queue start -j 1``: two torch jobs on two
 cores slow each other down twentyfold) in temporary copies of the
 repository, and DVC's run-cache restores every stage a variant shares with a

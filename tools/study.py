@@ -260,8 +260,9 @@ def render(result: dict) -> str:
                          f"[{v['delta_fd_ci'][0]:+.4f}, {v['delta_fd_ci'][1]:+.4f}] | {seeds} | "
                          f"{v['delta_heldout_loss_pct']:+.2f}% |")
     if result.get("experiment_minutes_total"):
+        timed = [m for m in result["experiment_minutes"].values() if m]  # unfinished ones (--partial) have none
         lines += ["", f"Compute: {result['experiment_minutes_total']:.0f} min of pipeline runs over "
-                  f"{len(result['experiment_minutes'])} experiments (each experiment's newest MLflow parent run; "
+                  f"{len(timed)} experiments (each experiment's newest MLflow parent run; "
                   "stages restored from DVC's run-cache cost nothing there)."]
     lines += ["", "![study](study.png)", ""]
     return "\n".join(lines)
