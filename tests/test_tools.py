@@ -259,6 +259,26 @@ def test_study_rows_keep_the_compute_and_seeds_the_issue_asks_for():
     assert by_name["deme-n4-affinity"].versus == "deme-n4" and by_name["deme-n4-affinity"].seeds == (0, 1, 2)
 
 
+def test_study_select_adds_the_paired_row_and_cuts_to_the_seeds_asked_for():
+    from tools import study
+
+    rows = study.rows(800)
+    picked = study.select(rows, beyond=True, only=["deme-n4-snr"], seeds=[1, 2])
+    assert [(r.name, r.seeds) for r in picked] == [("deme-n4-snr", (1, 2)), ("deme-n4", (1, 2))]
+    assert list(study.variants(picked)) == ["study-deme-n4-snr-s1", "study-default-s1",
+                                            "study-deme-n4-snr-s2", "study-default-s2"]
+    one_seed_rows = {r.name for r in rows if r.seeds == (0,)}
+    assert not one_seed_rows & {r.name for r in study.select(rows, seeds=[1])}  # rows without seed 1 drop out
+    assert {r.name for r in study.select(rows)} == {r.name for r in rows if not r.beyond}
+
+
+def test_study_refuses_seeds_no_row_has(capsys):
+    from tools import study
+
+    assert study.main(["--seeds", "7", "--list"]) == 2
+    assert "--seeds 7" in capsys.readouterr().err
+
+
 def test_a_partition_row_is_paired_with_the_uniform_merged_model_of_each_seed(monkeypatch):
     from tools import study
 

@@ -4,6 +4,7 @@
     python -m tools.study --collect-only   # only read the finished experiments
     python -m tools.study --list           # the rows and their overrides
     python -m tools.study --beyond         # also the automatic partitions and distilled weights (3 seeds each)
+    python -m tools.study --seeds 1 2      # only these training seeds of each row
 
 Every row is one or more DVC experiments (``study-<row>-s<seed>``) on top of
 params.yaml, run one at a time by DVC's queue; the run-cache restores what a
@@ -96,6 +97,18 @@ def rows(total_steps: int) -> list[Row]:
             "Beyond the paper: merge weights learned by distillation (N = 4)", versus="deme-n4", beyond=True),
     ]
     return out
+
+
+def select(candidates: list[Row], beyond: bool = False, only: Optional[list[str]] = None,
+           seeds: Optional[list[int]] = None) -> list[Row]:
+    """The rows a run asks for (``--beyond``, ``--only``), with the rows they are paired against, each cut to
+    ``seeds`` (``--seeds``; rows with none of them are left out)."""
+    chosen = [r for r in candidates if (beyond or not r.beyond) and (not only or r.name in only)]
+    chosen += [r for r in candidates if r.name in {o.versus for o in chosen} - {o.name for o in chosen}]
+    if seeds is not None:
+        chosen = [dataclasses.replace(r, seeds=tuple(s for s in r.seeds if s in seeds)) for r in chosen]
+        chosen = [r for r in chosen if r.seeds]
+    return chosen
 
 
 def experiment_name(row: Row, seed: int, all_rows: list[Row]) -> str:
@@ -296,14 +309,21 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--beyond", action="store_true",
                     help="also the rows beyond the paper: the automatic partitions (snr, affinity) and the "
                          "distilled merge weights, 3 seeds each")
+    ap.add_argument("--seeds", nargs="+", type=int, metavar="SEED",
+                    help="only these training seeds of each row (e.g. 1 2: a study split over machines or sessions)")
     ap.add_argument("--out", type=Path, default=Path("reports"))
     ap.add_argument("--results", type=Path, help="also write the rows as a list here (docs/results/study.json)")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s study %(message)s", stream=sys.stderr)
     params = yaml.safe_load(Path("params.yaml").read_text())
     total = len(params["partition"]["ranges"]) * params["finetune"]["steps"]
-    all_rows = [r for r in rows(total) if (args.beyond or not r.beyond) and (not args.only or r.name in args.only)]
-    all_rows += [r for r in rows(total) if r.name in {o.versus for o in all_rows} - {o.name for o in all_rows}]
+    all_rows = select(rows(total), args.beyond, args.only, args.seeds)
+    if not all_rows:
+        asked = " ".join([*(["--only", *args.only] if args.only else []),
+                          *(["--seeds", *map(str, args.seeds)] if args.seeds else [])])
+        print(f"error: study: no row matches {asked} (python -m tools.study --list --beyond lists them)",
+              file=sys.stderr)
+        return 2
     todo = variants(all_rows)
     if args.list:
         for name, overrides in todo.items():
