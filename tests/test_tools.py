@@ -215,6 +215,38 @@ def test_baseline_argument_points_the_tools_at_an_older_commit(monkeypatch):
     assert exps.BASELINE == ["abc123", "def456"]
 
 
+def test_baselines_whose_pipeline_code_differs_are_named(tmp_path, monkeypatch, caplog):
+    import argparse
+
+    monkeypatch.chdir(tmp_path)
+    git = lambda *a: subprocess.run(["git", *a], check=True, capture_output=True)  # noqa: E731
+    commit = lambda m: git("-c", "user.email=a@b", "-c", "user.name=t", "commit", "-qam", m)  # noqa: E731
+    git("init", "-q")
+    (tmp_path / "stages").mkdir()
+    (tmp_path / "stages" / "fit.py").write_text("a = 1\n")
+    (tmp_path / "README.md").write_text("x\n")
+    git("add", "-A")
+    commit("one")
+    git("tag", "one")
+    (tmp_path / "README.md").write_text("y\n")  # not pipeline code
+    commit("docs")
+    git("tag", "docs")
+    (tmp_path / "stages" / "fit.py").write_text("a = 2\n")
+    commit("two")
+    assert exps.pipeline_changes(["HEAD", "one", "docs", "no-such-rev"]) == {
+        "one": ["stages/fit.py"], "docs": ["stages/fit.py"]}
+    assert exps.pipeline_changes(["docs", "one"]) == {}
+    monkeypatch.setattr(exps, "BASELINE", ["HEAD"])
+    ap = argparse.ArgumentParser()
+    exps.add_baseline_argument(ap)
+    with caplog.at_level("WARNING", logger="dtm.exps"):
+        ap.parse_args(["--baseline", "docs", "one"])
+    assert not caplog.records
+    with caplog.at_level("WARNING", logger="dtm.exps"):
+        ap.parse_args(["--baseline", "HEAD", "one"])
+    assert "HEAD and one run different pipeline code (stages/fit.py)" in caplog.text
+
+
 def test_experiments_of_several_commits_are_read_first_commit_first(monkeypatch):
     shas = {"new": "aa" + "1" * 38, "old": "bb" + "2" * 38}
     refs = {shas["new"]: ["x", "y"], shas["old"]: ["y", "z"]}
@@ -493,3 +525,4 @@ def test_study_paired_fd_is_the_reports_contrast(monkeypatch):
     assert delta == fd(feats["e1", "merged"], ref) - fd_b
     assert ci == list(distances.bootstrap_ci(feats["e1", "merged"], ref, fd, 30, seed=5, estimate=delta,
                                              paired_with=feats["e2", "shared"]))
+

@@ -65,18 +65,39 @@ def set_args(overrides: dict[str, Any]) -> list[str]:
 BASELINE: list[str] = ["HEAD"]  # the commits whose experiments are read, first match wins (``--baseline``)
 
 
+# What the stages run: experiments of commits that differ here measured different pipelines.
+PIPELINE_PATHS = ("dvc.yaml", "stages", "dtm_core", "pyproject.toml")
+
+
+def pipeline_changes(revs: list[str]) -> dict[str, list[str]]:
+    """For each rev after the first, the pipeline files (:data:`PIPELINE_PATHS`) that differ from the first's
+    (revs git cannot compare are left out: they have no experiments to read either)."""
+    out = {}
+    for rev in revs[1:]:
+        proc = subprocess.run(["git", "diff", "--name-only", revs[0], rev, "--", *PIPELINE_PATHS],
+                              capture_output=True, text=True)
+        if proc.returncode == 0 and proc.stdout.split():
+            out[rev] = proc.stdout.split()
+    return out
+
+
 class _Baseline(argparse.Action):
     def __call__(self, parser, namespace, values, option_string=None):
         global BASELINE
         BASELINE = list(values)
         setattr(namespace, self.dest, BASELINE)
+        for rev, files in pipeline_changes(BASELINE).items():
+            log.warning("--baseline %s and %s run different pipeline code (%s): their experiments are read "
+                        "side by side all the same", BASELINE[0], rev, ", ".join(files[:8]))
 
 
 def add_baseline_argument(parser) -> None:
     """``--baseline REV [REV ...]`` of the tools: read the experiments run on these commits (sets :data:`BASELINE`).
 
     With several, an experiment is taken from the first commit that has it: a
-    study whose rows ran on two commits (one re-run after a fix) is read whole.
+    study whose rows ran on two commits (one re-run after a fix, or seeds run
+    on another day) is read whole. A warning names the pipeline files that
+    differ between the commits (none: the experiments measured the same code).
     """
     parser.add_argument("--baseline", nargs="+", default=["HEAD"], action=_Baseline, metavar="REV",
                         help="read the experiments run on these commits, first match wins (default HEAD)")
