@@ -526,3 +526,31 @@ def test_study_paired_fd_is_the_reports_contrast(monkeypatch):
     assert ci == list(distances.bootstrap_ci(feats["e1", "merged"], ref, fd, 30, seed=5, estimate=delta,
                                              paired_with=feats["e2", "shared"]))
 
+
+def test_study_draws_each_models_bootstrap_once_while_its_features_stay_the_same(monkeypatch):
+    import numpy as np
+
+    from dtm_core import distances
+    from tools import study
+
+    rng = np.random.default_rng(1)
+    feats = {(e, m): rng.normal(size=(120, 3)) for e, m in [("a", "merged"), ("b", "merged"), ("base", "shared")]}
+    ref = rng.normal(size=(100, 3))
+    monkeypatch.setattr(study, "_features", lambda name, model: feats[name, model])
+    monkeypatch.setattr(study, "_MODELS", {})
+    calls = []
+    real = distances.bootstrap_replicates
+    monkeypatch.setattr(distances, "bootstrap_replicates", lambda x, *a, **k: calls.append(x) or real(x, *a, **k))
+    first = study._paired_fd(("a", "merged"), ("base", "shared"), ref, rounds=20, seed=3)
+    second = study._paired_fd(("b", "merged"), ("base", "shared"), ref, rounds=20, seed=3)
+    assert len(calls) == 3  # a, base, b: the shared baseline's bootstrap is reused by the second contrast
+    fd = distances.frechet_distance
+    for (name, _), (delta, ci, _) in zip([("a", 0), ("b", 0)], [first, second]):
+        assert ci == list(distances.bootstrap_ci(feats[name, "merged"], ref, fd, 20, seed=3, estimate=delta,
+                                                 paired_with=feats["base", "shared"]))
+    calls.clear()  # (bootstrap_ci draws its own)
+    feats["base", "shared"] = feats["base", "shared"] + 0.5  # another experiment under the same name
+    third = study._paired_fd(("a", "merged"), ("base", "shared"), ref, rounds=20, seed=3)
+    assert len(calls) == 1 and third[0] != first[0]  # redrawn for the new features, a's reused
+    study._paired_fd(("a", "merged"), ("base", "shared"), ref + 1.0, rounds=20, seed=3)
+    assert len(calls) == 3  # another reference: both redrawn

@@ -158,15 +158,30 @@ def _across_seeds(deltas: list[float], single_ci: list[float]) -> list[float]:
     return [mean - half, mean + half]
 
 
+_MODELS: dict[tuple[str, str], dict] = {}
+
+
+def _model(name: str, model: str, reference: np.ndarray) -> dict:
+    """Experiment ``name``'s ``model`` as stages.report.fd_contrast takes it, one dict per (experiment, model)
+    while its features and the reference stay the same, so its bootstrap FDs are drawn once for every
+    contrast it enters (the shared baseline of a seed enters one per row)."""
+    features = _features(name, model)
+    entry = _MODELS.get((name, model))
+    if (entry is None or not np.array_equal(entry["features"], features)
+            or not np.array_equal(entry["reference"], reference)):
+        entry = _MODELS[name, model] = {"features": features, "reference": reference}
+    return entry
+
+
 def _paired_fd(a: tuple[str, str], b: tuple[str, str], reference: np.ndarray, rounds: int,
                seed: int) -> tuple[float, list[float], float]:
     """FD(a) − FD(b) for (experiment, model) pairs sampled from the same test noise, its paired bootstrap
     interval (the report's own contrast, stages.report.fd_contrast), and FD(b)."""
     from stages.report import fd_contrast
 
-    fb = _features(*b)
-    contrast = fd_contrast({"features": _features(*a)}, {"features": fb}, reference, rounds, seed)
-    return contrast["fd"], contrast["fd_ci"], distances.frechet_distance(fb, reference)
+    mb = _model(*b, reference)
+    contrast = fd_contrast(_model(*a, reference), mb, reference, rounds, seed)
+    return contrast["fd"], contrast["fd_ci"], distances.frechet_distance(mb["features"], reference)
 
 
 def _percent(value: float, reference: float) -> float:
