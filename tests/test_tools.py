@@ -57,18 +57,22 @@ def test_gate_reports_improvements_without_failing(gate, capsys):
     assert "improved" in capsys.readouterr().out
 
 
+def _git(*args: str) -> None:
+    """git in the current directory (a test's scratch repository), as a test user."""
+    subprocess.run(["git", "-c", "user.email=a@b", "-c", "user.name=t", *args], check=True, capture_output=True)
+
+
 def test_gate_against_the_committed_report(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
-    git = lambda *a: subprocess.run(["git", *a], check=True, capture_output=True)  # noqa: E731
-    git("init", "-q")
+    _git("init", "-q")
     (tmp_path / "reports").mkdir()
     (tmp_path / "regression").mkdir()
     (tmp_path / "regression" / "tolerances.json").write_text(json.dumps({
         "fd": {"abs": 0.01}, "kid": {"abs": 0.01}, "heldout_loss": {"abs": 0.001}}))
     report = tmp_path / "reports" / "comparison.json"
     report.write_text(json.dumps(_comparison()))
-    git("add", "-A")
-    git("-c", "user.email=a@b", "-c", "user.name=t", "commit", "-qm", "blessed default")
+    _git("add", "-A")
+    _git("commit", "-qm", "blessed default")
     assert regress.main([]) == 0
     report.write_text(json.dumps(_comparison(merged_fd=6.0)))
     assert regress.main([]) == 1
@@ -219,20 +223,18 @@ def test_baselines_whose_pipeline_code_differs_are_named(tmp_path, monkeypatch, 
     import argparse
 
     monkeypatch.chdir(tmp_path)
-    git = lambda *a: subprocess.run(["git", *a], check=True, capture_output=True)  # noqa: E731
-    commit = lambda m: git("-c", "user.email=a@b", "-c", "user.name=t", "commit", "-qam", m)  # noqa: E731
-    git("init", "-q")
+    _git("init", "-q")
     (tmp_path / "stages").mkdir()
     (tmp_path / "stages" / "fit.py").write_text("a = 1\n")
     (tmp_path / "README.md").write_text("x\n")
-    git("add", "-A")
-    commit("one")
-    git("tag", "one")
+    _git("add", "-A")
+    _git("commit", "-qm", "one")
+    _git("tag", "one")
     (tmp_path / "README.md").write_text("y\n")  # not pipeline code
-    commit("docs")
-    git("tag", "docs")
+    _git("commit", "-qam", "docs")
+    _git("tag", "docs")
     (tmp_path / "stages" / "fit.py").write_text("a = 2\n")
-    commit("two")
+    _git("commit", "-qam", "two")
     assert exps.pipeline_changes(["HEAD", "one", "docs", "no-such-rev"]) == {
         "one": ["stages/fit.py"], "docs": ["stages/fit.py"]}
     assert exps.pipeline_changes(["docs", "one"]) == {}
@@ -545,7 +547,7 @@ def test_study_draws_each_models_bootstrap_once_while_its_features_stay_the_same
     second = study._paired_fd(("b", "merged"), ("base", "shared"), ref, rounds=20, seed=3)
     assert len(calls) == 3  # a, base, b: the shared baseline's bootstrap is reused by the second contrast
     fd = distances.frechet_distance
-    for (name, _), (delta, ci, _) in zip([("a", 0), ("b", 0)], [first, second]):
+    for name, (delta, ci, _) in zip(["a", "b"], [first, second]):
         assert ci == list(distances.bootstrap_ci(feats[name, "merged"], ref, fd, 20, seed=3, estimate=delta,
                                                  paired_with=feats["base", "shared"]))
     calls.clear()  # (bootstrap_ci draws its own)
