@@ -21,8 +21,9 @@ repro: setup
 	dvc repro
 	@echo "results: reports/comparison.md  |  runs: make ui"
 
+# one worker per core, heaviest tests first (tests/conftest.py), one test at a time per worker
 test: setup
-	python -m pytest
+	python -m pytest -n auto --dist load --maxschedchunk 1
 
 lint: setup
 	ruff check .

@@ -12,7 +12,26 @@ sys.path.insert(0, str(ROOT))  # the stages package (not installed: it is the pi
 from tiny_params import tiny_params  # noqa: E402
 
 torch = pytest.importorskip("torch")
-torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+# `make test` runs the tests in parallel (pytest-xdist, one worker per core). Each worker, and every
+# stage process it starts (DTM_THREADS reaches them through the environment: dtm_core/distributed.py),
+# takes its share of the cores: two torch processes with a full share each on two cores run many
+# times slower than one.
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if _WORKERS > 1 and not os.environ.get("DTM_THREADS"):
+    os.environ["DTM_THREADS"] = str(max(1, (os.cpu_count() or 1) // _WORKERS))
+torch.set_num_threads(int(os.environ.get("DTM_THREADS") or min(2, os.cpu_count() or 1)))
+
+
+def pytest_collection_modifyitems(config, items):
+    """Heaviest first, so that parallel workers finish together: the tests marked slow by their
+    estimated minutes (``@pytest.mark.slow(minutes=14)``; 1 when not given), then the rest in file order."""
+
+    def cost(item) -> float:
+        mark = item.get_closest_marker("slow")
+        return -float(mark.kwargs.get("minutes", 1)) if mark else 0.0
+
+    items.sort(key=cost)
 
 
 @pytest.fixture

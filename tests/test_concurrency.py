@@ -35,6 +35,7 @@ def _pipeline_like(workdir: str, uri: str, params_dict: dict, errors) -> None:
         errors.put(f"{workdir}: {type(exc).__name__}: {exc}")
 
 
+@pytest.mark.slow
 def test_pipelines_sharing_one_sqlite_store(tmp_path, tiny_dict):
     """Fresh store, four pipelines at once: no 'database is locked', none lost, all nested."""
     uri = f"sqlite:///{tmp_path / 'shared' / 'mlflow.db'}"

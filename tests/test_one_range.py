@@ -2,9 +2,11 @@
 
 import json
 
+import pytest
 from stagehelp import built_project
 
 
+@pytest.mark.slow
 def test_a_single_range_pipeline_runs_through_the_ensemble_evaluation(tmp_path_factory):
     stages = [("prepare", ()), ("classifier", ()), ("pretrain", ()), ("partition", ()), ("finetune", ("--range", "0")),
               ("finetune_shared", ()), ("task_vectors", ()), ("merge_weights", ()), ("merge", ()),

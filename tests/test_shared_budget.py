@@ -37,6 +37,7 @@ def test_the_report_says_whether_the_shared_baseline_had_equal_compute():
     assert "finetune.shared_steps" in label and "0.50 x" in label and "6000" in label
 
 
+@pytest.mark.slow
 def test_the_benchmark_scores_snapshots_on_validation_noise_and_the_stage_trains_its_budget(tmp_path_factory):
     proj, params = built_project(tmp_path_factory, "budget", [("prepare", ()), ("classifier", ()), ("pretrain", ())])
     out, fig = proj / "budget.json", proj / "budget.png"
