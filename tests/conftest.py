@@ -20,12 +20,14 @@ torch = pytest.importorskip("torch")
 _WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
 if _WORKERS > 1 and not os.environ.get("DTM_THREADS"):
     os.environ["DTM_THREADS"] = str(max(1, (os.cpu_count() or 1) // _WORKERS))
-torch.set_num_threads(int(os.environ.get("DTM_THREADS") or min(2, os.cpu_count() or 1)))
+from dtm_core.distributed import thread_share  # noqa: E402  (validates DTM_THREADS as the stages do)
+
+torch.set_num_threads(thread_share() or min(2, os.cpu_count() or 1))
 
 
 def pytest_collection_modifyitems(config, items):
     """Heaviest first, so that parallel workers finish together: the tests marked slow by their
-    estimated minutes (``@pytest.mark.slow(minutes=14)``; 1 when not given), then the rest in file order."""
+    estimated minutes (``@pytest.mark.slow(minutes=9)``; 1 when not given), then the rest in file order."""
 
     def cost(item) -> float:
         mark = item.get_closest_marker("slow")
