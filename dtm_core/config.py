@@ -264,7 +264,7 @@ class EvaluateConfig(_Sampling):
     # another name, never the test noise itself.
     seed: int = Field(0, ge=0)
     inception_dir: Optional[str] = None  # holds inception-2015-12-05.pt; null: where clean-fid looks (/tmp)
-    num_samples: int = Field(12000, ge=2)
+    num_samples: int = Field(22000, ge=2)
     eta: float = Field(0.0, ge=0.0, le=1.0)  # ddim only
     batch_size: int = Field(500, ge=1)
     noise_seeds: int = Field(1, ge=1, le=100)  # repeat the evaluation over this many initial-noise seeds
