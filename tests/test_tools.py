@@ -476,6 +476,12 @@ def test_tolerances_are_twice_the_largest_shift_of_a_perturbed_run_per_key():
     # a bit-exact perturbation still leaves a floor, never a zero tolerance
     same, _ = tolerances.derive(_report(), {"avx2": _report()}, old, floor=1e-5)
     assert all(v["abs"] == 1e-5 for v in same.values())
+    # keep_looser: a key never tightens below the file it replaces, and the evidence says which kept theirs
+    old["kid"] = {"abs": 0.001}
+    kept, why = tolerances.derive(_report(), runs, old, factor=2.0, floor=1e-5, keep_looser=True)
+    assert kept["fd"]["abs"] == 1.0 and kept["kid"]["abs"] == pytest.approx(0.005)
+    assert why["per_key"]["fd"] == {**why["per_key"]["fd"], "derived": pytest.approx(0.01), "kept_previous": True}
+    assert why["per_key"]["kid"]["kept_previous"] is False and why["keep_looser"] is True
 
 
 def test_the_tolerances_command_writes_both_files_and_names_a_report_that_lacks_a_metric(tmp_path, monkeypatch, capsys):
