@@ -25,10 +25,15 @@ class _Section(BaseModel):
 
 
 class DataConfig(_Section):
-    source: Literal["digits", "imagefolder"] = "digits"
+    source: Literal["digits", "imagefolder", "idx"] = "digits"
     # imagefolder: a directory of class subfolders (<root>/<class>/<image>),
     # the torchvision ImageFolder layout; labels come from the subfolder names.
     image_folder: Optional[str] = None
+    # idx: the directory of the four MNIST-style IDX files (train-*, t10k-*);
+    # Debian's dataset-fashion-mnist installs Fashion-MNIST's here.
+    idx_dir: str = "/usr/share/datasets/fashion-mnist"
+    # one name per label (idx; null: Fashion-MNIST's names in its Debian directory, else the label numbers)
+    class_names: Optional[list[str]] = None
     image_size: int = Field(8, ge=4, le=1024)
     channels: Literal[1, 3] = 1
     holdout_fraction: float = Field(0.2, gt=0.0, lt=1.0)
@@ -42,6 +47,8 @@ class DataConfig(_Section):
             raise ValueError(
                 "data.image_folder must name a directory when data.source is 'imagefolder'"
             )
+        if self.source == "idx" and self.channels != 1:
+            raise ValueError("data.source 'idx' is grayscale: set data.channels: 1")
         if self.source == "digits" and (self.image_size != 8 or self.channels != 1):
             raise ValueError(
                 "data.source 'digits' is 8x8 grayscale: set data.image_size: 8 and data.channels: 1"
@@ -443,6 +450,15 @@ def load_params(path: str | Path = "params.yaml") -> Params:
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML: {exc}") from None
     return parse_params(data, str(path))
+
+
+def overlay(base: dict, over: Optional[dict]) -> dict:
+    """``base`` with ``over``'s keys replacing its own, section by section (a configuration file such as
+    configs/fashion.yaml on top of params.yaml)."""
+    out = dict(base)
+    for key, value in (over or {}).items():
+        out[key] = overlay(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
 
 
 def flatten(data: Any, prefix: str = "") -> dict[str, Any]:

@@ -5,6 +5,10 @@ Sources:
   package; no download). The embedded default.
 - ``imagefolder``: ``<root>/<class>/<image>`` (torchvision's ImageFolder
   layout), resized to ``data.image_size``; labels come from the subfolders.
+- ``idx``: the four IDX files of MNIST-style data sets in ``data.idx_dir``
+  (Fashion-MNIST: Debian's ``dataset-fashion-mnist`` puts them in
+  /usr/share/datasets/fashion-mnist). Its ``t10k`` files are a test split of
+  their own, which only the final evaluation reads.
 
 All images are float32 NCHW scaled to [-1, 1].
 """
@@ -13,7 +17,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence
 
 import numpy as np
 import torch
@@ -80,10 +84,98 @@ def load_imagefolder_source(root: str | Path, image_size: int, channels: int) ->
     )
 
 
+IDX_FILES = {
+    "train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
+    "test": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"),
+}
+IDX_PACKAGE = "dataset-fashion-mnist"
+FASHION_CLASSES = ("T-shirt/top", "trouser", "pullover", "dress", "coat",
+                   "sandal", "shirt", "sneaker", "bag", "ankle boot")
+
+
+def _idx_missing(root: Path, what: str) -> DataError:
+    names = ", ".join(n for pair in IDX_FILES.values() for n in pair)
+    return DataError(
+        f"data.idx_dir: {what}. The idx source needs the four IDX files {names} in that directory; "
+        f"for Fashion-MNIST run `apt-get install {IDX_PACKAGE}` (they land in /usr/share/datasets/fashion-mnist) "
+        "or set data.idx_dir to where yours are. Nothing is downloaded."
+    )
+
+
+def read_idx(path: str | Path) -> np.ndarray:
+    """One IDX file (gzip or raw) of unsigned bytes as an array of its declared shape."""
+    import gzip
+
+    path = Path(path)
+    try:
+        raw = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
+    except (OSError, EOFError, gzip.BadGzipFile) as exc:
+        raise DataError(f"data.idx_dir: '{path}' cannot be read ({exc}); reinstall {IDX_PACKAGE} or replace it.") \
+            from exc
+    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] != 0x08:
+        raise DataError(f"data.idx_dir: '{path}' is not an IDX file of unsigned bytes (bad magic number); "
+                        f"reinstall {IDX_PACKAGE} or replace it.")
+    ndim = raw[3]
+    header = 4 + 4 * ndim
+    if ndim == 0 or len(raw) < header:
+        raise DataError(f"data.idx_dir: '{path}' has a truncated IDX header; reinstall {IDX_PACKAGE} or replace it.")
+    shape = tuple(int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
+    if len(raw) - header != int(np.prod(shape)):
+        raise DataError(f"data.idx_dir: '{path}' declares shape {shape} ({int(np.prod(shape))} bytes) but holds "
+                        f"{len(raw) - header}; the file is truncated or corrupt: reinstall {IDX_PACKAGE}.")
+    return np.frombuffer(raw, dtype=np.uint8, offset=header).reshape(shape)
+
+
+def resize_images(images: np.ndarray, size: int) -> np.ndarray:
+    """uint8 (N, H, W) to float32 (N, 1, size, size) in [-1, 1]: native size as is, a larger size padded with
+    background, a smaller one by antialiased bilinear resampling."""
+    x = torch.from_numpy(images.astype(np.float32) / 127.5 - 1.0)[:, None]
+    h = x.shape[-1]
+    if size > h:
+        lo = (size - h) // 2
+        x = torch.nn.functional.pad(x, (lo, size - h - lo, lo, size - h - lo), value=-1.0)
+    elif size < h:
+        x = torch.nn.functional.interpolate(x, size=(size, size), mode="bilinear", antialias=True,
+                                            align_corners=False).clamp_(-1.0, 1.0)
+    return x.numpy()
+
+
+def load_idx_source(root: str | Path, image_size: int, part: str = "train",
+                    classes: Optional[Sequence[str]] = None) -> Dataset:
+    root = Path(root)
+    if not root.is_dir():
+        raise _idx_missing(root, f"'{root}' is not a directory")
+    image_file, label_file = (root / name for name in IDX_FILES[part])
+    for f in (image_file, label_file):
+        if not f.is_file():
+            raise _idx_missing(root, f"'{f}' is missing")
+    images, labels = read_idx(image_file), read_idx(label_file)
+    if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
+        raise DataError(f"data.idx_dir: '{image_file}' (shape {images.shape}) and '{label_file}' (shape "
+                        f"{labels.shape}) are not N images and N labels; reinstall {IDX_PACKAGE}.")
+    n_classes = int(labels.max()) + 1 if len(labels) else 0
+    if classes is None:
+        classes = FASHION_CLASSES if n_classes <= len(FASHION_CLASSES) and root.name == "fashion-mnist" else \
+            tuple(str(c) for c in range(n_classes))
+    if n_classes > len(classes):
+        raise DataError(f"data.idx_dir: '{label_file}' has label {n_classes - 1} but only {len(classes)} class "
+                        "names are known; set data.class_names to one name per label.")
+    return Dataset(resize_images(images, image_size), labels.astype(np.int64), tuple(classes))
+
+
 def load_source(cfg: DataConfig) -> Dataset:
     if cfg.source == "digits":
         return load_digits_source()
+    if cfg.source == "idx":
+        return load_idx_source(cfg.idx_dir, cfg.image_size, "train", cfg.class_names)
     return load_imagefolder_source(cfg.image_folder, cfg.image_size, cfg.channels)
+
+
+def load_test_source(cfg: DataConfig) -> Optional[Dataset]:
+    """The source's own test split (idx: the t10k files), or None when it has none."""
+    if cfg.source == "idx":
+        return load_idx_source(cfg.idx_dir, cfg.image_size, "test", cfg.class_names)
+    return None
 
 
 def split(dataset: Dataset, holdout_fraction: float, seed: int) -> tuple[Dataset, Dataset]:
@@ -106,10 +198,13 @@ def split(dataset: Dataset, holdout_fraction: float, seed: int) -> tuple[Dataset
     return pick(~mask), pick(mask)
 
 
-def save_splits(out_dir: str | Path, train: Dataset, heldout: Dataset, info: Optional[dict] = None) -> None:
-    """``train.npz`` and ``heldout.npz`` (and ``info.json`` when given), atomically."""
+def save_splits(out_dir: str | Path, train: Dataset, heldout: Dataset, info: Optional[dict] = None,
+                test: Optional[Dataset] = None) -> None:
+    """``train.npz``, ``heldout.npz`` and, when given, ``test.npz`` and ``info.json``, atomically."""
     with atomic_dir(out_dir) as tmp:
-        for name, ds in (("train", train), ("heldout", heldout)):
+        for name, ds in (("train", train), ("heldout", heldout), ("test", test)):
+            if ds is None:
+                continue
             np.savez(tmp / f"{name}.npz", images=ds.images, labels=ds.labels, classes=np.asarray(ds.classes))
         if info is not None:
             write_json(tmp / "info.json", info)

@@ -1,5 +1,9 @@
 """DVC stage prepare: read the image source, split it into train and held-out -> data/prepared/.
 
+A source with a test split of its own (idx) also writes test.npz, which only
+the final evaluation reads; the held-out split is then a validation split
+carved out of train.
+
 With ``model.pretrained_path`` set, the checkpoint's image size and channels
 are checked against the data here, before any training.
 """
@@ -43,13 +47,15 @@ def prepare(params: Params, run=NullRun()) -> dict:
     train_ds, held_ds = data_mod.split(
         dataset, params.data.holdout_fraction, derive_seed(params.data.split_seed, "prepare")
     )
+    test_ds = data_mod.load_test_source(params.data)
     info = {
         "train_images": len(train_ds),
         "heldout_images": len(held_ds),
+        **({"test_images": len(test_ds)} if test_ds is not None else {}),
         "classes": list(dataset.classes),
         "image_shape": list(dataset.images.shape[1:]),
     }
-    data_mod.save_splits(DATA_DIR, train_ds, held_ds, info)
+    data_mod.save_splits(DATA_DIR, train_ds, held_ds, info, test=test_ds)
     return {k: v for k, v in info.items() if k != "classes"} | {"num_classes": len(dataset.classes)}
 
 

@@ -223,3 +223,9 @@ def test_the_shared_budget_is_n_times_steps_unless_set(default_params_dict):
     assert ft.model_copy(update={"shared_steps": 1500}).shared_total_steps(4) == 1500
     with pytest.raises(ConfigError, match="finetune.shared_steps"):
         parse_params(_with(default_params_dict, "finetune", shared_steps=0))
+
+
+def test_idx_source_is_grayscale():
+    with pytest.raises(ConfigError, match="data.channels: 1"):
+        parse_params({"data": {"source": "idx", "channels": 3}})
+    assert parse_params({"data": {"source": "idx", "image_size": 16}}).data.idx_dir.endswith("fashion-mnist")

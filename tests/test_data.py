@@ -99,3 +99,110 @@ def test_batch_sampler_epochs_and_state():
     s.load_state_dict(state)
     b = [s.next() for _ in range(3)]
     assert all(torch.equal(u, v) for u, v in zip(a, b))
+
+
+def _write_idx(path, array, gz=True, magic=None):
+    import gzip
+
+    array = np.asarray(array, dtype=np.uint8)
+    header = bytes([0, 0, 0x08, array.ndim]) if magic is None else magic
+    header += b"".join(int(d).to_bytes(4, "big") for d in array.shape)
+    raw = header + array.tobytes()
+    path.write_bytes(gzip.compress(raw) if gz else raw)
+
+
+def _idx_dir(tmp_path, n_train=12, n_test=6, size=28):
+    from dtm_core.data import IDX_FILES
+
+    rng = np.random.default_rng(0)
+    root = tmp_path / "fashion-mnist"
+    root.mkdir()
+    for part, n in (("train", n_train), ("test", n_test)):
+        images, labels = IDX_FILES[part]
+        _write_idx(root / images, rng.integers(0, 256, (n, size, size)))
+        _write_idx(root / labels, np.arange(n) % 10)
+    return root
+
+
+def test_idx_reads_resizes_and_pads(tmp_path):
+    from dtm_core.data import load_idx_source, read_idx
+
+    root = _idx_dir(tmp_path)
+    raw = read_idx(root / "train-images-idx3-ubyte.gz")
+    assert raw.shape == (12, 28, 28) and raw.dtype == np.uint8
+    native = load_idx_source(root, 28)
+    np.testing.assert_allclose(native.images[:, 0], raw / 127.5 - 1.0, atol=1e-6)
+    assert native.labels.tolist() == [i % 10 for i in range(12)]
+    assert native.classes[5] == "sandal"  # the Debian directory's name marks Fashion-MNIST
+    small = load_idx_source(root, 16)
+    assert small.images.shape == (12, 1, 16, 16) and small.images.min() >= -1 and small.images.max() <= 1
+    padded = load_idx_source(root, 32)
+    assert padded.images.shape == (12, 1, 32, 32)
+    assert (padded.images[:, :, :2] == -1).all() and (padded.images[:, :, :, -2:] == -1).all()
+    np.testing.assert_array_equal(padded.images[:, :, 2:30, 2:30], native.images)
+    test = load_idx_source(root, 16, "test")
+    assert len(test) == 6
+
+
+def test_idx_raw_files_and_class_names(tmp_path):
+    from dtm_core.data import load_idx_source
+
+    root = tmp_path / "mine"
+    root.mkdir()
+    _write_idx(root / "train-images-idx3-ubyte.gz", np.zeros((3, 4, 4)))
+    _write_idx(root / "train-labels-idx1-ubyte.gz", [0, 1, 1])
+    assert load_idx_source(root, 4).classes == ("0", "1")
+    assert load_idx_source(root, 4, classes=["cat", "dog"]).classes == ("cat", "dog")
+    with pytest.raises(DataError, match="data.class_names"):
+        load_idx_source(root, 4, classes=["cat"])
+
+
+@pytest.mark.parametrize("damage, message", [
+    ("nodir", "apt-get install dataset-fashion-mnist"),
+    ("nofile", "t10k-labels-idx1-ubyte.gz"),
+    ("magic", "bad magic"),
+    ("truncated", "truncated or corrupt"),
+    ("notgzip", "cannot be read"),
+    ("count", "not N images and N labels"),
+])
+def test_idx_bad_input_names_the_fix(tmp_path, damage, message):
+    from dtm_core.data import load_idx_source
+
+    root = _idx_dir(tmp_path)
+    images, labels = root / "train-images-idx3-ubyte.gz", root / "train-labels-idx1-ubyte.gz"
+    part = "train"
+    if damage == "nodir":
+        root = tmp_path / "absent"
+    elif damage == "nofile":
+        (root / "t10k-labels-idx1-ubyte.gz").unlink()
+        part = "test"
+    elif damage == "magic":
+        _write_idx(images, np.zeros((2, 4, 4)), magic=bytes([0, 0, 0x0D, 3]))
+    elif damage == "truncated":
+        import gzip
+
+        images.write_bytes(gzip.compress(gzip.decompress(images.read_bytes())[:-5]))
+    elif damage == "notgzip":
+        images.write_bytes(b"not a gzip file at all")
+    elif damage == "count":
+        _write_idx(labels, [0, 1, 2])
+    with pytest.raises(DataError, match=message) as info:
+        load_idx_source(root, 16, part)
+    assert "data.idx_dir" in str(info.value)
+    if damage == "nodir":
+        for name in ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz", "t10k-images-idx3-ubyte.gz"):
+            assert name in str(info.value)
+
+
+def test_prepare_writes_a_test_split(tmp_path, monkeypatch):
+    from dtm_core.config import parse_params
+    from stages import prepare
+
+    root = _idx_dir(tmp_path, n_train=40, n_test=10, size=8)
+    monkeypatch.chdir(tmp_path)
+    params = parse_params({"data": {"source": "idx", "idx_dir": str(root), "image_size": 8,
+                                    "holdout_fraction": 0.25}, "model": {"pretrained_path": None}})
+    info = prepare.prepare(params)
+    assert (info["train_images"], info["heldout_images"], info["test_images"]) == (30, 10, 10)
+    test = load_split(tmp_path / "data" / "prepared", "test")
+    assert len(test) == 10 and test.images.shape[1:] == (1, 8, 8)
