@@ -1,16 +1,25 @@
-"""Regenerate the shipped base checkpoint with this project's own pretrain stage: ``make base``.
+"""Regenerate a shipped base checkpoint with this project's own training code: ``make base``, ``make base-fashion``.
 
     python -m tools.make_base                 # params.yaml's recipe -> base/digits-unet/
     python -m tools.make_base --check         # retrain in a scratch dir and compare bit for bit
+    python -m tools.make_base --config configs/fashion.yaml --until-plateau   # -> base/fashion-unet/
 
-The recipe is params.yaml itself (seed, data, model, pretrain) with
-``model.pretrained_path: null``: the command writes that into a scratch
-directory, runs ``python -m stages.prepare`` and ``python -m stages.pretrain``
-there exactly as DVC would, and copies the trained ``models/pretrained`` into
-place atomically. Training on the CPU is deterministic, so on the same kind of
-machine the result is bit-identical (``--check`` verifies that without
-touching the shipped copy). The stage runs log to the repository's MLflow
-store, experiment ``<experiment_name>-base``.
+The recipe is params.yaml (with ``--config``'s keys on top: seed, data, model,
+pretrain) and ``model.pretrained_path: null``.
+
+Without ``--until-plateau`` the command runs ``python -m stages.prepare`` and
+``python -m stages.pretrain`` in a scratch directory exactly as DVC would, and
+copies the trained ``models/pretrained`` into place atomically. Training on
+the CPU is deterministic, so on the same kind of machine the result is
+bit-identical (``--check`` verifies that without touching the shipped copy).
+
+With ``--until-plateau`` it trains as DDPM was trained (the recipe's constant
+lr after warm-up, EMA) until the validation loss improves by less than
+``--tolerance`` (0.5%) over ``--every`` (2,000) steps: after every such chunk
+the EMA weights are scored on the validation split (fixed images, timesteps
+and noise), written to ``<out>`` and the curve to ``<out>/plateau.json``. The
+resumable state lives in ``<out>.state/``: a stopped run, or one on a fresh
+machine with that folder committed, continues where it ended.
 """
 
 from __future__ import annotations
@@ -32,19 +41,27 @@ from dtm_core.tracking import repo_root, tracking_uri
 OUT = Path("base/digits-unet")
 
 
-def recipe_params(params: dict) -> dict:
-    """params.yaml as the base is trained from it: no checkpoint to import, its own MLflow experiment."""
-    out = {k: (dict(v) if isinstance(v, dict) else v) for k, v in params.items()}
+def recipe_params(params: dict, config: Optional[dict] = None) -> dict:
+    """params.yaml (``config`` on top) as a base is trained from it: no checkpoint to import, its own MLflow
+    experiment."""
+    from dtm_core.config import overlay
+
+    out = overlay(params, config)
     out["model"] = {**out["model"], "pretrained_path": None}
     out["tracking"] = {**out["tracking"], "experiment_name": out["tracking"]["experiment_name"] + "-base",
                        "register_model": None}
     return out
 
 
-def train_base(workdir: Path) -> Path:
-    """Run prepare + pretrain with the recipe in ``workdir``; the trained model's directory."""
+def load_recipe(config: Optional[Path]) -> dict:
     root = repo_root()
-    params = recipe_params(yaml.safe_load((root / "params.yaml").read_text()))
+    over = yaml.safe_load(config.read_text()) if config else None
+    return recipe_params(yaml.safe_load((root / "params.yaml").read_text()), over)
+
+
+def train_base(workdir: Path, params: dict) -> Path:
+    """Run prepare + pretrain with ``params`` in ``workdir``; the trained model's directory."""
+    root = repo_root()
     (workdir / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")])),
            "MLFLOW_TRACKING_URI": os.environ.get("MLFLOW_TRACKING_URI") or tracking_uri()}
@@ -55,13 +72,92 @@ def train_base(workdir: Path) -> Path:
     return workdir / "models" / "pretrained"
 
 
+class Plateau(Exception):
+    """Raised from the snapshot callback to end training once the validation loss has levelled off."""
+
+
+def plateaued(rows: list[dict], tolerance: float) -> bool:
+    """The last chunk improved the validation loss by less than ``tolerance`` (relative)."""
+    if len(rows) < 2:
+        return False
+    prev, cur = rows[-2]["val_loss"], rows[-1]["val_loss"]
+    return (prev - cur) / prev < tolerance
+
+
+def train_until_plateau(params: dict, out: Path, every: int, tolerance: float, val_images: int) -> list[dict]:
+    import time
+
+    import torch
+
+    from dtm_core import data as data_mod
+    from dtm_core.config import parse_params
+    from dtm_core.denoising import denoising_losses, timestep_grid
+    from dtm_core.io import read_json, write_json
+    from dtm_core.model import build_scheduler, build_unet, save_model
+    from dtm_core.seeding import derive_seed
+    from dtm_core.train import train
+
+    p = parse_params(params)
+    state = Path(f"{out}.state")
+    curve_file = state / "plateau.json"
+    rows: list[dict] = read_json(curve_file)["rows"] if curve_file.is_file() else []
+    train_ds, val = data_mod.split(data_mod.load_source(p.data), p.data.holdout_fraction,
+                                   derive_seed(p.data.split_seed, "prepare"))
+    val_x = val.images[:val_images]
+    scheduler = build_scheduler(p.model)
+    grid = timestep_grid(p.model.num_train_timesteps, p.evaluate.heldout_timesteps)
+    recipe = {k: v for k, v in p.model_dump(mode="json").items() if k in ("seed", "data", "model", "pretrain")}
+    clock = {"start": time.perf_counter(), "base": rows[-1]["seconds"] if rows else 0.0}
+
+    def score(step: int, model) -> None:
+        loss = float(denoising_losses([model], scheduler, val_x, grid, derive_seed(p.evaluate.seed, "heldout"),
+                                      batch_size=p.evaluate.batch_size, desc=f"validation loss @{step}").mean())
+        rows[:] = [r for r in rows if r["step"] < step]
+        rows.append({"step": step, "val_loss": loss,
+                     "seconds": clock["base"] + time.perf_counter() - clock["start"]})
+        done = plateaued(rows, tolerance)
+        info = {"source": "embedded", "steps": step, "val_loss": loss, "plateau": done}
+        save_model(model, scheduler, out, info)
+        write_json(curve_file, {"recipe": recipe, "every": every, "tolerance": tolerance,
+                                "validation_images": len(val_x), "plateau": done, "rows": rows})
+        print(f"step {step}: validation loss {loss:.5f}", flush=True)
+        if done:
+            raise Plateau
+
+    if curve_file.is_file() and read_json(curve_file).get("plateau"):
+        print(f"{out} already reached its plateau (step {rows[-1]['step']})")
+        return rows
+    torch.manual_seed(derive_seed(p.seed, "pretrain-init"))
+    unet = build_unet(p.model, sample_size=p.data.image_size, channels=p.data.channels)
+    try:
+        train(unet, scheduler, torch.as_tensor(train_ds.images), p.pretrain, seed=derive_seed(p.seed, "pretrain"),
+              checkpoint_dir=state / "checkpoints", checkpoint_every=every, snapshot_every=every,
+              on_snapshot=score, desc="pretrain (until plateau)")
+    except Plateau:
+        shutil.rmtree(state / "checkpoints", ignore_errors=True)
+    return rows
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m tools.make_base", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--out", type=Path, default=OUT)
+    ap.add_argument("--config", type=Path, help="a configuration whose keys replace params.yaml's")
+    ap.add_argument("--out", type=Path, help="default: base/digits-unet, or model.pretrained_path of --config")
     ap.add_argument("--check", action="store_true", help="retrain and compare with --out, changing nothing")
+    ap.add_argument("--until-plateau", action="store_true", help="train in resumable chunks to a plateau")
+    ap.add_argument("--every", type=int, default=2000, help="steps per chunk (--until-plateau)")
+    ap.add_argument("--tolerance", type=float, default=0.005, help="relative improvement per chunk that ends it")
+    ap.add_argument("--val-images", type=int, default=2000, help="validation images scored per chunk")
     args = ap.parse_args(argv)
+    params = load_recipe(args.config)
+    if args.out is None:
+        over = yaml.safe_load(args.config.read_text()) if args.config else {}
+        args.out = Path((over.get("model") or {}).get("pretrained_path") or OUT)
+    if args.until_plateau:
+        rows = train_until_plateau(params, args.out, args.every, args.tolerance, args.val_images)
+        print(f"wrote {args.out} at step {rows[-1]['step'] if rows else 0}")
+        return 0
     with tempfile.TemporaryDirectory(prefix="make-base-") as tmp:
-        trained = train_base(Path(tmp))
+        trained = train_base(Path(tmp), params)
         digest = dir_digest(trained)
         if args.check:
             shipped = dir_digest(args.out) if args.out.is_dir() else None
