@@ -35,6 +35,10 @@ def classifier(params: Params, run=NullRun()) -> dict:
     )
     extract = features.feature_extractor(ev.features, res.model, ev.inception_dir)
     train_feats, held_feats = extract(train_ds.images), extract(held_ds.images)
+    # a source with a test split of its own (idx) is scored against it: the models never trained on it
+    test_ds = data_mod.load_split(DATA_DIR, "test") if (DATA_DIR / "test.npz").is_file() else None
+    test = {} if test_ds is None else {"test": extract(test_ds.images),
+                                       "test_classifier": features.extract_features(res.model, test_ds.images)}
     class_freq = np.bincount(train_ds.labels, minlength=len(train_ds.classes)) / len(train_ds)
     with atomic_dir(CLASSIFIER_DIR) as tmp:
         features.save_classifier(res.model, tmp / "classifier", {"classes": list(train_ds.classes)})
@@ -43,15 +47,17 @@ def classifier(params: Params, run=NullRun()) -> dict:
         np.savez(tmp / REFERENCE_FILE.name, train=train_feats, heldout=held_feats, class_freq=class_freq,
                  features=np.asarray(ev.features),
                  train_classifier=features.extract_features(res.model, train_ds.images),
-                 heldout_classifier=features.extract_features(res.model, held_ds.images))
+                 heldout_classifier=features.extract_features(res.model, held_ds.images), **test)
     floor = distances.distances(held_feats, train_feats, ev.kid_subsets, ev.kid_subset_size,
                                 ev.bootstrap_rounds, derive_seed(ev.seed, "kid"))
     log_data_version(run, params, "evaluation reference")
     run.log_metrics({"train_accuracy": res.train_accuracy, "dead_feature_fraction": res.dead_feature_fraction,
                      "floor_kid": floor["kid"]})
     # the real-vs-real floor: held-out vs train images, same features
-    return {"heldout_accuracy": res.heldout_accuracy, "floor_fd": floor["fd"],
-            "floor_num_samples": len(held_feats)}
+    out = {"heldout_accuracy": res.heldout_accuracy, "floor_fd": floor["fd"], "floor_num_samples": len(held_feats)}
+    if test_ds is not None:
+        out["test_accuracy"] = features.accuracy(res.model, test_ds.images, test_ds.labels)
+    return out
 
 
 if __name__ == "__main__":

@@ -199,6 +199,11 @@ def load_reference(features: Optional[str] = None) -> dict:
     return out
 
 
+def reference_split(ref: dict) -> str:
+    """The split samples are scored against: the source's own test split when it has one (idx), else train."""
+    return "test" if "test" in ref else "train"
+
+
 def data_version() -> tuple[str, str]:
     """The prepared data's version: DVC's digest of data/prepared from dvc.lock, or a content digest.
 
@@ -223,7 +228,8 @@ def data_version() -> tuple[str, str]:
 def log_data_version(run, params: Params, context: str) -> None:
     """The data this stage read as the MLflow dataset input of its run and of the pipeline's parent run."""
     digest, kind = data_version()
-    name = params.data.source if params.data.source == "digits" else Path(params.data.image_folder).name
+    d = params.data
+    name = {"digits": "digits", "idx": Path(d.idx_dir).name, "imagefolder": Path(d.image_folder or ".").name}[d.source]
     run.log_dataset(f"{name} (data/prepared)", digest, f"{DATA_DIR} [{kind}]", context, on_parent=True)
 
 

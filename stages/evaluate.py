@@ -38,6 +38,7 @@ from stages.common import (
     log_data_version,
     main,
     range_dir,
+    reference_split,
 )
 
 
@@ -92,10 +93,11 @@ def evaluate(params: Params, run=NullRun(), name: str = "merged") -> dict:
         seconds += time.perf_counter() - start
         per_seed.append(extract(images[-1]))
     kid_seed = derive_seed(ev.seed, "kid")
-    fds = [distances.frechet_distance(f, ref["train"]) for f in per_seed]
+    against = reference_split(ref)
+    fds = [distances.frechet_distance(f, ref[against]) for f in per_seed]
     images, feats = np.concatenate(images), np.concatenate(per_seed)
     # FD and KID over the pooled samples of every noise seed, interval included
-    scores = distances.distances(feats, ref["train"], ev.kid_subsets, ev.kid_subset_size, ev.bootstrap_rounds,
+    scores = distances.distances(feats, ref[against], ev.kid_subsets, ev.kid_subset_size, ev.bootstrap_rounds,
                                  kid_seed)
     held = data_mod.load_split(DATA_DIR, "heldout")
     train_images = data_mod.load_split(DATA_DIR, "train").images
@@ -118,6 +120,8 @@ def evaluate(params: Params, run=NullRun(), name: str = "merged") -> dict:
         "memorised_fraction": mem_pixels["memorised_fraction"],
         "memorised_fraction_features": mem_feats["memorised_fraction"],
     }
+    if against == "test":  # the second column: FD against the images the models trained on
+        headline["fd_train"] = distances.frechet_distance(feats, ref["train"])
     details = {
         "model": name,
         **headline,
@@ -128,6 +132,9 @@ def evaluate(params: Params, run=NullRun(), name: str = "merged") -> dict:
         # FD is biased upwards at small n: this one is comparable with the
         # real-vs-real floor, which only has the held-out images.
         "fd_at_floor_n": distances.frechet_distance(feats[:n_floor], ref["train"]),
+        "reference": against,
+        **({"fd_test_at_floor_n": distances.frechet_distance(feats[:n_floor], ref["test"])}
+           if against == "test" else {}),
         "heldout_loss_curve": losses["losses"].mean(axis=0).tolist(),
         "heldout_timesteps": losses["timesteps"].tolist(),
         "memorisation_pixels": mem_pixels,

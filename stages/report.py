@@ -36,6 +36,7 @@ from stages.common import (
     WEIGHTS_FILE,
     load_reference,
     main,
+    reference_split,
 )
 
 FIGURES_DIR = REPORT_DIR / "figures"
@@ -99,7 +100,9 @@ def report(params: Params, run=NullRun()) -> dict:
     details = {m: read_json(EVALUATION_DIR / f"{m}.json", f"evaluation of {m}") for m in EVAL_MODELS}
     clf = read_json(METRICS_DIR / "classifier.json", "classifier metrics")
     weights = read_json(WEIGHTS_FILE, "merge weights")
-    reference = load_reference()["train"]
+    ref = load_reference()
+    against = reference_split(ref)
+    reference = ref[against]
     data = {m: _load(m) for m in EVAL_MODELS}
     grid = data["shared"]["timesteps"]
     cols_by_range = range_columns(grid, ranges)
@@ -135,20 +138,31 @@ def report(params: Params, run=NullRun()) -> dict:
             "heldout_loss_by_range": [float(data[m]["losses"][:, c].mean()) for c in cols_by_range]}
         for m in EVAL_MODELS
     }
+    floor = {"fd": clf["floor_fd"], "num_samples": clf["floor_num_samples"]}
+    if against == "test":
+        floor.update(test_floor(ref, len(data["shared"]["features"]), derive_seed(ev.seed, "floor")))
+        for m in EVAL_MODELS:
+            models[m]["fd_minus_floor"] = models[m]["fd"] - floor["fd_at_n"]
+            # closer to the train split than to the test split by more than unseen real images are
+            gap = details[m]["fd_test_at_floor_n"] - details[m]["fd_at_floor_n"]
+            models[m]["train_test_gap"] = gap
+            models[m]["closer_to_train"] = bool(gap > floor["real_train_test_gap"])
     comparison = {
         "models": models,
         "contrasts": contrasts,
         "range_models": specialisation,
-        "floor": {"fd": clf["floor_fd"], "num_samples": clf["floor_num_samples"]},
+        "floor": floor,
         "merge": weights,
         "heldout_loss_curves": {"timesteps": grid.tolist(),
                                 **{m: details[m]["heldout_loss_curve"] for m in EVAL_MODELS},
                                 "range_models": details["ensemble"]["range_model_heldout_loss_curves"]},
         "settings": {
-            **details["shared"]["settings"], "bootstrap_rounds": rounds, "num_ranges": len(ranges),
+            **details["shared"]["settings"], "bootstrap_rounds": rounds, "model_bootstrap_rounds": ev.bootstrap_rounds,
+            "reference": against, "num_ranges": len(ranges),
             "ranges": [list(r) for r in ranges], "finetune_steps_per_range": params.finetune.steps,
             "shared_steps": params.finetune.shared_total_steps(len(ranges)), "seed": params.seed,
             "classifier_heldout_accuracy": clf["heldout_accuracy"], "data_source": params.data.source,
+            **({"classifier_test_accuracy": clf["test_accuracy"]} if "test_accuracy" in clf else {}),
             "heldout_images": int(data["shared"]["losses"].shape[0]),
             "partition_method": read_json(PARTITION_FILE, "partition").get("method", "uniform"),
         },
@@ -184,6 +198,17 @@ def report(params: Params, run=NullRun()) -> dict:
                                                       "merged_minus_pretrained")}
 
 
+def test_floor(ref: dict, n: int, seed: int) -> dict:
+    """The real-vs-real floor at the models' sample count: FD between n train images and the test split (two
+    disjoint real sets), and how much closer unseen real images (the validation split) sit to train than to
+    test."""
+    fd = distances.frechet_distance
+    train = ref["train"]
+    pick = np.random.default_rng(seed).permutation(len(train))[: min(n, len(train))]
+    return {"fd_at_n": fd(train[pick], ref["test"]), "n": int(len(pick)),
+            "real_train_test_gap": fd(ref["heldout"], ref["test"]) - fd(ref["heldout"], ref["train"])}
+
+
 def _ci(ci: list[float], d: int = 4) -> str:
     return f"[{ci[0]:+.{d}f}, {ci[1]:+.{d}f}]"
 
@@ -198,8 +223,11 @@ def compute_label(s: dict) -> str:
 
 def render_markdown(c: dict) -> str:
     s, f, models = c["settings"], c["floor"], c["models"]
+    against = s.get("reference", "train")
+    test = against == "test"
+    test_acc = f", test accuracy {s['classifier_test_accuracy']:.3f}" if test else ""
     space = (f"a classifier trained on the {s['data_source']} train split (held-out accuracy "
-             f"{s['classifier_heldout_accuracy']:.3f})" if s["features"] == "classifier"
+             f"{s['classifier_heldout_accuracy']:.3f}{test_acc})" if s["features"] == "classifier"
              else "Inception (clean-fid, mode clean)")
     lines = [
         "# DeMe comparison",
@@ -207,27 +235,49 @@ def render_markdown(c: dict) -> str:
         f"Training seed {s['seed']}. N = {s['num_ranges']} range models x {s['finetune_steps_per_range']} steps "
         f"against a shared fine-tune of {s['shared_steps']} steps ({compute_label(s)}). {s['num_samples']} samples per "
         f"model x {s['noise_seeds']} noise seed(s), {sampler_label(s)}, identical initial noise for every "
-        f"model. FD and KID in the feature space of {space}, against the train split. Held-out loss: eps-MSE on "
+        f"model. FD and KID in the feature space of {space}, against the {against} split. Held-out loss: eps-MSE on "
         f"the {s['heldout_images']} held-out images at {len(c['heldout_loss_curves']['timesteps'])} timesteps, the "
-        f"same noise for every model. Intervals: 95% bootstrap ({s['bootstrap_rounds']} resamples).",
+        f"same noise for every model. Intervals: 95% bootstrap, {s.get('model_bootstrap_rounds', '?')} resamples "
+        f"for each model's FD and KID (evaluate.bootstrap_rounds), {s['bootstrap_rounds']} for the paired "
+        "contrasts (report.bootstrap_rounds).",
         "",
-        "| model | FD [95% CI] | KID [95% CI] | held-out loss | memorised (pixels / features) "
-        f"| FD at n={f['num_samples']} | class TV |",
-        "|---|---|---|---|---|---|---|",
+        "| model | FD [95% CI] | " + ("FD − floor | FD vs train | " if test else "")
+        + f"KID [95% CI] | held-out loss | memorised (pixels / features) | FD at n={f['num_samples']} | class TV |",
+        "|---|---|" + ("---|---|" if test else "") + "---|---|---|---|---|",
     ]
     for m, r in models.items():
         lines.append(
-            f"| {m} | {r['fd']:.4f} [{r['fd_ci'][0]:.4f}, {r['fd_ci'][1]:.4f}] | {r['kid']:.5f} "
-            f"[{r['kid_ci'][0]:.5f}, {r['kid_ci'][1]:.5f}] | {r['heldout_loss']:.5f} | "
+            f"| {m} | {r['fd']:.4f} [{r['fd_ci'][0]:.4f}, {r['fd_ci'][1]:.4f}] | "
+            + (f"{r['fd_minus_floor']:.4f} | {r['fd_train']:.4f} | " if test else "")
+            + f"{r['kid']:.5f} [{r['kid_ci'][0]:.5f}, {r['kid_ci'][1]:.5f}] | {r['heldout_loss']:.5f} | "
             f"{r['memorised_fraction']:.4f} / {r['memorised_fraction_features']:.4f} | {r['fd_at_floor_n']:.4f} | "
             f"{r['class_tv_distance']:.3f} |"
         )
     lines += [
-        f"| real held-out vs train (floor) | | | | | {f['fd']:.4f} | |",
+        f"| real held-out vs train (floor at n={f['num_samples']}) | | " + ("| | " if test else "")
+        + f"| | | {f['fd']:.4f} | |",
         "",
-        "A sample counts as memorised when it lies closer to a train image than 95% of the held-out images do; a "
-        "model that generalises scores about 0.05.",
+        "Columns. **FD**: Fréchet distance between the samples' features and the reference split's; lower is "
+        "better, and it is biased upwards at small n, so compare it only at equal n. "
+        + ("**FD − floor**: FD less the real-vs-real floor at the same n "
+           f"({f['n']} train images against the test split: {f['fd_at_n']:.4f}), the number ratios use. "
+           "**FD vs train**: against the images the models trained on. " if test else "")
+        + "**KID**: the unbiased kernel distance; it can fall below zero, which means the samples are not "
+        "distinguishable from the reference at this n. **Held-out loss**: the eps-prediction error on images no "
+        "model trained on. **Memorised**: the fraction of samples closer to a train image than 95% of held-out "
+        "images are (in pixels / in features); a model that generalises scores about 0.05. "
+        f"**FD at n={f['num_samples']}**: FD of the first {f['num_samples']} samples against train, the only "
+        "column the floor row (held-out images against train, at that n) can be compared with. **Class TV**: total "
+        "variation distance between the samples' predicted classes and the train split's class frequencies (0: "
+        "the same mix).",
         "",
+    ]
+    if test:
+        close = [m for m, r in models.items() if r["closer_to_train"]]
+        lines += [("Closer to their train images than unseen real images are (FD vs test minus FD vs train, "
+                   f"above the validation images' {f['real_train_test_gap']:+.4f}): " + ", ".join(close) + "."
+                   ) if close else "No model sits closer to its train images than unseen real images do.", ""]
+    lines += [
         "## Paired contrasts",
         "",
         "| contrast | FD difference [95% CI] | verdict | held-out loss difference [95% CI] | relative | verdict |",

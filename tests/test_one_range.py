@@ -1,17 +1,31 @@
-"""N = 1 (the study's "shared fine-tune with the channel projection" row): every stage runs, the ensemble too."""
+"""N = 1 (the study's "shared fine-tune with the channel projection" row) on an idx source with a test split:
+every stage runs, the ensemble too, and the models are scored against the test split."""
 
 import json
 
 import pytest
 from stagehelp import built_project
+from test_data import _idx_dir
 
 
 @pytest.mark.slow
-def test_a_single_range_pipeline_runs_through_the_ensemble_evaluation(tmp_path_factory):
+def test_a_single_range_pipeline_on_a_test_split(tmp_path_factory):
     stages = [("prepare", ()), ("classifier", ()), ("pretrain", ()), ("partition", ()), ("finetune", ("--range", "0")),
               ("finetune_shared", ()), ("task_vectors", ()), ("merge_weights", ()), ("merge", ()),
               *[("evaluate", ("--model", m)) for m in ("pretrained", "shared", "merged", "ensemble")], ("report", ())]
-    proj, _ = built_project(tmp_path_factory, "one", stages, {"partition.ranges": [0]})
+    idx = _idx_dir(tmp_path_factory.mktemp("idx"), n_train=200, n_test=60, size=8)
+    proj, _ = built_project(tmp_path_factory, "one", stages, {
+        "partition.ranges": [0], "data.source": "idx", "data.idx_dir": str(idx), "data.image_size": 8})
     ensemble = json.loads((proj / "evaluation" / "ensemble.json").read_text())
     assert len(ensemble["range_model_heldout_loss_curves"]) == 1  # the one range model, over every t
-    assert json.loads((proj / "reports" / "comparison.json").read_text())["models"]["ensemble"]["fd"] > 0
+    report = json.loads((proj / "reports" / "comparison.json").read_text())
+    clf = json.loads((proj / "metrics" / "classifier.json").read_text())
+    assert report["settings"]["reference"] == "test" and 0 <= clf["test_accuracy"] <= 1
+    floor = report["floor"]
+    assert floor["n"] == 80  # the models' sample count, drawn from the 160 train images
+    for name, m in report["models"].items():
+        assert m["fd_minus_floor"] == pytest.approx(m["fd"] - floor["fd_at_n"])
+        assert m["fd_train"] != m["fd"], name  # two references, two numbers
+        assert m["closer_to_train"] == (m["train_test_gap"] > floor["real_train_test_gap"])
+    md = (proj / "reports" / "comparison.md").read_text()
+    assert "against the test split" in md and "FD − floor" in md and "10 resamples for each model" in md
