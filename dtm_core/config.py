@@ -282,6 +282,9 @@ class EvaluateConfig(_Sampling):
     # Held-out denoising loss: the eps-MSE of every model on the held-out split
     # at this many timesteps spread evenly over [0, T), with fixed noise.
     heldout_timesteps: int = Field(50, ge=2)
+    # ... on at most this many held-out images (the first of the shuffled split): its cost is
+    # images x timesteps UNet calls per model, which dominates evaluation for a large UNet
+    heldout_images: int = Field(1000, ge=1)
     # Memorisation: a sample counts as memorised when it lies closer to its
     # nearest train image than this percentile of the held-out images' own
     # nearest-train distances.

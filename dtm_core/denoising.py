@@ -58,22 +58,31 @@ def denoising_losses(
     x0 = torch.as_tensor(images, dtype=torch.float32)
     alphas = scheduler.alphas_cumprod
     out = np.zeros((len(x0), len(timesteps)), dtype=np.float64)
-    bar = tqdm(total=len(timesteps), desc=desc, file=sys.stderr, mininterval=2.0, disable=None)
+    # (image, timestep) pairs in batches across timesteps: a model with few held-out images still runs full
+    # batches. A batch holds the timesteps of one model (the ensemble's range model i answers range i).
+    owner = [0 if len(models) == 1 else range_of(int(t), ranges) for t in timesteps]
+    batches = []
+    for k in range(len(models)):
+        pairs = [(j, i) for j in range(len(timesteps)) if owner[j] == k for i in range(len(x0))]
+        batches += [(k, pairs[b : b + batch_size]) for b in range(0, len(pairs), batch_size)]
+    noise = {}
+    bar = tqdm(total=len(batches), desc=desc, file=sys.stderr, mininterval=2.0, disable=None)
 
-    def column(j: int) -> None:  # timestep j for every image: its own column of ``out``
-        t = int(timesteps[j])
-        model = models[0] if len(models) == 1 else models[range_of(t, ranges)]
-        noise = _noise(seed, t, tuple(x0.shape))
-        a = alphas[t]
-        for i in range(0, len(x0), batch_size):
-            xb, nb = x0[i : i + batch_size], noise[i : i + batch_size]
-            x_t = (a.sqrt() * xb + (1 - a).sqrt() * nb).to(device)
-            tt = torch.full((len(xb),), t, dtype=torch.long, device=device)
-            pred = model(x_t, tt).sample.float().cpu()
-            out[i : i + len(xb), j] = ((pred - nb) ** 2).flatten(1).mean(dim=1).double().numpy()
+    def run(batch) -> None:  # one batch of pairs: each fills its own cell of ``out``
+        k, pairs = batch
+        cols = torch.as_tensor([j for j, _ in pairs])
+        rows = torch.as_tensor([i for _, i in pairs])
+        t = torch.as_tensor(timesteps, dtype=torch.long)[cols]
+        nb = torch.stack([noise[j][i] for j, i in pairs])
+        a = alphas[t].view(-1, 1, 1, 1)
+        x_t = (a.sqrt() * x0[rows] + (1 - a).sqrt() * nb).to(device)
+        pred = models[k](x_t, t.to(device)).sample.float().cpu()
+        out[rows.numpy(), cols.numpy()] = ((pred - nb) ** 2).flatten(1).mean(dim=1).double().numpy()
         bar.update(1)
 
+    for j, t in enumerate(timesteps):
+        noise[j] = _noise(seed, int(t), tuple(x0.shape))
     with computing(models):
-        inference_map(column, range(len(timesteps)), device)
+        inference_map(run, batches, device)
     bar.close()
     return out

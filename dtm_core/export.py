@@ -1,12 +1,17 @@
 """Export any model the pipeline made as a diffusers pipeline directory.
 
-    python -m dtm_core.export models/merged exported/merged            # DDIMPipeline with the DeMe UNet
+    python -m dtm_core.export models/merged exported/merged            # the evaluation's sampler (DPM-Solver++)
+    python -m dtm_core.export models/merged exported/merged --sampler ddim   # a DDIMPipeline instead
     python -m dtm_core.export models/merged exported/merged-stock --stock
 
-The output is a standard ``DDIMPipeline.save_pretrained`` directory
-(model_index.json, unet/, scheduler/). A model with channel projections
-keeps them: its unet/ holds a :class:`~dtm_core.model.DeMeUNet2DModel`, which
-``DDIMPipeline.from_pretrained`` (or ``DiffusionPipeline.from_pretrained``)
+The output is a standard diffusers pipeline directory (model_index.json,
+unet/, scheduler/): by default a ``DDPMPipeline`` holding the scheduler the
+pipeline's evaluation samples with (DPM-Solver++ of order 2 over the whole
+of [0, T), ``evaluate.sampler: dpmsolver``), so
+``pipe(num_inference_steps=20)`` draws what every reported FD measured;
+``--sampler ddim`` writes a ``DDIMPipeline``. A model with channel
+projections keeps them: its unet/ holds a
+:class:`~dtm_core.model.DeMeUNet2DModel`, which ``DiffusionPipeline.from_pretrained``
 loads once ``dtm_core.model`` is imported (diffusers only loads classes from
 modules the caller imported). Models without projections export as stock
 ``UNet2DModel``.
@@ -32,11 +37,12 @@ from pathlib import Path
 from typing import Optional
 
 import torch
-from diffusers import DDIMPipeline, DDIMScheduler, UNet2DModel
+from diffusers import DDIMPipeline, DDPMPipeline, UNet2DModel
 
 from .errors import DtmError
 from .io import atomic_dir
 from .model import PROJECTION_ATTR, has_projection, load_scheduler, load_unet
+from .sampling import SAMPLERS, sampling_scheduler
 
 
 def foldable_blocks(unet: UNet2DModel) -> list[str]:
@@ -75,15 +81,19 @@ def to_stock(unet: UNet2DModel, probes: int = 8, seed: int = 0) -> tuple[UNet2DM
     return stock.eval(), {"folded": folded, "dropped": dropped, "max_abs_output_error": err}
 
 
-def export_pipeline(model_dir: str | Path, out_dir: str | Path, stock: bool = False) -> dict:
-    """Write a DDIMPipeline directory for ``model_dir``; what was done, as a dict (also dtm_export.json)."""
+def export_pipeline(model_dir: str | Path, out_dir: str | Path, stock: bool = False, sampler: str = "dpmsolver",
+                    steps: int = 20) -> dict:
+    """Write a pipeline directory for ``model_dir`` sampling with ``sampler``; what was done, as a dict (also
+    dtm_export.json, which names the ``steps`` the pipeline's FDs were measured at)."""
     unet = load_unet(model_dir, what="model to export")
-    scheduler = DDIMScheduler.from_config(load_scheduler(model_dir).config)
-    info = {"source": str(model_dir), "unet_class": type(unet).__name__, "stock": False}
+    scheduler = sampling_scheduler(load_scheduler(model_dir), steps, sampler)
+    pipeline = DDIMPipeline if sampler == "ddim" else DDPMPipeline
+    info = {"source": str(model_dir), "unet_class": type(unet).__name__, "stock": False,
+            "pipeline": pipeline.__name__, "sampler": sampler, "num_inference_steps": steps}
     if stock and has_projection(unet):
         unet, folding = to_stock(unet)
         info.update({"stock": True, "unet_class": "UNet2DModel", **folding})
-    pipe = DDIMPipeline(unet=unet, scheduler=scheduler)
+    pipe = pipeline(unet=unet, scheduler=scheduler)
     with atomic_dir(out_dir) as tmp:
         pipe.save_pretrained(tmp, safe_serialization=True)
         (tmp / "dtm_export.json").write_text(json.dumps(info, indent=2) + "\n")
@@ -95,16 +105,19 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("model_dir")
     ap.add_argument("out_dir")
     ap.add_argument("--stock", action="store_true", help="a stock UNet2DModel: fold what folds, drop the rest")
+    ap.add_argument("--sampler", choices=SAMPLERS, default="dpmsolver",
+                    help="the pipeline's scheduler (default: the evaluation's, DPM-Solver++)")
+    ap.add_argument("--steps", type=int, default=20, help="sampling steps the export records (default: 20)")
     args = ap.parse_args(argv)
     try:
-        info = export_pipeline(args.model_dir, args.out_dir, stock=args.stock)
+        info = export_pipeline(args.model_dir, args.out_dir, stock=args.stock, sampler=args.sampler, steps=args.steps)
     except DtmError as exc:
         print(f"error: export: {exc}", file=sys.stderr)
         return 2
     print(json.dumps(info, indent=2))
     if info["unet_class"] == "DeMeUNet2DModel":
-        print(f"load it with: import dtm_core.model; from diffusers import DDIMPipeline; "
-              f"DDIMPipeline.from_pretrained('{args.out_dir}')")
+        print(f"load it with: import dtm_core.model; from diffusers import DiffusionPipeline; "
+              f"DiffusionPipeline.from_pretrained('{args.out_dir}')(num_inference_steps={args.steps})")
     return 0
 
 

@@ -101,7 +101,9 @@ def evaluate(params: Params, run=NullRun(), name: str = "merged") -> dict:
                                  kid_seed)
     held = data_mod.load_split(DATA_DIR, "heldout")
     train_images = data_mod.load_split(DATA_DIR, "train").images
-    losses = heldout_losses(params, models, ranges, scheduler, held.images)
+    start = time.perf_counter()
+    losses = heldout_losses(params, models, ranges, scheduler, held.images[: ev.heldout_images])
+    heldout_seconds = time.perf_counter() - start
     clf_feats = feats if ev.features == "classifier" else features.extract_features(clf, images)
     mem_pixels = distances.memorisation(images, held.images, train_images, ev.memorisation_percentile)
     mem_feats = distances.memorisation(clf_feats, ref["heldout_classifier"], ref["train_classifier"],
@@ -141,7 +143,8 @@ def evaluate(params: Params, run=NullRun(), name: str = "merged") -> dict:
         "memorisation_features": mem_feats,
         **distances.class_coverage(probs, ref["class_freq"]),
         "settings": {"features": ev.features, "num_samples": ev.num_samples, "noise_seeds": ev.noise_seeds,
-                     "sampler": ev.sampler, "sampling_steps": ev.sampling_steps},
+                     "sampler": ev.sampler, "sampling_steps": ev.sampling_steps,
+                     "model_bootstrap_rounds": ev.bootstrap_rounds},
     }
     if "range_losses" in losses:
         details["range_model_heldout_loss_curves"] = losses["range_losses"].mean(axis=1).tolist()
@@ -149,7 +152,8 @@ def evaluate(params: Params, run=NullRun(), name: str = "merged") -> dict:
     run.log_artifact(SAMPLES_DIR / f"{name}.png", "samples")
     run.log_curve("heldout_loss_by_t", list(zip(losses["timesteps"].tolist(), details["heldout_loss_curve"])))
     run.log_metrics({"images_per_second": len(images) / seconds if seconds > 0 else float("nan"),
-                     "sample_seconds": seconds, "fd_at_floor_n": details["fd_at_floor_n"]})
+                     "sample_seconds": seconds, "heldout_loss_seconds": heldout_seconds,
+                     "fd_at_floor_n": details["fd_at_floor_n"]})
     log_data_version(run, params, "evaluation")
     log_models(params, run, name, headline, losses, ranges)
     return headline

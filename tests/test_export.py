@@ -3,7 +3,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from diffusers import DDIMPipeline, DiffusionPipeline, UNet2DModel
+from diffusers import DDIMPipeline, DDPMPipeline, DiffusionPipeline, DPMSolverMultistepScheduler, UNet2DModel
 
 import dtm_core.model  # noqa: F401  (diffusers loads DeMeUNet2DModel from an imported module)
 from dtm_core.config import ModelConfig
@@ -26,9 +26,30 @@ def merged_like(tmp_path):
     return model.eval(), tmp_path / "merged"
 
 
-def test_export_loads_in_diffusers_and_samples(merged_like, tmp_path):
+def test_export_writes_the_evaluations_sampler_and_it_samples_as_the_pipeline_does(merged_like, tmp_path):
+    from dtm_core.model import load_scheduler
+    from dtm_core.sampling import initial_noise, sample
+
     model, path = merged_like
     info = export_pipeline(path, tmp_path / "out")
+    assert (info["pipeline"], info["sampler"], info["num_inference_steps"]) == ("DDPMPipeline", "dpmsolver", 20)
+    pipe = DiffusionPipeline.from_pretrained(tmp_path / "out")
+    assert isinstance(pipe, DDPMPipeline) and isinstance(pipe.scheduler, DPMSolverMultistepScheduler)
+    assert pipe.scheduler.config.algorithm_type == "dpmsolver++"
+    # the exported pipeline draws what the evaluation draws from the same noise
+    noise = initial_noise(3, 2, (1, 8, 8))
+    ours = sample([model], load_scheduler(path), noise, 4, sampler="dpmsolver", batch_size=2)
+    with torch.no_grad():
+        pipe.scheduler.set_timesteps(4)
+        x = noise.clone()
+        for t in pipe.scheduler.timesteps:
+            x = pipe.scheduler.step(pipe.unet(x, t).sample, t, x).prev_sample
+    np.testing.assert_allclose(x.clamp(-1, 1).numpy(), ours, atol=1e-4)
+
+
+def test_ddim_export_loads_in_diffusers_and_samples(merged_like, tmp_path):
+    model, path = merged_like
+    info = export_pipeline(path, tmp_path / "out", sampler="ddim")
     assert info["unet_class"] == "DeMeUNet2DModel"
     index = json.loads((tmp_path / "out" / "model_index.json").read_text())
     assert index["_class_name"] == "DDIMPipeline" and index["unet"] == ["dtm_core.model", "DeMeUNet2DModel"]
