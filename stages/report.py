@@ -157,7 +157,8 @@ def report(params: Params, run=NullRun()) -> dict:
                                 **{m: details[m]["heldout_loss_curve"] for m in EVAL_MODELS},
                                 "range_models": details["ensemble"]["range_model_heldout_loss_curves"]},
         "settings": {
-            **details["shared"]["settings"], "bootstrap_rounds": rounds, "reference": against, "num_ranges": len(ranges),
+            **details["shared"]["settings"], "bootstrap_rounds": rounds, "reference": against,
+            "num_ranges": len(ranges),
             "ranges": [list(r) for r in ranges], "finetune_steps_per_range": params.finetune.steps,
             "shared_steps": params.finetune.shared_total_steps(len(ranges)), "seed": params.seed,
             "classifier_heldout_accuracy": clf["heldout_accuracy"], "data_source": params.data.source,
