@@ -9,7 +9,7 @@ export PATH := $(BIN):$(PATH)
 
 FASHION_DIR := /usr/share/datasets/fashion-mnist
 
-.PHONY: setup repro test lint bench ui regress seeds study base base-fashion fashion-data clean
+.PHONY: setup repro test lint bench ui regress seeds study base base-fashion fashion fashion-seeds fashion-data clean
 
 setup: $(STAMP) fashion-data
 
@@ -44,6 +44,14 @@ regress: setup
 # the default comparison for training seeds 0, 1, 2 (DVC experiments) -> reports/seeds.{md,json}
 seeds: setup
 	python -m tools.seeds
+
+# the Fashion-MNIST regime (docs/FASHION.md): training seed 0, or seeds 0-2, as DVC experiments
+# on configs/fashion.yaml -> reports/seeds-fashion.{md,json}; needs base/fashion-unet (make base-fashion)
+fashion: setup
+	python -m tools.seeds --config configs/fashion.yaml --label fashion --seeds 0
+
+fashion-seeds: setup
+	python -m tools.seeds --config configs/fashion.yaml --label fashion
 
 # the paper's ablations and loss-reweighting baselines at small scale (DVC experiments) -> reports/study.{md,json,png}
 study: setup

@@ -17,6 +17,12 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from .errors import ConfigError
 
 
+def _distinct(values: list, message: str) -> list:
+    if len(set(values)) != len(values):
+        raise ValueError(message)
+    return values
+
+
 class _Section(BaseModel):
     # Unknown keys are errors: a misspelled key must not silently fall back
     # to a default.
@@ -234,9 +240,7 @@ class SearchConfig(_Sampling):
     @field_validator("values")
     @classmethod
     def _distinct(cls, v: list[float]) -> list[float]:
-        if len(set(v)) != len(v):
-            raise ValueError("candidate weights must be distinct: a repeated value only re-scores the same merge")
-        return v
+        return _distinct(v, "candidate weights must be distinct: a repeated value only re-scores the same merge")
 
 
 class MergeConfig(_Section):
@@ -318,6 +322,24 @@ class ReportConfig(_Section):
     bootstrap_rounds: int = Field(1000, ge=10)
 
 
+CONTROLS = ("shared_consistency", "soup", "shared_scaled", "merged_scaled")
+
+
+class ControlsConfig(_Section):
+    # The controls that separate decoupling from averaging (docs/FASHION.md), built and evaluated by the
+    # controls stage: shared_consistency (the shared fine-tune with DeMe's consistency loss), soup (N
+    # fine-tunes over all of [0, T) with DeMe's recipe, merged as the range models are), shared_scaled
+    # (theta + lambda tau_shared) and merged_scaled (merge.scale), lambda and the scale chosen on validation.
+    models: list[Literal[CONTROLS]] = Field(default_factory=list)
+    scales: list[float] = Field(default_factory=lambda: [0.0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5], min_length=1)
+    num_samples: int = Field(2000, ge=2)  # validation samples per candidate scale (their own noise seed)
+
+    @field_validator("models", "scales")
+    @classmethod
+    def _distinct(cls, v: list) -> list:
+        return _distinct(v, "controls.models and controls.scales must not repeat a value")
+
+
 class TrackingConfig(_Section):
     experiment_name: str = Field("decouple-then-merge", min_length=1)
     # Register the merged model in the MLflow Model Registry under this name (a
@@ -338,6 +360,7 @@ class Params(_Section):
     merge: MergeConfig = Field(default_factory=MergeConfig)
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
     report: ReportConfig = Field(default_factory=ReportConfig)
+    controls: ControlsConfig = Field(default_factory=ControlsConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
 
     @model_validator(mode="after")

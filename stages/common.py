@@ -136,6 +136,12 @@ STAGES: dict[str, Stage] = {
         outs=("samples/{item}.png", "samples/{item}.npz", "evaluation/{item}.json"),
         metrics=("metrics/{item}.json",), item="model",
     ),
+    "controls": Stage(
+        params=("seed", "finetune", "merge", "evaluate", "report", "controls"),
+        deps=(str(DATA_DIR), str(PRETRAINED_DIR), str(SHARED_DIR), str(PARTITION_FILE), str(RANGES_DIR),
+              str(TASK_VECTOR_DIR), str(WEIGHTS_FILE), str(CLASSIFIER_DIR), "samples/merged.npz"),
+        outs=("controls",), metrics=("metrics/controls.json",),
+    ),
     "report": Stage(
         params=("seed", "data.source", "finetune.steps", "evaluate.seed", "report"),
         deps=(str(CLASSIFIER_DIR), str(PARTITION_FILE), str(PARTITION_ANALYSIS_DIR), str(TASK_VECTOR_DIR),

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -74,10 +75,19 @@ def heldout_losses(params: Params, models, ranges, scheduler, images: np.ndarray
 
 
 def evaluate(params: Params, run=NullRun(), name: str = "merged") -> dict:
-    ev = params.evaluate
-    if ev.features == "inception":
-        features.inception_weights(ev.inception_dir)  # fail before any sampling
+    if params.evaluate.features == "inception":
+        features.inception_weights(params.evaluate.inception_dir)  # fail before any sampling
     models, ranges, scheduler = load_eval_models(name)
+    headline, losses = score_models(params, run, name, models, ranges, scheduler, SAMPLES_DIR, EVALUATION_DIR)
+    log_models(params, run, name, headline, losses, ranges)
+    return headline
+
+
+def score_models(params: Params, run, name: str, models, ranges, scheduler, samples_dir: Path,
+                 evaluation_dir: Path) -> tuple[dict, dict]:
+    """Sample ``models`` from the test noise and score them; writes ``samples_dir/<name>.{png,npz}`` and
+    ``evaluation_dir/<name>.json``; the headline metrics and the held-out loss matrices."""
+    ev = params.evaluate
     clf = features.load_classifier(CLASSIFIER_DIR / "classifier")
     ref = load_reference(ev.features)
     extract = features.feature_extractor(ev.features, clf, ev.inception_dir)
@@ -111,8 +121,8 @@ def evaluate(params: Params, run=NullRun(), name: str = "merged") -> dict:
     probs = torch.softmax(torch.as_tensor(features.predict(clf, images)), dim=1).numpy()
     n_floor = len(ref["heldout"])
 
-    save_grid(images, SAMPLES_DIR / f"{name}.png", nrow=ev.grid_size)
-    with atomic_path(SAMPLES_DIR / f"{name}.npz") as tmp:
+    save_grid(images, samples_dir / f"{name}.png", nrow=ev.grid_size)
+    with atomic_path(samples_dir / f"{name}.npz") as tmp:
         with open(tmp, "wb") as handle:
             np.savez(handle, features=feats, **losses)
     headline = {
@@ -148,15 +158,14 @@ def evaluate(params: Params, run=NullRun(), name: str = "merged") -> dict:
     }
     if "range_losses" in losses:
         details["range_model_heldout_loss_curves"] = losses["range_losses"].mean(axis=1).tolist()
-    write_json(EVALUATION_DIR / f"{name}.json", details)
-    run.log_artifact(SAMPLES_DIR / f"{name}.png", "samples")
+    write_json(evaluation_dir / f"{name}.json", details)
+    run.log_artifact(samples_dir / f"{name}.png", "samples")
     run.log_curve("heldout_loss_by_t", list(zip(losses["timesteps"].tolist(), details["heldout_loss_curve"])))
     run.log_metrics({"images_per_second": len(images) / seconds if seconds > 0 else float("nan"),
                      "sample_seconds": seconds, "heldout_loss_seconds": heldout_seconds,
                      "fd_at_floor_n": details["fd_at_floor_n"]})
     log_data_version(run, params, "evaluation")
-    log_models(params, run, name, headline, losses, ranges)
-    return headline
+    return headline, losses
 
 
 def log_models(params: Params, run, name: str, headline: dict, losses: dict, ranges) -> None:

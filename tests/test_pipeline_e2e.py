@@ -150,7 +150,7 @@ def test_dvc_repro_end_to_end(tmp_path):
     for edited, invalidated in (
         ("stages/report.py", {"report"}),
         ("dtm_core/distances.py", {"classifier", "merge_weights", "evaluate@pretrained", "evaluate@shared",
-                                   "evaluate@merged", "evaluate@ensemble", "report"}),
+                                   "evaluate@merged", "evaluate@ensemble", "controls", "report"}),
     ):
         code = proj / edited
         original = code.read_text()
@@ -199,13 +199,13 @@ def test_dvc_experiments_rerun_only_what_they_change_and_queue_in_parallel(tmp_p
     variant = _run(["dvc", "exp", "run", "-S", "finetune.p=0.5"], proj, env)
     assert stages_run(variant) == {
         "finetune@0", "finetune@1", "task_vectors", "merge_weights", "merge", "evaluate@merged",
-        "evaluate@ensemble", "report",
+        "evaluate@ensemble", "controls", "report",
     }
     parents, children = runs_by_parent(proj)
     newest = max(parents, key=lambda r: r.info.start_time)
     assert set(children[newest.info.run_id]) == {
         "finetune@0", "finetune@1", "task_vectors", "merge_weights", "merge", "evaluate@merged",
-        "evaluate@ensemble", "report",
+        "evaluate@ensemble", "controls", "report",
     }
     # the report fills the new parent's summary, cached stages' numbers included
     assert "pretrained/fd" in newest.data.metrics and "shared/fd" in newest.data.metrics
@@ -234,7 +234,8 @@ def test_dvc_experiments_rerun_only_what_they_change_and_queue_in_parallel(tmp_p
                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     assert status.count("Success") == 2, status
     # evaluate@merged is skipped when the merged model comes out unchanged (a search may keep the start)
-    needed, possible = {"merge_weights", "merge", "report"}, {"merge_weights", "merge", "evaluate@merged", "report"}
+    needed = {"merge_weights", "merge", "controls", "report"}
+    possible = {"merge_weights", "merge", "evaluate@merged", "controls", "report"}
     parents, children = runs_by_parent(proj)
     by_name = {p.info.run_name: p for p in parents}
     for name in ("ties", "search"):

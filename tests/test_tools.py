@@ -562,3 +562,15 @@ def test_study_draws_each_models_bootstrap_once_while_its_features_stay_the_same
     assert len(calls) == 1 and third[0] != first[0]  # redrawn for the new features, a's reused
     study._paired_fd(("a", "merged"), ("base", "shared"), ref + 1.0, rounds=20, seed=3)
     assert len(calls) == 3  # another reference: both redrawn
+
+
+def test_a_config_file_becomes_dotted_overrides_under_the_command_lines(tmp_path):
+    from dtm_core.errors import ConfigError
+    from tools.seeds import config_overrides
+
+    over = config_overrides(Path(__file__).resolve().parents[1] / "configs" / "fashion.yaml")
+    assert over["data.source"] == "idx" and over["model.block_out_channels"] == [32, 64, 128]
+    assert over["controls.models"] == ["shared_consistency", "soup", "shared_scaled", "merged_scaled"]
+    assert config_overrides(None) == {}
+    with pytest.raises(ConfigError, match="configs/fashion.yaml"):
+        config_overrides(tmp_path / "missing.yaml")

@@ -133,9 +133,24 @@ def parse_sets(items: list[str]) -> dict[str, Any]:
     return out
 
 
+def config_overrides(path: Optional[Path]) -> dict[str, Any]:
+    """A configuration file (configs/fashion.yaml) as dotted -S overrides."""
+    import yaml
+
+    from dtm_core.config import flatten
+
+    if path is None:
+        return {}
+    if not path.is_file():
+        raise ConfigError(f"--config '{path}' does not exist; name a file such as configs/fashion.yaml")
+    return flatten(yaml.safe_load(path.read_text()) or {})
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m tools.seeds", description=__doc__.split("\n\n")[0])
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--config", type=Path, help="a configuration whose keys go on top of params.yaml "
+                    "(configs/fashion.yaml); -S wins over it")
     ap.add_argument("-S", "--set", action="append", default=[], help="key=value on top of params.yaml")
     ap.add_argument("--label", default="", help="suffix of the experiment names (for -S variants)")
     ap.add_argument("--collect-only", action="store_true", help="only read finished experiments")
@@ -145,7 +160,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s seeds %(message)s", stream=sys.stderr)
     try:
-        overrides = parse_sets(args.set)
+        overrides = {**config_overrides(args.config), **parse_sets(args.set)}
         variants = {variant_name(s, args.label): {**overrides, "seed": s} for s in args.seeds}
         if not args.collect_only:
             exps.run_all(variants, rerun=args.rerun)
