@@ -574,3 +574,38 @@ def test_a_config_file_becomes_dotted_overrides_under_the_command_lines(tmp_path
     assert config_overrides(None) == {}
     with pytest.raises(ConfigError, match="configs/fashion.yaml"):
         config_overrides(tmp_path / "missing.yaml")
+
+
+def _fashion_seed(merged=0.5, shared=1.0, pretrained=1.0, ms=(-0.2, -0.1), soup=(-0.2, -0.1), scaled=(-0.2, -0.1)):
+    from tools.fashion import seed_summary
+
+    floor = 0.1
+    models = {m: {"fd": f + floor, "fd_minus_floor": f, "kid": 0.0, "heldout_loss": 0.1}
+              for m, f in (("merged", merged), ("shared", shared), ("pretrained", pretrained), ("ensemble", 1.0))}
+    contrast = lambda ci: {"fd": sum(ci) / 2, "fd_ci": list(ci)}  # noqa: E731
+    comparison = {"models": models, "floor": {"fd_at_n": floor, "n": 10},
+                  "contrasts": {"merged_minus_shared": contrast(ms), "merged_minus_pretrained": contrast(ms)}}
+    controls = {"metrics": {"soup": {"fd": 0.7}},
+                "contrasts": {"merged_minus_soup": contrast(soup),
+                              "merged_scaled_minus_shared_scaled": contrast(scaled)}}
+    return seed_summary(0, comparison, controls)
+
+
+def test_the_fashion_verdict_follows_the_preregistered_rules():
+    from tools.fashion import verdict
+
+    assert verdict([_fashion_seed()] * 3)["verdict"] == "reproduces"
+    # a ratio above 0.85 in one seed is not a reproduction; a tie with the soup in two seeds is averaging
+    assert verdict([_fashion_seed(merged=0.9)] + [_fashion_seed()] * 2)["verdict"] != "reproduces"
+    averaging = [_fashion_seed(soup=(-0.1, 0.1))] * 2 + [_fashion_seed()]
+    assert verdict(averaging)["verdict"] == "partial"
+    # narrow intervals (half-width 0.02 <= 5% of 1.0) containing zero in 2 of 3 seeds refute
+    null = [_fashion_seed(merged=1.0, ms=(-0.02, 0.02))] * 2 + [_fashion_seed()]
+    assert verdict(null)["verdict"] == "refutes"
+    # the same signs with intervals too wide for the 5% rule decide nothing
+    wide = [_fashion_seed(merged=1.0, ms=(-0.2, 0.2))] * 2 + [_fashion_seed()]
+    result = verdict(wide)
+    assert result["verdict"] == "inconclusive" and result["half_widths"][0] == pytest.approx(0.2)
+    assert verdict([_fashion_seed()] * 2)["verdict"] == "inconclusive"  # the rules need three seeds
+    # the soup's floor-subtracted FD uses the comparison's floor
+    assert _fashion_seed()["models"]["soup"]["fd_minus_floor"] == pytest.approx(0.6)

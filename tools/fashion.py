@@ -1,0 +1,106 @@
+"""The Fashion-MNIST verdict: docs/FASHION.md's preregistered rules applied to the finished seeds.
+
+    make fashion-seeds                                  # runs seeds 0-2 (tools.seeds --config configs/fashion.yaml)
+    python -m tools.fashion --out docs/results/fashion.json
+
+Reads each seed's reports/comparison.json and controls/controls.json from its
+DVC experiment (seeds-<s>-fashion), writes every model's FD (raw, floor,
+floor-subtracted), KID, held-out loss and memorisation, every paired contrast
+with its interval, and the verdict with the rule that decided it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Optional
+
+from dtm_core.errors import DtmError
+from dtm_core.io import write_json
+from tools import exps
+
+SEEDS = (0, 1, 2)
+RATIO = 0.85  # merged's floor-subtracted FD at most this share of shared's and the base's
+HALF_WIDTH = 0.05  # the refutation needs merged - shared's half-width within this share of shared's
+
+
+def below(ci: list[float]) -> bool:
+    return ci[1] < 0
+
+
+def ties(ci: list[float]) -> bool:
+    return ci[0] <= 0 <= ci[1]
+
+
+def seed_summary(seed: int, comparison: dict, controls: dict) -> dict:
+    """One seed's numbers in the rules' terms: F(m) = FD - floor, and the four intervals the rules read."""
+    models = dict(comparison["models"])
+    for name, m in controls.get("metrics", {}).items():
+        models[name] = {**m, "fd_minus_floor": m["fd"] - comparison["floor"]["fd_at_n"]}
+    c, k = comparison["contrasts"], controls.get("contrasts", {})
+    F = {name: m["fd_minus_floor"] for name, m in models.items()}
+    return {
+        "seed": seed,
+        "models": {name: {key: m.get(key) for key in ("fd", "fd_minus_floor", "fd_train", "kid", "heldout_loss",
+                                                     "memorised_fraction", "closer_to_train")}
+                   for name, m in models.items()},
+        "floor": comparison["floor"],
+        "contrasts": {key: {"fd": v["fd"], "fd_ci": v["fd_ci"],
+                            **({"heldout_loss": v["heldout_loss"]["delta"], "heldout_loss_ci": v["heldout_loss"]["ci"]}
+                               if "heldout_loss" in v else {})}
+                      for key, v in {**c, **k}.items()},
+        "ratio_merged_shared": F["merged"] / F["shared"],
+        "ratio_merged_pretrained": F["merged"] / F["pretrained"],
+        "f_shared": F["shared"],
+    }
+
+
+def verdict(seeds: list[dict]) -> dict:
+    """Reproduces / Partial / Refutes / Inconclusive, exactly as docs/FASHION.md words them."""
+    ci = lambda s, key: s["contrasts"][key]["fd_ci"]  # noqa: E731
+    ms, mp = "merged_minus_shared", "merged_minus_pretrained"
+    soup, scaled = "merged_minus_soup", "merged_scaled_minus_shared_scaled"
+    controls_present = all(soup in s["contrasts"] and scaled in s["contrasts"] for s in seeds)
+    if len(seeds) == 3 and controls_present and all(
+            s["ratio_merged_shared"] <= RATIO and s["ratio_merged_pretrained"] <= RATIO and below(ci(s, ms))
+            and below(ci(s, mp)) and below(ci(s, soup)) and below(ci(s, scaled)) for s in seeds):
+        return {"verdict": "reproduces", "rule": "every seed: ratios <= 0.85, merged below shared, the base, "
+                                                 "the soup and the scaled-back shared fine-tune"}
+    if len(seeds) == 3 and controls_present and all(below(ci(s, ms)) for s in seeds) and (
+            sum(ties(ci(s, soup)) for s in seeds) >= 2 or sum(ties(ci(s, scaled)) for s in seeds) >= 2):
+        return {"verdict": "partial", "rule": "merged below shared in every seed, but it ties the soup or the "
+                                              "scaled-back shared fine-tune in at least 2 seeds: averaging"}
+    widths = [(ci(s, ms)[1] - ci(s, ms)[0]) / 2 for s in seeds]
+    if len(seeds) == 3 and all(w <= HALF_WIDTH * s["f_shared"] for w, s in zip(widths, seeds)) and \
+            sum(not below(ci(s, ms)) for s in seeds) >= 2:
+        return {"verdict": "refutes", "rule": "half-widths within 5% of shared's floor-subtracted FD, and merged - "
+                                              "shared contains zero or lies above it in at least 2 seeds"}
+    return {"verdict": "inconclusive", "rule": "none of the three rules holds",
+            "half_widths": widths, "half_width_limits": [HALF_WIDTH * s["f_shared"] for s in seeds]}
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m tools.fashion", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--seeds", type=int, nargs="+", default=list(SEEDS))
+    ap.add_argument("--out", type=Path, default=Path("reports/fashion.json"))
+    args = ap.parse_args(argv)
+    try:
+        rows = []
+        for seed in args.seeds:
+            name = f"seeds-{seed}-fashion"
+            comparison = exps.experiment_file(name)
+            if comparison is None:
+                raise exps.ExperimentError(f"experiment '{name}' has no {exps.REPORT}: run make fashion-seeds")
+            rows.append(seed_summary(seed, comparison, exps.experiment_file(name, "controls/controls.json") or {}))
+    except DtmError as exc:
+        print(f"error: fashion: {exc}", file=sys.stderr)
+        return 2
+    result = {"rules": "docs/FASHION.md", "seeds": rows, **verdict(rows)}
+    write_json(args.out, result)
+    print(f"{result['verdict']}: {result['rule']} ({args.out})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
