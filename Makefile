@@ -30,9 +30,10 @@ repro: setup
 	dvc repro
 	@echo "results: reports/comparison.md  |  runs: make ui"
 
-# one worker per core, heaviest tests first (tests/conftest.py), one test at a time per worker
+# one worker per core, heaviest tests first (tests/conftest.py); the end-to-end tests that share one
+# pipeline run (xdist_group "e2e") go to one worker together
 test: setup
-	python -m pytest -n auto --dist load --maxschedchunk 1
+	python -m pytest -n auto --dist loadgroup
 
 lint: setup
 	ruff check .

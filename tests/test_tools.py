@@ -438,7 +438,9 @@ def test_an_experiment_restored_whole_from_the_run_cache_points_at_the_runs_with
     client.create_run(exp_id, run_name="other", tags={"dtm.kind": "pipeline", "dtm.params_digest": "0" * 16})
     monkeypatch.setattr(exps, "experiment_params", lambda name: params)
     assert exps.mlflow_parent_runs(["study-default-s0"]) == {"study-default-s0": [made.info.run_id]}
-    assert exps.mlflow_parent_minutes(["study-default-s0"])["study-default-s0"] >= 0
+    finished = client.get_run(made.info.run_id).info
+    assert exps.mlflow_parent_minutes(["study-default-s0"])["study-default-s0"] == pytest.approx(
+        (finished.end_time - finished.start_time) / 60000.0)
     # a run of the same name under an earlier default's params is not this experiment's
     client.create_run(exp_id, run_name="seeds-1", tags={"dtm.kind": "pipeline", "dtm.params_digest": "1" * 16})
     assert exps.mlflow_parent_runs(["seeds-1"]) == {"seeds-1": [made.info.run_id]}
