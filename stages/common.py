@@ -1,10 +1,9 @@
 """What the stages share: where outs land, what each stage reads and writes, and the runner.
 
-This module is the one declaration of the pipeline's shape on the Python
-side. For every stage, :data:`STAGES` names the params it reads (logged to its
-MLflow run and hashed into its resumable-checkpoint fingerprint), the files
-it reads, and the files it writes. ``dvc.yaml`` says the same for DVC;
-``tests/test_dvc_yaml.py`` fails when the two disagree.
+``dvc.yaml`` is the one declaration of the pipeline's shape: :data:`STAGES`
+reads from it, for every stage, the params it reads (logged to its MLflow run
+and hashed into its resumable-checkpoint fingerprint), the files it reads and
+the metrics file it writes.
 
 A stage script (``stages/<name>.py``) holds that stage's glue: it reads its
 params, calls ``dtm_core``, writes its outs and logs to MLflow, through
@@ -70,88 +69,41 @@ def eval_model_dir(name: str) -> Path:
 
 
 # ------------------------------------------------------- what each stage reads and writes
-# The fine-tune recipe both methods share, and what only DeMe's range models use.
-OPTIM_KEYS = tuple(
-    f"finetune.{k}" for k in (
-        "steps", "batch_size", "lr", "lr_schedule", "warmup_steps", "weight_decay", "adam_betas", "adam_eps",
-        "grad_clip", "ema_max_decay", "ema_inv_gamma", "ema_power", "mixed_precision", "log_every",
-    )
-)
-DEME_KEYS = tuple(f"finetune.{k}" for k in ("p", "antithetic", "consistency_weight", "channel_projection"))
+DVC_YAML = Path(__file__).resolve().parents[1] / "dvc.yaml"
 
 
 @dataclass(frozen=True)
 class Stage:
-    """One DVC stage: ``{item}`` in a path is the matrix/foreach value (a range index, a model name)."""
+    """One DVC stage as dvc.yaml declares it: ``{item}`` in a path is the matrix/foreach value (a range index, a
+    model name), ``{model_dir}`` the evaluated model's directory."""
 
-    params: tuple[str, ...]  # params.yaml keys or sections it reads
-    deps: tuple[str, ...] = ()  # data and model files it reads (code deps: tests/test_dvc_deps.py)
-    outs: tuple[str, ...] = ()  # cached outs
-    uncached: tuple[str, ...] = ()  # cache: false outs, committed to git
-    metrics: tuple[str, ...] = ()  # cache: false metrics files, committed to git
-    plots: tuple[str, ...] = ()  # cache: false plot files, committed to git
-    item: Optional[str] = None  # the command-line argument that selects the instance
+    params: tuple[str, ...]  # params.yaml keys or sections it reads (logged to MLflow, hashed into checkpoints)
+    deps: tuple[str, ...]  # data and model files it reads (its code deps: tests/test_dvc_deps.py)
+    metrics: tuple[str, ...]  # the metrics files it writes
+    item: Optional[str]  # the command-line argument that selects the instance
 
 
-STAGES: dict[str, Stage] = {
-    "prepare": Stage(params=("data", "model.pretrained_path"), outs=(str(DATA_DIR),)),
-    "classifier": Stage(
-        params=("evaluate.seed", "evaluate.features", "evaluate.inception_dir", "evaluate.classifier",
-                "evaluate.kid_subsets", "evaluate.kid_subset_size", "evaluate.bootstrap_rounds"),
-        deps=(str(DATA_DIR),), outs=(str(CLASSIFIER_DIR),), metrics=("metrics/classifier.json",),
-    ),
-    "pretrain": Stage(params=("seed", "model", "pretrain"), deps=(str(DATA_DIR), str(BASE_DIR)),
-                      outs=(str(PRETRAINED_DIR),)),
-    "partition": Stage(params=("seed", "partition", "model.num_train_timesteps"),
-                       deps=(str(DATA_DIR), str(PRETRAINED_DIR)),
-                       outs=(str(PARTITION_ANALYSIS_DIR),), uncached=(str(PARTITION_FILE),)),
-    "finetune": Stage(
-        params=("seed", *OPTIM_KEYS, *DEME_KEYS),
-        deps=(str(DATA_DIR), str(PRETRAINED_DIR), str(PARTITION_FILE)),
-        outs=(str(RANGES_DIR / "range-{item}"),), item="range",
-    ),
-    "finetune_shared": Stage(
-        params=("seed", "partition.ranges", *OPTIM_KEYS, "finetune.shared_steps", "finetune.shared_lr",
-                "finetune.weighting", "finetune.weighting_gamma"),
-        deps=(str(DATA_DIR), str(PRETRAINED_DIR)), outs=(str(SHARED_DIR),),
-    ),
-    "task_vectors": Stage(
-        params=(), deps=(str(PRETRAINED_DIR), str(PARTITION_FILE), str(RANGES_DIR)),
-        outs=(str(TASK_VECTOR_DIR),), plots=(str(TASK_VECTOR_NORMS_TSV),),
-    ),
-    "merge_weights": Stage(
-        params=("seed", "merge", "evaluate.seed", "evaluate.batch_size"),
-        deps=(str(DATA_DIR), str(PRETRAINED_DIR), str(PARTITION_FILE), str(RANGES_DIR), str(TASK_VECTOR_DIR),
-              str(CLASSIFIER_DIR)),
-        outs=(str(SEARCH_DIR),), uncached=(str(WEIGHTS_FILE),),
-    ),
-    "merge": Stage(
-        params=("seed", "merge.method", "merge.density", "merge.scale"),
-        deps=(str(PRETRAINED_DIR), str(PARTITION_FILE), str(TASK_VECTOR_DIR), str(WEIGHTS_FILE)),
-        outs=(str(MERGED_DIR),),
-    ),
-    "evaluate": Stage(
-        params=("evaluate",),
-        deps=(str(CLASSIFIER_DIR), str(DATA_DIR), str(PARTITION_FILE), "{model_dir}"),
-        outs=("samples/{item}.png", "samples/{item}.npz", "evaluation/{item}.json"),
-        metrics=("metrics/{item}.json",), item="model",
-    ),
-    "controls": Stage(
-        params=("seed", "finetune", "merge", "evaluate", "report", "controls"),
-        deps=(str(DATA_DIR), str(PRETRAINED_DIR), str(SHARED_DIR), str(PARTITION_FILE), str(RANGES_DIR),
-              str(TASK_VECTOR_DIR), str(WEIGHTS_FILE), str(CLASSIFIER_DIR), "samples/merged.npz"),
-        outs=("controls",), metrics=("metrics/controls.json",),
-    ),
-    "report": Stage(
-        params=("seed", "data.source", "finetune.steps", "evaluate.seed", "report"),
-        deps=(str(CLASSIFIER_DIR), str(PARTITION_FILE), str(PARTITION_ANALYSIS_DIR), str(TASK_VECTOR_DIR),
-              str(WEIGHTS_FILE), "metrics/classifier.json",
-              *(f"{d}/{m}.{ext}" for m in EVAL_MODELS
-                for d, ext in (("metrics", "json"), ("evaluation", "json"), ("samples", "npz")))),
-        outs=("reports/figures",), uncached=("reports/comparison.md", "reports/comparison.json"),
-        metrics=("metrics/comparison.json",), plots=(str(HELDOUT_LOSS_TSV),),
-    ),
-}
+def _template(path: str) -> str:
+    return path.replace("${item.range}", "{item}").replace("${key}", "{item}").replace("${item.model_dir}",
+                                                                                       "{model_dir}")
+
+
+def read_stages(path: Path = DVC_YAML) -> dict[str, Stage]:
+    """dvc.yaml's stages, the one declaration of what each stage reads and writes."""
+    import yaml
+
+    out = {}
+    for name, stage in yaml.safe_load(path.read_text())["stages"].items():
+        body = stage.get("do", stage)
+        metrics = [next(iter(m)) if isinstance(m, dict) else m for m in body.get("metrics", [])]
+        out[name] = Stage(params=tuple(body.get("params", [])),
+                          deps=tuple(_template(d) for d in body["deps"] if not d.endswith(".py")),
+                          metrics=tuple(_template(m) for m in metrics),
+                          item="range" if "matrix" in stage else "model" if "foreach" in stage else None)
+    return out
+
+
+STAGES = read_stages()
 
 
 def instance(name: str, item: Any = None) -> str:

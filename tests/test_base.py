@@ -82,5 +82,9 @@ def test_training_until_plateau_resumes_and_stops(tmp_path, monkeypatch):
     curve = read_json(tmp_path / "base.state" / "plateau.json")
     assert [r["step"] for r in rows] == [3, 6] and curve["plateau"] is True
     assert read_json(out / "dtm_info.json")["plateau"] is True
+    from PIL import Image
+
+    with Image.open(tmp_path / "base.state" / "plateau.png") as im:  # the plateau plot beside its curve
+        assert im.format == "PNG"
     assert not (tmp_path / "base.state" / "checkpoints").exists()
     assert train_until_plateau(params, out, every=3, tolerance=1.0, val_images=4) == rows  # done: nothing to do

@@ -84,6 +84,24 @@ def plateaued(rows: list[dict], tolerance: float) -> bool:
     return (prev - cur) / prev < tolerance
 
 
+def plot_plateau(rows: list[dict], tolerance: float, path: Path) -> None:
+    """Validation loss by step, each chunk's relative improvement beside it against the stopping tolerance."""
+    from dtm_core.plots import new_figure, save_figure
+
+    fig, ax = new_figure(7.0, 3.5)
+    steps = [r["step"] for r in rows]
+    ax.plot(steps, [r["val_loss"] for r in rows], "o-", markersize=3)
+    ax.set_xlabel("pretraining step")
+    ax.set_ylabel("validation eps-MSE (EMA weights)")
+    gains = ax.twinx()
+    gains.plot(steps[1:], [100 * (a["val_loss"] - b["val_loss"]) / a["val_loss"] for a, b in zip(rows, rows[1:])],
+               "s:", color="gray", markersize=3)
+    gains.axhline(100 * tolerance, color="gray", linewidth=0.8)
+    gains.set_ylabel("improvement per chunk, % (line: the stop)")
+    ax.set_title("base model: validation loss to its plateau")
+    save_figure(fig, path)
+
+
 def train_until_plateau(params: dict, out: Path, every: int, tolerance: float, val_images: int) -> list[dict]:
     import time
 
@@ -120,6 +138,7 @@ def train_until_plateau(params: dict, out: Path, every: int, tolerance: float, v
         save_model(model, scheduler, out, info)
         write_json(curve_file, {"recipe": recipe, "every": every, "tolerance": tolerance,
                                 "validation_images": len(val_x), "plateau": done, "rows": rows})
+        plot_plateau(rows, tolerance, state / "plateau.png")
         print(f"step {step}: validation loss {loss:.5f}", flush=True)
         if done:
             raise Plateau
