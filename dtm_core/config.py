@@ -201,13 +201,6 @@ class _Sampling(_Section):
     sampler: Literal["ddim", "dpmsolver", "unipc"] = "dpmsolver"
     sampling_steps: int = Field(20, ge=1)
 
-    @model_validator(mode="before")
-    @classmethod
-    def _renamed(cls, data: Any) -> Any:
-        if isinstance(data, dict) and "ddim_steps" in data:
-            raise ValueError("ddim_steps was renamed sampling_steps (the sampler itself is set by 'sampler')")
-        return data
-
 
 class SearchConfig(_Sampling):
     """merge.search: pick the merge weights by scoring candidates on validation samples."""

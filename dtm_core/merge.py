@@ -63,27 +63,21 @@ def _each(task_tensors: torch.Tensor, prune: Callable[[torch.Tensor, float], tor
     return torch.stack([prune(tau, density) for tau in task_tensors.unbind(0)])
 
 
-def _elect_and_average(task_tensors: torch.Tensor, weights: torch.Tensor, majority_sign_method: str) -> torch.Tensor:
-    """TIES' last two steps: elect each entry's sign from the (unweighted) taus, average the weighted
-    entries that agree with it (entries where none agrees become 0)."""
+def _elect_and_average(task_tensors: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """TIES' last two steps: elect each entry's sign by the summed mass of the (unweighted) taus, average the
+    weighted entries that agree with it (entries where none agrees become 0)."""
     signs = task_tensors.sign()
-    if majority_sign_method == "total":
-        mass = task_tensors.sum(dim=0)
-    elif majority_sign_method == "frequency":
-        mass = signs.sum(dim=0)
-    else:
-        raise ConfigError(f"majority_sign_method must be 'total' or 'frequency' (got '{majority_sign_method}')")
-    agree = signs == torch.where(mass >= 0, 1, -1)
+    agree = signs == torch.where(task_tensors.sum(dim=0) >= 0, 1, -1)
     weighted = _shaped(weights, task_tensors) * task_tensors
     return (weighted * agree).sum(dim=0) / torch.clamp(agree.sum(dim=0), min=1.0)
 
 
 def ties(
-    task_tensors: torch.Tensor, weights: torch.Tensor, *, density: float = 0.5, majority_sign_method: str = "total"
+    task_tensors: torch.Tensor, weights: torch.Tensor, *, density: float = 0.5
 ) -> torch.Tensor:
     """TIES: keep each tau_i's top-``density`` entries by magnitude, elect a sign per
     entry (sign of the summed trimmed taus), average the weighted entries that agree."""
-    return _elect_and_average(_each(task_tensors, _trim, density), weights, majority_sign_method)
+    return _elect_and_average(_each(task_tensors, _trim, density), weights)
 
 
 def dare_linear(task_tensors: torch.Tensor, weights: torch.Tensor, *, density: float = 0.5) -> torch.Tensor:
@@ -92,10 +86,10 @@ def dare_linear(task_tensors: torch.Tensor, weights: torch.Tensor, *, density: f
 
 
 def dare_ties(
-    task_tensors: torch.Tensor, weights: torch.Tensor, *, density: float = 0.5, majority_sign_method: str = "total"
+    task_tensors: torch.Tensor, weights: torch.Tensor, *, density: float = 0.5
 ) -> torch.Tensor:
     """DARE's random drop and rescale, then TIES' sign election and disjoint mean."""
-    return _elect_and_average(_each(task_tensors, _drop, density), weights, majority_sign_method)
+    return _elect_and_average(_each(task_tensors, _drop, density), weights)
 
 
 def magnitude_prune(task_tensors: torch.Tensor, weights: torch.Tensor, *, density: float = 0.5) -> torch.Tensor:

@@ -54,28 +54,6 @@ class TaskVector:
             out[k] = ft_f[k].float() - base_f[k].float()
         return cls(out)
 
-    def _check_keys(self, other: "TaskVector") -> None:
-        if set(self.vector) != set(other.vector):
-            raise TaskVectorError("task vectors cover different tensors")
-
-    def __add__(self, other: "TaskVector") -> "TaskVector":
-        self._check_keys(other)
-        return TaskVector({k: v + other.vector[k] for k, v in self.vector.items()})
-
-    def __radd__(self, other):
-        return self if other in (0, None) else self.__add__(other)
-
-    def __neg__(self) -> "TaskVector":
-        return TaskVector({k: -v for k, v in self.vector.items()})
-
-    def __sub__(self, other: "TaskVector") -> "TaskVector":
-        return self + (-other)
-
-    def __mul__(self, scale: float) -> "TaskVector":
-        return TaskVector({k: v * float(scale) for k, v in self.vector.items()})
-
-    __rmul__ = __mul__
-
     def apply_to(self, base: StateDict, scale: float = 1.0) -> dict[str, torch.Tensor]:
         """``base + scale * tau`` for the tensors the vector covers; others copied."""
         out = {}

@@ -180,7 +180,6 @@ def train(
     accelerator.register_for_checkpointing(state)
     if use_teacher:
         teacher = layout(teacher.to(device).eval().requires_grad_(False))
-    alphas = scheduler.alphas_cumprod.to(device)
     if loss_weights is not None:
         loss_weights = loss_weights.to(device)
 
@@ -192,10 +191,6 @@ def train(
             accelerator.load_state(str(latest))
             resumed_from = state.step
             log.info("%s: resumed from %s (step %d)", desc, latest, state.step)
-
-    def add_noise(x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        a = alphas[t].view(-1, 1, 1, 1)
-        return a.sqrt() * x0 + (1 - a).sqrt() * noise
 
     start = time.perf_counter()
     part = distributed.shard(cfg.batch_size) if accelerator.num_processes > 1 else slice(None)
@@ -213,7 +208,7 @@ def train(
         t = timestep_sampler(x0.shape[0], state.generator)
         noise = torch.randn(x0.shape, generator=state.generator)
         x0, t, noise = x0[part].to(device), t[part].to(device), noise[part].to(device)
-        x_t = add_noise(x0, noise, t)
+        x_t = scheduler.add_noise(x0, noise, t)  # sqrt(a_t) x0 + sqrt(1 - a_t) eps, bit for bit the same on CPU
         with accelerator.autocast():
             pred = model(x_t, t).sample
             if loss_weights is None:

@@ -72,13 +72,6 @@ def test_bad_values_name_the_key(default_params_dict, section, values, key):
     assert key in str(exc.value)
 
 
-def test_renamed_ddim_steps_says_its_new_name(default_params_dict):
-    for section in ("evaluate", "merge"):
-        values = {"ddim_steps": 20} if section == "evaluate" else {"search": {"ddim_steps": 20}}
-        with pytest.raises(ConfigError, match="ddim_steps was renamed sampling_steps"):
-            parse_params(_with(default_params_dict, section, **values))
-
-
 def test_sampler_choices_are_the_samplers_sampling_knows():
     # config.py cannot import dtm_core.sampling (torch, diffusers) just to validate: the two lists must agree
     import typing

@@ -12,7 +12,8 @@ each with ``DTM_THREADS`` = cores / j (and ``CUDA_VISIBLE_DEVICES`` from
 ``--gpus``, round robin), then ``dvc commit``s their outs so DVC treats them
 as run, and finally runs ``dvc repro`` for the rest (``--no-rest`` skips
 that). Each fine-tune is a pure function of its params and seed, so the outs
-equal a sequential run's (tests/test_parallel_ranges.py checks it).
+equal a sequential run's (tests/test_distributed.py and
+tests/test_pipeline_e2e.py check it).
 """
 
 from __future__ import annotations

@@ -4,19 +4,18 @@ from __future__ import annotations
 
 import os
 import sys
-from pathlib import Path
 
 HOST, PORT = "127.0.0.1", 5000
 
 
 def main() -> int:
     from dtm_core.config import load_params
-    from dtm_core.tracking import tracking_uri
+    from dtm_core.tracking import sqlite_path, tracking_uri
 
     params = load_params("params.yaml")
     uri = tracking_uri(params)
     base = f"http://{HOST}:{PORT}"
-    db = Path(uri[len("sqlite:///"):]) if uri.startswith("sqlite:///") else None
+    db = sqlite_path(uri)
     if db is None or db.is_file():
         from mlflow.tracking import MlflowClient
 
