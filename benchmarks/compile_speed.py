@@ -1,0 +1,123 @@
+"""torch.compile against eager on this machine: sampling throughput and the DeMe fine-tune step, in one run.
+
+    python benchmarks/compile_speed.py                      # prints a table
+    python benchmarks/compile_speed.py --out docs/results/compile_speed.json
+
+Sampling: the default evaluation's path (the shipped digits base, DPM-Solver++
+20 steps, batches of evaluate.batch_size on inference_map's threads) for
+``--samples`` samples, eager and with the UNet's forward compiled (inductor);
+the compiled run is timed after a warm-up that compiles every batch shape.
+Training: the DeMe step (projection, consistency loss to the frozen base) as
+``make bench`` times it, eager and compiled. Each figure is the best of
+``--repeats``; ratios are eager / compiled time, measured in the same process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from dtm_core.config import load_params  # noqa: E402
+from dtm_core.data import load_digits_source  # noqa: E402
+from dtm_core.io import write_json  # noqa: E402
+from dtm_core.model import load_scheduler, load_unet, with_projection  # noqa: E402
+from dtm_core.partition import sample_timesteps  # noqa: E402
+from dtm_core.sampling import initial_noise, sample  # noqa: E402
+from dtm_core.train import train  # noqa: E402
+
+BASE = ROOT / "base" / "digits-unet"
+
+
+def cpu_model() -> str:
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
+        return next(line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("Model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or "unknown"
+
+
+def compiled(model):
+    model.forward = torch.compile(model.forward, dynamic=False)
+    return model
+
+
+def best(fn, repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--samples", type=int, default=4000)
+    ap.add_argument("--steps", type=int, default=40, help="fine-tune steps per timing")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--out", type=Path)
+    args = ap.parse_args()
+    params = load_params(ROOT / "params.yaml")
+    ev, ft = params.evaluate, params.finetune.model_copy(update={"checkpoint_every": 0, "log_every": 1000})
+    scheduler = load_scheduler(BASE)
+    noise = initial_noise(0, args.samples, (1, 8, 8))
+
+    def sampler(model):
+        return lambda: sample([model], scheduler, noise, ev.sampling_steps, sampler=ev.sampler,
+                              batch_size=ev.batch_size)
+
+    eager_unet, compiled_unet = load_unet(BASE, what="base"), compiled(load_unet(BASE, what="base"))
+    start = time.perf_counter()
+    reference, fast = sampler(eager_unet)(), sampler(compiled_unet)()  # the second call compiles
+    warmup = time.perf_counter() - start
+    t_eager = best(sampler(eager_unet), args.repeats)
+    t_comp = best(sampler(compiled_unet), args.repeats)
+
+    images = torch.as_tensor(load_digits_source().images)
+    T = params.model.num_train_timesteps
+
+    def step(compile_it: bool):
+        base = load_unet(BASE, what="base").eval()
+        student = with_projection(base, True)
+        if compile_it:
+            compiled(student)
+
+        def draw(b, g):
+            return sample_timesteps(b, 250, 500, T, ft.p, g)[0]
+
+        # the loop's own seconds (train's result), not the set-up around it
+        return train(student, scheduler, images, ft, seed=0, steps=args.steps, timestep_sampler=draw,
+                     teacher=base, consistency_weight=1.0).seconds
+
+    step(False), step(True)  # warm-up, compiling
+    s_eager = min(step(False) for _ in range(args.repeats)) / args.steps
+    s_comp = min(step(True) for _ in range(args.repeats)) / args.steps
+    result = {
+        "cpu": cpu_model(), "threads": torch.get_num_threads(), "torch": torch.__version__,
+        "sampling": {"samples": args.samples, "sampler": ev.sampler, "steps": ev.sampling_steps,
+                     "eager_seconds": t_eager, "compiled_seconds": t_comp, "ratio": t_eager / t_comp,
+                     "compile_and_first_run_seconds": warmup,
+                     "max_abs_difference": float(np.abs(reference - fast).max())},
+        "finetune_step": {"batch_size": ft.batch_size, "eager_ms": 1000 * s_eager, "compiled_ms": 1000 * s_comp,
+                          "ratio": s_eager / s_comp},
+        "command": "python benchmarks/compile_speed.py",
+    }
+    print(json.dumps(result, indent=2))
+    if args.out:
+        write_json(args.out, result)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
