@@ -42,11 +42,11 @@ sys.path.insert(0, str(ROOT))
 
 from dtm_core import distances  # noqa: E402
 from dtm_core.config import load_params  # noqa: E402
+from dtm_core.distances import fd_contrast  # noqa: E402
 from dtm_core.io import write_json  # noqa: E402
 from dtm_core.seeding import derive_seed  # noqa: E402
 from dtm_core.tracking import git_commit  # noqa: E402
 from stages.common import REFERENCE_FILE, SAMPLES_DIR  # noqa: E402
-from stages.report import fd_contrast  # noqa: E402
 
 
 def load_npz(path: Path, rev: Optional[str] = None) -> dict:
@@ -80,7 +80,7 @@ def settings(rev: Optional[str] = None) -> dict:
 
 
 def interval(a: np.ndarray, b: np.ndarray, reference: np.ndarray, rounds: int, seed: int) -> list[float]:
-    """The report's own paired interval of FD(a) - FD(b) (stages/report.py fd_contrast) at ``rounds`` rounds."""
+    """The report's own paired interval of FD(a) - FD(b) (dtm_core.distances.fd_contrast) at ``rounds`` rounds."""
     return fd_contrast({"features": a}, {"features": b}, reference, rounds, seed)["fd_ci"]
 
 

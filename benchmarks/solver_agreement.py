@@ -9,7 +9,7 @@ Every model is sampled on the SAME ``--samples`` initial noises (a seed of its
 own: neither the test nor the validation noise) by each sampler configuration
 ``name:steps`` (names as ``evaluate.sampler``). Per configuration it prints
 every model's FD, the report's paired contrasts (merged - shared, ensemble -
-shared, merged - pretrained, with stages/report.fd_contrast's interval), the
+shared, merged - pretrained, with dtm_core.distances.fd_contrast's interval), the
 models' order, images/s, and how far its samples lie from those of the
 reference configuration (``--reference``, the most exact one: RMS pixel
 distance on [-1, 1] images, same noise). A cheaper sampler can replace the
@@ -31,12 +31,12 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from dtm_core import distances, features  # noqa: E402
+from dtm_core.distances import fd_contrast  # noqa: E402
 from dtm_core.io import write_json  # noqa: E402
 from dtm_core.sampling import initial_noise, sample  # noqa: E402
 from dtm_core.seeding import derive_seed  # noqa: E402
 from stages.common import CLASSIFIER_DIR, load_reference  # noqa: E402
 from stages.evaluate import load_eval_models  # noqa: E402
-from stages.report import fd_contrast  # noqa: E402
 
 MODELS = ("pretrained", "shared", "merged", "ensemble")
 CONTRASTS = (("merged", "shared"), ("ensemble", "shared"), ("merged", "pretrained"))

@@ -49,7 +49,6 @@ from stages.common import (
 from stages.evaluate import score_models
 from stages.finetune import load_inputs
 from stages.merge import merge_inputs, merged_state
-from stages.report import fd_contrast
 
 CONTROLS_DIR = Path("controls")
 # (model, control) pairs contrasted: each control against the DeMe merge built like it
@@ -170,7 +169,7 @@ def build_and_evaluate(params: Params, run, names, ranges, T: int, out: Path) ->
         feats[name] = _features(out / "samples" / f"{name}.npz")
     rounds = params.report.bootstrap_rounds
     contrasts = {
-        f"{a}_minus_{b}": fd_contrast({"features": feats[a]}, {"features": feats[b]}, reference, rounds,
+        f"{a}_minus_{b}": distances.fd_contrast({"features": feats[a]}, {"features": feats[b]}, reference, rounds,
                                       derive_seed(params.evaluate.seed, "paired-fd"))
         for a, b in CONTRASTS if a in feats and b in feats
     }

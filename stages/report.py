@@ -50,38 +50,10 @@ def _load(name: str) -> dict:
         return {k: npz[k] for k in npz.files}
 
 
-def _verdict(ci: list[float]) -> str:
-    return "lower" if ci[1] < 0 else "higher" if ci[0] > 0 else "not distinguishable"
-
-
 def sampler_label(settings: dict) -> str:
     """'DPM-Solver++ 20 steps' from a report's settings (older reports: DDIM with ddim_steps)."""
     name = {"ddim": "DDIM", "dpmsolver": "DPM-Solver++", "unipc": "UniPC"}[settings.get("sampler", "ddim")]
     return f"{name} {settings.get('sampling_steps', settings.get('ddim_steps'))} steps"
-
-
-def _fd_replicates(model: dict, reference: np.ndarray, rounds: int, seed: int) -> np.ndarray:
-    """The model's bootstrap FDs on the resamples of ``seed``; kept in ``model`` for its other contrasts."""
-    cache = model.setdefault("fd_replicates", {})
-    if (rounds, seed) not in cache:
-        cache[rounds, seed] = distances.bootstrap_replicates(model["features"], reference,
-                                                             distances.frechet_distance, rounds, seed)
-    return cache[rounds, seed]
-
-
-def fd_contrast(a: dict, b: dict, reference: np.ndarray, rounds: int, seed: int) -> dict:
-    """FD(a) - FD(b) with a paired bootstrap interval (same noise, same resampled indices).
-
-    ``a`` and ``b`` hold their samples' ``features``; each model's bootstrap FDs
-    are drawn once per (rounds, seed) and reused by every contrast it enters,
-    which gives exactly distances.bootstrap_ci(..., paired_with=...) at the cost
-    of one bootstrap per model instead of two per contrast.
-    """
-    fd = distances.frechet_distance
-    delta = fd(a["features"], reference) - fd(b["features"], reference)
-    boot = _fd_replicates(a, reference, rounds, seed) - _fd_replicates(b, reference, rounds, seed)
-    ci = distances.centred_percentile_ci(boot, delta)
-    return {"fd": delta, "fd_ci": list(ci), "verdict": _verdict(ci)}
 
 
 def loss_contrast(a: np.ndarray, b: np.ndarray, cols: np.ndarray, rounds: int, seed: int) -> dict:
@@ -89,7 +61,7 @@ def loss_contrast(a: np.ndarray, b: np.ndarray, cols: np.ndarray, rounds: int, s
     diff = (a[:, cols] - b[:, cols]).mean(axis=1)
     ci = distances.paired_mean_ci(diff, rounds, seed)
     return {"delta": float(diff.mean()), "ci": list(ci), "relative": float(diff.mean() / b[:, cols].mean()),
-            "verdict": _verdict(ci)}
+            "verdict": distances.verdict(ci)}
 
 
 def report(params: Params, run=NullRun()) -> dict:
@@ -114,7 +86,7 @@ def report(params: Params, run=NullRun()) -> dict:
         la, lb = data[a]["losses"], data[b]["losses"]
         contrasts[key] = {
             # one resampling seed for every FD contrast: each model's bootstrap FDs are drawn once
-            **fd_contrast(data[a], data[b], reference, rounds, derive_seed(ev.seed, "paired-fd")),
+            **distances.fd_contrast(data[a], data[b], reference, rounds, derive_seed(ev.seed, "paired-fd")),
             "heldout_loss": loss_contrast(la, lb, all_cols, rounds, derive_seed(ev.seed, f"loss-{key}")),
             "heldout_loss_by_range": [
                 loss_contrast(la, lb, cols, rounds, derive_seed(ev.seed, f"loss-{key}-{i}"))

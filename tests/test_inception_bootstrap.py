@@ -125,7 +125,7 @@ def test_distances_and_coverage():
 
 
 def test_report_contrasts_reuse_each_models_replicates_and_equal_the_paired_bootstrap():
-    from stages.report import fd_contrast
+    from dtm_core.distances import fd_contrast
 
     rng = np.random.default_rng(4)
     ref = rng.normal(size=(300, 4))

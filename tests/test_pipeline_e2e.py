@@ -69,26 +69,17 @@ def _git_dirty(proj, env) -> list[str]:
     return [line for line in _run(["git", "status", "--porcelain"], proj, env).splitlines() if line.strip()]
 
 
-@pytest.fixture(scope="module")
-def baseline(tmp_path_factory):
-    """One `dvc repro` of the tiny profile, committed: the run every end-to-end assertion reads.
-
-    The tests using it share one xdist group, so `make test` runs them on one worker after one pipeline.
-    """
-    proj = tmp_path_factory.mktemp("e2e") / "proj"
+@pytest.mark.slow(minutes=9)
+def test_dvc_repro_end_to_end_then_experiments(tmp_path):
+    """One `dvc repro` of the tiny profile, committed, serves every end-to-end assertion: the run itself, the
+    re-run that does nothing, the code and params deps, a fresh clone's metrics, then DVC experiments on it."""
+    proj = tmp_path / "proj"
     proj.mkdir()
     env = make_project(proj)
     out = _run(["dvc", "repro"], proj, env)
-    parent = runs_by_parent(proj)[0][0]
+    parent_id = runs_by_parent(proj)[0][0].info.run_id
     _run(["git", "add", "-A"], proj, env)
     _run(["git", "commit", "-qm", "baseline run"], proj, env)
-    return proj, env, out, parent.info.run_id
-
-
-@pytest.mark.xdist_group("e2e")
-@pytest.mark.slow(minutes=6)
-def test_dvc_repro_end_to_end(baseline, tmp_path):
-    proj, env, out, parent_id = baseline
     assert stages_run(out) == EXPECTED_CHILDREN
 
     # every out exists where users and scripts expect it
@@ -194,11 +185,10 @@ def test_dvc_repro_end_to_end(baseline, tmp_path):
     committed = json.loads(shown.stdout)
     assert "metrics/merged.json" in json.dumps(committed) and "metrics/comparison.json" in json.dumps(committed)
 
+    experiments_rerun_only_what_they_change_and_queue_in_parallel(proj, env)
 
-@pytest.mark.xdist_group("e2e")
-@pytest.mark.slow(minutes=5)
-def test_dvc_experiments_rerun_only_what_they_change_and_queue_in_parallel(baseline):
-    proj, env, _, _ = baseline
+
+def experiments_rerun_only_what_they_change_and_queue_in_parallel(proj: Path, env: dict) -> None:
 
     # a variant re-runs only what p affects
     variant = _run(["dvc", "exp", "run", "-S", "finetune.p=0.5"], proj, env)

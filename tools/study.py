@@ -162,7 +162,7 @@ _MODELS: dict[tuple[str, str], dict] = {}
 
 
 def _model(name: str, model: str, reference: np.ndarray) -> dict:
-    """Experiment ``name``'s ``model`` as stages.report.fd_contrast takes it, one dict per (experiment, model)
+    """Experiment ``name``'s ``model`` as dtm_core.distances.fd_contrast takes it, one dict per (experiment, model)
     while its features and the reference stay the same, so its bootstrap FDs are drawn once for every
     contrast it enters (the shared baseline of a seed enters one per row)."""
     features = _features(name, model)
@@ -176,8 +176,8 @@ def _model(name: str, model: str, reference: np.ndarray) -> dict:
 def _paired_fd(a: tuple[str, str], b: tuple[str, str], reference: np.ndarray, rounds: int,
                seed: int) -> tuple[float, list[float], float]:
     """FD(a) − FD(b) for (experiment, model) pairs sampled from the same test noise, its paired bootstrap
-    interval (the report's own contrast, stages.report.fd_contrast), and FD(b)."""
-    from stages.report import fd_contrast
+    interval (the report's own contrast, dtm_core.distances.fd_contrast), and FD(b)."""
+    from dtm_core.distances import fd_contrast
 
     mb = _model(*b, reference)
     contrast = fd_contrast(_model(*a, reference), mb, reference, rounds, seed)
