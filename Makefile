@@ -30,10 +30,9 @@ repro: setup
 	dvc repro
 	@echo "results: reports/comparison.md  |  runs: make ui"
 
-# one worker per core, heaviest tests first (tests/conftest.py); the end-to-end tests that share one
-# pipeline run (xdist_group "e2e") go to one worker together
+# one worker per core, heaviest tests first (tests/conftest.py), one test at a time per worker
 test: setup
-	python -m pytest -n auto --dist loadgroup
+	python -m pytest -n auto --dist load --maxschedchunk 1
 
 lint: setup
 	ruff check .
