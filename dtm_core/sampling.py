@@ -17,7 +17,7 @@ and with eta = 0 both samplers are deterministic given that noise.
 from __future__ import annotations
 
 import sys
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -113,6 +113,21 @@ def sample(
         out = inference_map(denoise, starts, device)
     bar.close()
     return torch.cat(out).numpy()
+
+
+def state_scorer(template: UNet2DModel, train_scheduler: DDPMScheduler, noise: torch.Tensor, steps: int,
+                 sampler: str, batch_size: int, score_images: Callable[[np.ndarray], float]):
+    """``score(state, desc)``: ``state`` loaded into ``template``, its samples from ``noise`` scored by
+    ``score_images`` (a validation FD). The weights ``state`` leaves out stay as the template had them."""
+    full = template.state_dict()
+
+    def score(state: dict, desc: str = "validation") -> float:
+        full.update(state)
+        template.load_state_dict(full)
+        return score_images(sample([template], train_scheduler, noise, steps, sampler=sampler,
+                                   batch_size=batch_size, desc=desc))
+
+    return score
 
 
 def save_grid(images: np.ndarray, path, nrow: int = 8, scale: int = 4) -> None:

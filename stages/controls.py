@@ -30,7 +30,7 @@ from dtm_core.config import Params
 from dtm_core.io import atomic_dir, atomic_file, read_json, write_json
 from dtm_core.model import float_state, load_unet, save_model, with_projection
 from dtm_core.partition import load_partition, sample_timesteps
-from dtm_core.sampling import initial_noise, sample
+from dtm_core.sampling import initial_noise, state_scorer
 from dtm_core.seeding import derive_seed
 from dtm_core.task_vector import TaskVector
 from dtm_core.tracking import NullRun
@@ -77,25 +77,13 @@ def train_soup(params: Params, images, base, scheduler, T: int) -> list:
             for i in range(params.num_ranges)]
 
 
-def validation_fd(params: Params, template, scheduler):
-    """FD of ``template``'s current weights on the controls' validation noise, classifier features."""
-    c = params.controls
-    clf = features.load_classifier(CLASSIFIER_DIR / "classifier")
-    ref = load_reference()
-    reference = ref["heldout_classifier" if reference_split(ref) == "test" else "train_classifier"]
+def validation_fd(params: Params, template, scheduler, score_images):
+    """``score(state)``: FD of ``template`` with ``state`` on the controls' validation noise (its own seed)."""
     cfg = template.config
-    noise = initial_noise(derive_seed(params.evaluate.seed, "controls-validation"), c.num_samples,
+    noise = initial_noise(derive_seed(params.evaluate.seed, "controls-validation"), params.controls.num_samples,
                           (cfg.in_channels, cfg.sample_size, cfg.sample_size))
-
-    def score(state: dict) -> float:
-        full = template.state_dict()
-        full.update(state)
-        template.load_state_dict(full)
-        images = sample([template], scheduler, noise, params.evaluate.sampling_steps, sampler=params.evaluate.sampler,
-                        batch_size=params.evaluate.batch_size, desc="controls validation")
-        return distances.frechet_distance(features.extract_features(clf, images), reference)
-
-    return score
+    return state_scorer(template, scheduler, noise, params.evaluate.sampling_steps, params.evaluate.sampler,
+                        params.evaluate.batch_size, score_images)
 
 
 def choose_scale(score, state_at, scales: list[float]) -> tuple[float, list[dict]]:
@@ -119,6 +107,15 @@ def controls(params: Params, run=NullRun()) -> dict:
 
 def build_and_evaluate(params: Params, run, names, ranges, T: int, out: Path) -> dict:
     images, base, scheduler = load_inputs()
+    ref = load_reference()
+    clf = features.load_classifier(CLASSIFIER_DIR / "classifier")
+    # validation against the held-out split where the test split is the final reference, else train (as the
+    # merge search does)
+    val_ref = ref["heldout_classifier" if reference_split(ref) == "test" else "train_classifier"]
+
+    def score_images(samples) -> float:
+        return distances.frechet_distance(features.extract_features(clf, samples), val_ref)
+
     models: dict = {}
     scales: dict = {}
     if "shared_consistency" in names:
@@ -134,7 +131,7 @@ def build_and_evaluate(params: Params, run, names, ranges, T: int, out: Path) ->
             TaskVector.from_states(theta, float_state(member), what=f"soup member {i}").save(soup_files[-1])
         models["soup"] = _with_state(template, merged_state(params, theta, soup_files, weights))
     if "merged_scaled" in names:
-        score = validation_fd(params, template, scheduler)  # loads each candidate into the template
+        score = validation_fd(params, template, scheduler, score_images)  # loads each candidate into the template
         mc = params.merge
 
         def merged_at(s: float) -> dict:
@@ -148,7 +145,7 @@ def build_and_evaluate(params: Params, run, names, ranges, T: int, out: Path) ->
         shared = load_unet(SHARED_DIR, what="shared model")
         theta_plain = float_state(load_unet(PRETRAINED_DIR, what="pretrained model"))
         tau = TaskVector.from_states(theta_plain, float_state(shared), what="shared model")
-        score = validation_fd(params, shared, scheduler)
+        score = validation_fd(params, shared, scheduler, score_images)
 
         def shared_at(lam: float) -> dict:
             return tau.apply_to(theta_plain, scale=lam)
@@ -157,20 +154,20 @@ def build_and_evaluate(params: Params, run, names, ranges, T: int, out: Path) ->
         scales["shared_scaled"] = {"chosen": best, "candidates": rows}
         models["shared_scaled"] = _with_state(shared, shared_at(best))
 
-    ref = load_reference()
     reference = ref[reference_split(ref)]
-    feats = {"merged": _features(SAMPLES_DIR / "merged.npz")}
+    # one dict per model: fd_contrast keeps each model's bootstrap FDs in it for the other contrasts it enters
+    feats = {"merged": {"features": _features(SAMPLES_DIR / "merged.npz")}}
     metrics = {}
     for name in names:
         model = models[name]
         save_model(model, scheduler, out / "models" / name, {"control": name, **scales.get(name, {})})
         headline, _ = score_models(params, run, name, [model], None, scheduler, out / "samples", out / "evaluation")
         metrics[name] = headline
-        feats[name] = _features(out / "samples" / f"{name}.npz")
+        feats[name] = {"features": _features(out / "samples" / f"{name}.npz")}
     rounds = params.report.bootstrap_rounds
     contrasts = {
-        f"{a}_minus_{b}": distances.fd_contrast({"features": feats[a]}, {"features": feats[b]}, reference, rounds,
-                                      derive_seed(params.evaluate.seed, "paired-fd"))
+        f"{a}_minus_{b}": distances.fd_contrast(feats[a], feats[b], reference, rounds,
+                                                derive_seed(params.evaluate.seed, "paired-fd"))
         for a, b in CONTRASTS if a in feats and b in feats
     }
     return {"scales": scales, "metrics": metrics, "contrasts": contrasts, "reference": reference_split(ref),

@@ -22,7 +22,7 @@ from dtm_core.merge_search import search_weights, write_candidates_tsv
 from dtm_core.model import load_scheduler
 from dtm_core.partition import load_partition
 from dtm_core.plots import plot_search
-from dtm_core.sampling import initial_noise, sample
+from dtm_core.sampling import initial_noise, state_scorer
 from dtm_core.seeding import derive_seed
 from dtm_core.tracking import NullRun
 from stages.common import (
@@ -42,22 +42,18 @@ from stages.merge import merge_inputs, merged_state
 def validation_scorer(params: Params, template, base, files, num_samples: int):
     """Validation FD of a merge: the first ``num_samples`` of one fixed validation noise bank, classifier features."""
     sc = params.merge.search
-    scheduler = load_scheduler(PRETRAINED_DIR)
     clf = features.load_classifier(CLASSIFIER_DIR / "classifier")
     ref = load_reference()["train_classifier"]
     cfg = template.config
     bank = initial_noise(derive_seed(params.evaluate.seed, "validation"), sc.num_samples,
                          (cfg.in_channels, cfg.sample_size, cfg.sample_size))
-    noise = bank[:num_samples]
-    full = template.state_dict()
+    score_state = state_scorer(template, load_scheduler(PRETRAINED_DIR), bank[:num_samples], sc.sampling_steps,
+                               sc.sampler, params.evaluate.batch_size,
+                               lambda images: distances.frechet_distance(features.extract_features(clf, images), ref))
 
     def score(weights: list[float], block_weights: dict | None = None) -> float:
-        full.update(merged_state(params, base, files, weights, block_weights))
-        template.load_state_dict(full)
-        images = sample([template], scheduler, noise, sc.sampling_steps, sampler=sc.sampler,
-                        batch_size=params.evaluate.batch_size,
-                        desc=f"search {[round(w, 3) for w in weights]}")
-        return distances.frechet_distance(features.extract_features(clf, images), ref)
+        return score_state(merged_state(params, base, files, weights, block_weights),
+                           desc=f"search {[round(w, 3) for w in weights]}")
 
     return score
 
