@@ -56,32 +56,27 @@ def denoising_losses(
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     models = [m.to(device).eval() for m in models]
     x0 = torch.as_tensor(images, dtype=torch.float32)
-    alphas = scheduler.alphas_cumprod
+    t_all = torch.as_tensor(timesteps, dtype=torch.long)
+    noise = torch.stack([_noise(seed, int(t), tuple(x0.shape)) for t in timesteps])  # (timestep, image, ...)
     out = np.zeros((len(x0), len(timesteps)), dtype=np.float64)
-    # (image, timestep) pairs in batches across timesteps: a model with few held-out images still runs full
+    # (timestep, image) pairs in batches across timesteps: a model with few held-out images still runs full
     # batches. A batch holds the timesteps of one model (the ensemble's range model i answers range i).
-    owner = [0 if len(models) == 1 else range_of(int(t), ranges) for t in timesteps]
+    owner = torch.as_tensor([0 if len(models) == 1 else range_of(int(t), ranges) for t in timesteps])
     batches = []
     for k in range(len(models)):
-        pairs = [(j, i) for j in range(len(timesteps)) if owner[j] == k for i in range(len(x0))]
-        batches += [(k, pairs[b : b + batch_size]) for b in range(0, len(pairs), batch_size)]
-    noise = {}
+        cols, rows = torch.meshgrid(torch.nonzero(owner == k).flatten(), torch.arange(len(x0)), indexing="ij")
+        cols, rows = cols.flatten(), rows.flatten()
+        batches += [(k, cols[b : b + batch_size], rows[b : b + batch_size]) for b in range(0, len(cols), batch_size)]
     bar = tqdm(total=len(batches), desc=desc, file=sys.stderr, mininterval=2.0, disable=None)
 
     def run(batch) -> None:  # one batch of pairs: each fills its own cell of ``out``
-        k, pairs = batch
-        cols = torch.as_tensor([j for j, _ in pairs])
-        rows = torch.as_tensor([i for _, i in pairs])
-        t = torch.as_tensor(timesteps, dtype=torch.long)[cols]
-        nb = torch.stack([noise[j][i] for j, i in pairs])
-        a = alphas[t].view(-1, 1, 1, 1)
-        x_t = (a.sqrt() * x0[rows] + (1 - a).sqrt() * nb).to(device)
+        k, cols, rows = batch
+        t, nb = t_all[cols], noise[cols, rows]
+        x_t = scheduler.add_noise(x0[rows], nb, t).to(device)
         pred = models[k](x_t, t.to(device)).sample.float().cpu()
         out[rows.numpy(), cols.numpy()] = ((pred - nb) ** 2).flatten(1).mean(dim=1).double().numpy()
         bar.update(1)
 
-    for j, t in enumerate(timesteps):
-        noise[j] = _noise(seed, int(t), tuple(x0.shape))
     with computing(models):
         inference_map(run, batches, device)
     bar.close()
