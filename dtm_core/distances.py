@@ -245,8 +245,7 @@ def _fd_replicates(model: dict, reference: np.ndarray, rounds: int, seed: int) -
     """The model's bootstrap FDs on the resamples of ``seed``; kept in ``model`` for its other contrasts."""
     cache = model.setdefault("fd_replicates", {})
     if (rounds, seed) not in cache:
-        cache[rounds, seed] = bootstrap_replicates(model["features"], reference,
-                                                             frechet_distance, rounds, seed)
+        cache[rounds, seed] = bootstrap_replicates(model["features"], reference, frechet_distance, rounds, seed)
     return cache[rounds, seed]
 
 
@@ -255,11 +254,10 @@ def fd_contrast(a: dict, b: dict, reference: np.ndarray, rounds: int, seed: int)
 
     ``a`` and ``b`` hold their samples' ``features``; each model's bootstrap FDs
     are drawn once per (rounds, seed) and reused by every contrast it enters,
-    which gives exactly bootstrap_ci(..., paired_with=...) at the cost
-    of one bootstrap per model instead of two per contrast.
+    which gives exactly bootstrap_ci(..., paired_with=...) at the cost of one
+    bootstrap per model instead of two per contrast.
     """
-    fd = frechet_distance
-    delta = fd(a["features"], reference) - fd(b["features"], reference)
+    delta = frechet_distance(a["features"], reference) - frechet_distance(b["features"], reference)
     boot = _fd_replicates(a, reference, rounds, seed) - _fd_replicates(b, reference, rounds, seed)
     ci = centred_percentile_ci(boot, delta)
     return {"fd": delta, "fd_ci": list(ci), "verdict": verdict(ci)}

@@ -37,8 +37,7 @@ def classifier(params: Params, run=NullRun()) -> dict:
     train_feats, held_feats = extract(train_ds.images), extract(held_ds.images)
     # a source with a test split of its own (idx) is scored against it: the models never trained on it
     test_ds = data_mod.load_split(DATA_DIR, "test") if (DATA_DIR / "test.npz").is_file() else None
-    test = {} if test_ds is None else {"test": extract(test_ds.images),
-                                       "test_classifier": features.extract_features(res.model, test_ds.images)}
+    test = {} if test_ds is None else {"test": extract(test_ds.images)}
     class_freq = np.bincount(train_ds.labels, minlength=len(train_ds.classes)) / len(train_ds)
     with atomic_dir(CLASSIFIER_DIR) as tmp:
         features.save_classifier(res.model, tmp / "classifier", {"classes": list(train_ds.classes)})

@@ -594,20 +594,20 @@ def _fashion_seed(merged=0.5, shared=1.0, pretrained=1.0, ms=(-0.2, -0.1), soup=
 
 
 def test_the_fashion_verdict_follows_the_preregistered_rules():
-    from tools.fashion import verdict
+    from tools.fashion import decide
 
-    assert verdict([_fashion_seed()] * 3)["verdict"] == "reproduces"
+    assert decide([_fashion_seed()] * 3)["verdict"] == "reproduces"
     # a ratio above 0.85 in one seed is not a reproduction; a tie with the soup in two seeds is averaging
-    assert verdict([_fashion_seed(merged=0.9)] + [_fashion_seed()] * 2)["verdict"] != "reproduces"
+    assert decide([_fashion_seed(merged=0.9)] + [_fashion_seed()] * 2)["verdict"] != "reproduces"
     averaging = [_fashion_seed(soup=(-0.1, 0.1))] * 2 + [_fashion_seed()]
-    assert verdict(averaging)["verdict"] == "partial"
+    assert decide(averaging)["verdict"] == "partial"
     # narrow intervals (half-width 0.02 <= 5% of 1.0) containing zero in 2 of 3 seeds refute
     null = [_fashion_seed(merged=1.0, ms=(-0.02, 0.02))] * 2 + [_fashion_seed()]
-    assert verdict(null)["verdict"] == "refutes"
+    assert decide(null)["verdict"] == "refutes"
     # the same signs with intervals too wide for the 5% rule decide nothing
     wide = [_fashion_seed(merged=1.0, ms=(-0.2, 0.2))] * 2 + [_fashion_seed()]
-    result = verdict(wide)
+    result = decide(wide)
     assert result["verdict"] == "inconclusive" and result["half_widths"][0] == pytest.approx(0.2)
-    assert verdict([_fashion_seed()] * 2)["verdict"] == "inconclusive"  # the rules need three seeds
+    assert decide([_fashion_seed()] * 2)["verdict"] == "inconclusive"  # the rules need three seeds
     # the soup's floor-subtracted FD uses the comparison's floor
     assert _fashion_seed()["models"]["soup"]["fd_minus_floor"] == pytest.approx(0.6)

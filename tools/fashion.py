@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 from typing import Optional
 
+from dtm_core.distances import verdict
 from dtm_core.errors import DtmError
 from dtm_core.io import write_json
 from tools import exps
@@ -26,11 +27,11 @@ HALF_WIDTH = 0.05  # the refutation needs merged - shared's half-width within th
 
 
 def below(ci: list[float]) -> bool:
-    return ci[1] < 0
+    return verdict(ci) == "lower"
 
 
 def ties(ci: list[float]) -> bool:
-    return ci[0] <= 0 <= ci[1]
+    return verdict(ci) == "not distinguishable"
 
 
 def seed_summary(seed: int, comparison: dict, controls: dict) -> dict:
@@ -56,7 +57,7 @@ def seed_summary(seed: int, comparison: dict, controls: dict) -> dict:
     }
 
 
-def verdict(seeds: list[dict]) -> dict:
+def decide(seeds: list[dict]) -> dict:
     """Reproduces / Partial / Refutes / Inconclusive, exactly as docs/FASHION.md words them."""
     ci = lambda s, key: s["contrasts"][key]["fd_ci"]  # noqa: E731
     ms, mp = "merged_minus_shared", "merged_minus_pretrained"
@@ -96,7 +97,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     except DtmError as exc:
         print(f"error: fashion: {exc}", file=sys.stderr)
         return 2
-    result = {"rules": "docs/FASHION.md", "seeds": rows, **verdict(rows)}
+    result = {"rules": "docs/FASHION.md", "seeds": rows, **decide(rows)}
     write_json(args.out, result)
     print(f"{result['verdict']}: {result['rule']} ({args.out})")
     return 0

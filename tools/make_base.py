@@ -53,12 +53,6 @@ def recipe_params(params: dict, config: Optional[dict] = None) -> dict:
     return out
 
 
-def load_recipe(config: Optional[Path]) -> dict:
-    root = repo_root()
-    over = yaml.safe_load(config.read_text()) if config else None
-    return recipe_params(yaml.safe_load((root / "params.yaml").read_text()), over)
-
-
 def train_base(workdir: Path, params: dict) -> Path:
     """Run prepare + pretrain with ``params`` in ``workdir``; the trained model's directory."""
     root = repo_root()
@@ -167,9 +161,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--tolerance", type=float, default=0.005, help="relative improvement per chunk that ends it")
     ap.add_argument("--val-images", type=int, default=2000, help="validation images scored per chunk")
     args = ap.parse_args(argv)
-    params = load_recipe(args.config)
+    over = yaml.safe_load(args.config.read_text()) if args.config else {}
+    params = recipe_params(yaml.safe_load((repo_root() / "params.yaml").read_text()), over)
     if args.out is None:
-        over = yaml.safe_load(args.config.read_text()) if args.config else {}
         args.out = Path((over.get("model") or {}).get("pretrained_path") or OUT)
     if args.until_plateau:
         rows = train_until_plateau(params, args.out, args.every, args.tolerance, args.val_images)
