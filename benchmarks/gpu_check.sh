@@ -22,17 +22,7 @@ part() {  # part <label> <command...>: run, time, and remember a failure
   local label=$1 start; shift; start=$(date +%s)
   if "$@"; then echo "== $label: ok in $(( $(date +%s) - start )) s"; else echo "== $label: FAILED after $(( $(date +%s) - start )) s"; failed=1; fi
 }
-commit_all() {  # a git commit of the scratch copy (dulwich where no git binary is installed)
-  if command -v git >/dev/null; then
-    git init -q && git add -A && git -c user.email=ci@local -c user.name=ci commit -qm tiny
-  else
-    python -c "from dulwich import porcelain as p; r = p.init('.'); p.add(r); p.commit(r, message=b'tiny', author=b'ci <ci@local>', committer=b'ci <ci@local>')"
-  fi
-}
-copy_to() {  # what a pipeline run needs, without this checkout's DVC cache, lock or outputs
-  mkdir -p "$1" && cp -r dtm_core stages base dvc.yaml params.yaml pyproject.toml .dvcignore .gitignore .dvc "$1"/
-  rm -rf "$1/.dvc/cache" "$1/.dvc/tmp"
-}
+source benchmarks/scratch.sh
 copy_to "$scratch/repo"
 python - "$scratch/repo" <<'PY'
 import sys, yaml
@@ -49,11 +39,7 @@ default_seconds() {  # GPU_CHECK_DEADLINE (epoch seconds) wins over GPU_CHECK_DE
 default_run() {
   copy_to "$scratch/default"
   (cd "$scratch/default" && commit_all && timeout "$(default_seconds)" dvc repro -q; rc=$?
-   python - <<'PY'
-import json, pathlib
-t = {p.stem: json.loads(p.read_text())["stage_seconds"] for p in sorted(pathlib.Path("timings").glob("*.json"))}
-print("stage seconds:", ", ".join(f"{k} {v:.1f}" for k, v in t.items()), f"| sum {sum(t.values()):.0f} s")
-PY
+   stage_seconds
    [ -f reports/comparison.md ] && sed -n '/^| model/,/^$/p' reports/comparison.md
    [ -n "${GPU_CHECK_KEEP:-}" ] && tar czf "$GPU_CHECK_KEEP/default_run.tgz" reports metrics timings 2>/dev/null
    exit $rc)

@@ -16,8 +16,8 @@ if [ "$tiny" = 0 ]; then
 fi
 scratch=$(mktemp -d)
 trap 'rm -rf "$scratch"' EXIT
-mkdir -p "$scratch/repo" && cp -r dtm_core stages base dvc.yaml params.yaml pyproject.toml .dvcignore .gitignore .dvc "$scratch/repo"/
-rm -rf "$scratch/repo/.dvc/cache" "$scratch/repo/.dvc/tmp"
+source benchmarks/scratch.sh
+copy_to "$scratch/repo"
 TINY=$tiny BASE_STEPS=${GPU_FASHION_BASE_STEPS:-8000} python - "$scratch/repo" <<'PY' || exit 1
 import os, sys, yaml
 sys.path.insert(0, "tests")
@@ -34,15 +34,11 @@ parse_params(p)  # a bad combination fails here, before any work
 yaml.safe_dump(p, open(f"{sys.argv[1]}/params.yaml", "w"), sort_keys=False)
 PY
 cd "$scratch/repo" || exit 1
-git init -q && git add -A && git -c user.email=ci@local -c user.name=ci commit -qm fashion
+commit_all
 start=$(date +%s)
 dvc repro -q; rc=$?
 echo "== dvc repro: exit $rc after $(( $(date +%s) - start )) s"
-python - <<'PY'
-import json, pathlib
-t = {p.stem: json.loads(p.read_text())["stage_seconds"] for p in sorted(pathlib.Path("timings").glob("*.json"))}
-print("stage seconds:", ", ".join(f"{k} {v:.1f}" for k, v in t.items()), f"| sum {sum(t.values()):.0f} s")
-PY
+stage_seconds
 [ -f reports/comparison.md ] && sed -n '/^| model/,/^$/p' reports/comparison.md
 [ -f controls/controls.md ] && cat controls/controls.md
 [ -n "${GPU_FASHION_KEEP:-}" ] && tar czf "$GPU_FASHION_KEEP/fashion_run.tgz" reports controls/controls.json metrics timings 2>/dev/null
