@@ -160,6 +160,21 @@ class PartitionConfig(_Section):
         return v
 
 
+class LoraParams(_Section):
+    """finetune.lora: the LoRA adapter each fine-tune trains when finetune.adapter is lora (dtm_core/adapters.py)."""
+
+    rank: int = Field(4, ge=1)
+    alpha: float = Field(4.0, gt=0.0)  # the update is (alpha / rank) B A
+    # Module-name suffixes PEFT wraps: the resnets' convolutions and time
+    # projection, attention (to_q/to_k/to_v/to_out.0, as a Stable Diffusion
+    # LoRA), and the channel projections (a low-rank update of the identity).
+    targets: list[str] = Field(
+        default_factory=lambda: ["conv1", "conv2", "time_emb_proj", "to_q", "to_k", "to_v", "to_out.0",
+                                 "channel_projection"],
+        min_length=1,
+    )
+
+
 class FinetuneConfig(OptimConfig):
     steps: int = Field(200, ge=1)  # per range model; the shared baseline gets N x steps
     # The shared baseline's own step count (null: N x steps, equal compute).
@@ -180,6 +195,11 @@ class FinetuneConfig(OptimConfig):
     antithetic: bool = True
     consistency_weight: float = Field(1.0, ge=0.0)
     channel_projection: bool = True
+    # full: every weight trains and each fine-tune is a full copy; lora: only
+    # finetune.lora's adapter trains and is stored (both the ranges and the
+    # shared baseline, so the comparison stays like for like).
+    adapter: Literal["full", "lora"] = "full"
+    lora: LoraParams = Field(default_factory=LoraParams)
 
     @property
     def shared(self) -> "FinetuneConfig":
@@ -245,6 +265,11 @@ class MergeConfig(_Section):
     density: float = Field(0.5, gt=0.0, le=1.0)
     # lambda in theta + lambda * merge(tau_1..tau_N).
     scale: float = Field(1.0, gt=0.0)
+    # With LoRA fine-tunes (finetune.adapter: lora), merge the adapters as
+    # adapters with PEFT's add_weighted_adapter instead of the dense task
+    # vectors: cat (exact: equals task_arithmetic), linear, svd, ties,
+    # dare_linear (density from merge.density); null: the dense merge.
+    peft_combination: Optional[Literal["cat", "linear", "svd", "ties", "dare_linear"]] = None
     search: SearchConfig = Field(default_factory=SearchConfig)
 
 
@@ -403,6 +428,15 @@ class Params(_Section):
                 f"dimension evaluate.classifier.feature_dim ({self.evaluate.classifier.feature_dim}) that scores "
                 "the search candidates"
             )
+        if self.merge.peft_combination is not None:
+            if self.finetune.adapter != "lora":
+                raise ValueError(
+                    f"merge.peft_combination: {self.merge.peft_combination} merges LoRA adapters, but "
+                    "finetune.adapter is full; set finetune.adapter: lora or merge.peft_combination: null"
+                )
+            if self.merge.search.per_block:
+                raise ValueError("merge.search.per_block weights apply to the dense merge only: set "
+                                 "merge.peft_combination: null")
         w = self.merge.weights
         if w is not None and len(w) != n:
             raise ValueError(

@@ -22,6 +22,7 @@ from typing import Iterator, Optional
 
 import torch
 from diffusers import DDPMScheduler, ModelMixin, UNet2DModel
+from diffusers.loaders import PeftAdapterMixin
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
@@ -89,8 +90,11 @@ def _project_tensor_output(module, args, output):
     return getattr(module, PROJECTION_ATTR)(output)
 
 
-class DeMeUNet2DModel(UNet2DModel):
-    """UNet2DModel with optional identity-initialised channel-wise projections.
+class DeMeUNet2DModel(PeftAdapterMixin, UNet2DModel):
+    """UNet2DModel with optional identity-initialised channel-wise projections, and LoRA adapters.
+
+    ``PeftAdapterMixin`` gives it diffusers' adapter methods (``add_adapter``,
+    ``save_lora_adapter``, ``fuse_lora``), as UNet2DConditionModel has them.
 
     The constructor takes exactly UNet2DModel's arguments plus
     ``channel_projection``; the signature is published to diffusers (below)
@@ -184,8 +188,20 @@ def save_model(unet: UNet2DModel, scheduler: DDPMScheduler, path: str | Path, ex
 
     A model without projection layers is saved as a stock UNet2DModel, so
     ``UNet2DModel.from_pretrained`` and ``DDPMPipeline`` load it unchanged.
+    A model with a LoRA adapter is saved as its adapter alone; ``extra`` must
+    then name its ``base`` directory (:mod:`dtm_core.adapters`).
     """
     storage_layout(unet)
+    from . import adapters
+
+    if adapters.has_adapter(unet):
+        if not extra or "base" not in extra:
+            raise ValueError("saving an adapter needs extra['base']: the directory of the model it adapts")
+        with atomic_dir(path) as tmp:
+            adapters.save_adapter(unet, tmp)
+            scheduler.save_pretrained(tmp)
+            (tmp / "dtm_info.json").write_text(json.dumps(extra, indent=2, sort_keys=True) + "\n")
+        return
     if isinstance(unet, DeMeUNet2DModel) and not has_projection(unet):
         plain = UNet2DModel.from_config({k: v for k, v in unet.config.items() if k != PROJECTION_ATTR})
         plain.load_state_dict(unet.state_dict())
@@ -232,7 +248,8 @@ def load_unet(path: str | Path, what: str = "model", user_supplied: bool = False
     """Load a UNet from a local directory, never from a hub.
 
     Returns a DeMeUNet2DModel when the config asks for projection layers,
-    a stock UNet2DModel otherwise. Errors name the directory and the fix:
+    a stock UNet2DModel otherwise; a pipeline's adapter directory comes back
+    as its base with the adapter folded in. Errors name the directory and the fix:
     for a pipeline output (re-run the stage), or, with ``user_supplied``,
     for a checkpoint the user named (fix the path, re-export the checkpoint;
     never "delete it and re-run").
@@ -245,6 +262,10 @@ def load_unet(path: str | Path, what: str = "model", user_supplied: bool = False
                 f"pipeline directory with unet/.{_hub_hint(path)}"
             )
         raise ModelLoadError(f"{what} directory '{path}' does not exist: run dvc repro to produce it.")
+    from . import adapters
+
+    if not user_supplied and adapters.is_adapter_dir(path):
+        return adapters.load_folded(path, what)
     unet_dir = _unet_dir(path, what, user_supplied)
     redo = "re-export or re-download the checkpoint" if user_supplied else "re-run the stage that writes it (dvc repro)"
     try:

@@ -1,8 +1,7 @@
 """Task vectors as values, and their file format.
 
 tau = theta_finetuned - theta_base over the floating-point tensors (integer
-buffers are skipped). A task vector supports ``+``, unary ``-``, scaling by a
-number, and ``apply_to`` a base state dict.
+buffers are skipped); ``apply_to`` adds it, scaled, to a base state dict.
 
 On disk a task vector is one safetensors file: tensor name -> float32 delta.
 :func:`open_task_vectors` opens several lazily and :func:`stacked` reads one

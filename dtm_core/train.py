@@ -113,6 +113,10 @@ def lr_factor(step: int, total: int, schedule: str, warmup: int) -> float:
     return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
 
+def _trainable(model: torch.nn.Module) -> list[torch.nn.Parameter]:
+    return [p for p in model.parameters() if p.requires_grad]
+
+
 def _latest_checkpoint(checkpoint_dir: Path) -> Optional[Path]:
     done = [p for p in checkpoint_dir.glob("step-*") if (p / "COMPLETE").is_file()]
     return max(done, key=lambda p: int(p.name.split("-")[1]), default=None)
@@ -160,11 +164,14 @@ def train(
     torch.manual_seed(seed)
     accelerator = Accelerator(mixed_precision=cfg.mixed_precision, cpu=not torch.cuda.is_available())
     device = accelerator.device
+    # Only what trains has optimiser state and an EMA copy: with a LoRA adapter
+    # that is the adapter alone (dtm_core/adapters.py), the rest stays frozen.
+    trainable = _trainable(model)
     optimizer = torch.optim.AdamW(
-        model.parameters(), lr=cfg.lr, betas=tuple(cfg.adam_betas), eps=cfg.adam_eps, weight_decay=cfg.weight_decay
+        trainable, lr=cfg.lr, betas=tuple(cfg.adam_betas), eps=cfg.adam_eps, weight_decay=cfg.weight_decay
     )
     ema = EMAModel(
-        model.parameters(),
+        trainable,
         decay=cfg.ema_max_decay,
         use_ema_warmup=True,
         inv_gamma=cfg.ema_inv_gamma,
@@ -228,10 +235,10 @@ def train(
             )
         accelerator.backward(total)
         if accelerator.sync_gradients:
-            accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            accelerator.clip_grad_norm_(trainable, cfg.grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        ema.step(model.parameters())
+        ema.step(trainable)
         state.step += 1
         bar.update(1)
         r = state.running
@@ -248,7 +255,7 @@ def train(
             _save_checkpoint(accelerator, checkpoint_dir, state.step)
         if on_snapshot is not None and snapshot_every and state.step % snapshot_every == 0:
             snap = copy.deepcopy(accelerator.unwrap_model(model))
-            ema.copy_to(snap.parameters())
+            ema.copy_to(_trainable(snap))
             on_snapshot(state.step, storage_layout(snap.to("cpu").eval()))
     bar.close()
     seconds = time.perf_counter() - start
@@ -257,7 +264,7 @@ def train(
         raise distributed.WorkerDone(desc)
 
     final = accelerator.unwrap_model(model)
-    ema.copy_to(final.parameters())
+    ema.copy_to(_trainable(final))
     final = storage_layout(final.to("cpu").eval())
     if use_teacher:
         storage_layout(teacher)  # the caller's model, back as it came

@@ -25,10 +25,10 @@ from pathlib import Path
 
 import torch
 
-from dtm_core import distances, features
+from dtm_core import adapters, distances, features
 from dtm_core.config import Params
 from dtm_core.io import atomic_dir, atomic_file, read_json, write_json
-from dtm_core.model import float_state, load_unet, save_model, with_projection
+from dtm_core.model import float_state, load_unet, save_model
 from dtm_core.partition import load_partition, sample_timesteps
 from dtm_core.sampling import initial_noise, state_scorer
 from dtm_core.seeding import derive_seed
@@ -47,7 +47,7 @@ from stages.common import (
     reference_split,
 )
 from stages.evaluate import score_models
-from stages.finetune import load_inputs
+from stages.finetune import load_inputs, trainee
 from stages.merge import merge_inputs, merged_state
 
 CONTROLS_DIR = Path("controls")
@@ -58,10 +58,11 @@ CONTRASTS = (("merged", "soup"), ("merged_scaled", "shared_scaled"), ("merged", 
 
 def train_shared_consistency(params: Params, images, base, scheduler):
     ft = params.finetune.shared
-    student = load_unet(PRETRAINED_DIR, what="pretrained model")
-    return train(student, scheduler, images, ft, seed=derive_seed(params.seed, "control-shared-consistency"),
-                 steps=ft.shared_total_steps(params.num_ranges), teacher=base,
-                 consistency_weight=params.finetune.consistency_weight, desc="control shared_consistency").model
+    student = trainee(load_unet(PRETRAINED_DIR, what="pretrained model"), ft, projection=False)
+    return adapters.fold(train(
+        student, scheduler, images, ft, seed=derive_seed(params.seed, "control-shared-consistency"),
+        steps=ft.shared_total_steps(params.num_ranges), teacher=base,
+        consistency_weight=params.finetune.consistency_weight, desc="control shared_consistency").model)
 
 
 def train_soup(params: Params, images, base, scheduler, T: int) -> list:
@@ -71,9 +72,10 @@ def train_soup(params: Params, images, base, scheduler, T: int) -> list:
     def draw(batch_size: int, generator: torch.Generator) -> torch.Tensor:
         return sample_timesteps(batch_size, 0, T, T, ft.p, generator, ft.antithetic)[0]
 
-    return [train(with_projection(base, enabled=ft.channel_projection), scheduler, images, ft,
-                  seed=derive_seed(params.seed, f"control-soup-{i}"), timestep_sampler=draw, teacher=base,
-                  consistency_weight=ft.consistency_weight, desc=f"control soup {i}").model
+    return [adapters.fold(train(trainee(base, ft, ft.channel_projection), scheduler, images, ft,
+                                seed=derive_seed(params.seed, f"control-soup-{i}"), timestep_sampler=draw,
+                                teacher=base, consistency_weight=ft.consistency_weight,
+                                desc=f"control soup {i}").model)
             for i in range(params.num_ranges)]
 
 

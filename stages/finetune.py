@@ -12,10 +12,11 @@ from pathlib import Path
 
 import torch
 
+from dtm_core import adapters
 from dtm_core import data as data_mod
-from dtm_core.config import Params
+from dtm_core.config import FinetuneConfig, Params
 from dtm_core.errors import PartitionError
-from dtm_core.model import load_scheduler, load_unet, num_parameters, save_model, with_projection
+from dtm_core.model import has_projection, load_scheduler, load_unet, num_parameters, save_model, with_projection
 from dtm_core.partition import load_partition, sample_timesteps
 from dtm_core.seeding import derive_seed
 from dtm_core.tracking import NullRun
@@ -29,18 +30,35 @@ def load_inputs():
     return images, load_unet(PRETRAINED_DIR, what="pretrained model"), load_scheduler(PRETRAINED_DIR)
 
 
+def trainee(base, ft: FinetuneConfig, projection: bool):
+    """The model a fine-tune trains: a copy of ``base`` (with identity projections if asked), with a LoRA
+    adapter on it and the rest frozen when ``finetune.adapter`` is lora."""
+    model = with_projection(base, enabled=projection)
+    return adapters.attach(model, ft.lora) if ft.adapter == "lora" else model
+
+
 def finish(res: TrainResult, scheduler, out: Path, ckpt: Path, info: dict, run) -> dict:
-    """Log the loss curves, save the EMA weights with ``info``, drop the resumable state; the stage's numbers."""
+    """Log the loss curves, save the EMA weights with ``info``, drop the resumable state; the stage's numbers.
+
+    A LoRA fine-tune saves its adapter alone, with the base and the adapter's
+    configuration in dtm_info.json (dtm_core/adapters.py).
+    """
     run.log_curve("train/loss", res.losses)
     if res.consistency:
         run.log_curve("train/consistency_loss", res.consistency)
     info = {**info, "steps": res.steps, "final_loss": smoothed(res.losses),
-            "parameters": num_parameters(res.model)}
+            "parameters": num_parameters(res.model), "trained_parameters": adapters.trainable_parameters(res.model)}
+    if adapters.has_adapter(res.model):
+        lora = res.model.peft_config["default"]
+        info.update(base=PRETRAINED_DIR.as_posix(), channel_projection=has_projection(res.model),
+                    lora={"rank": lora.r, "alpha": lora.lora_alpha, "targets": sorted(lora.target_modules)})
     if res.consistency:
         info["final_consistency_loss"] = smoothed(res.consistency)
     save_model(res.model, scheduler, out, info)
     clear_checkpoints(ckpt)
-    return {**info, "steps_per_second": res.steps_per_second, "resumed_from_step": res.resumed_from}
+    disk = sum(f.stat().st_size for f in Path(out).iterdir() if f.name.endswith(".safetensors"))
+    return {**info, "weights_bytes": disk, "steps_per_second": res.steps_per_second,
+            "resumed_from_step": res.resumed_from}
 
 
 def finetune_range(params: Params, run=NullRun(), index: int = 0) -> dict:
@@ -53,7 +71,7 @@ def finetune_range(params: Params, run=NullRun(), index: int = 0) -> dict:
     lo, hi = ranges[index]
     ft = params.finetune
     images, base, scheduler = load_inputs()
-    model = with_projection(base, enabled=ft.channel_projection)
+    model = trainee(base, ft, ft.channel_projection)
 
     def draw(batch_size: int, generator: torch.Generator) -> torch.Tensor:
         return sample_timesteps(batch_size, lo, hi, T, ft.p, generator, ft.antithetic)[0]

@@ -20,7 +20,7 @@ from dtm_core.tracking import NullRun
 from dtm_core.train import train
 from dtm_core.weighting import timestep_weights
 from stages.common import SHARED_DIR, checkpoint_dir, log_data_version, main
-from stages.finetune import finish, load_inputs
+from stages.finetune import finish, load_inputs, trainee
 
 
 def train_shared(params: Params, images, base, scheduler, steps: int, **extra):
@@ -34,7 +34,8 @@ def train_shared(params: Params, images, base, scheduler, steps: int, **extra):
     weights = None
     if ft.weighting != "none":
         weights = timestep_weights(ft.weighting, scheduler.alphas_cumprod, ft.weighting_gamma)
-    return train(base, scheduler, images, ft, seed=derive_seed(params.seed, "finetune-shared"), steps=steps,
+    model = trainee(base, ft, projection=False) if ft.adapter == "lora" else base
+    return train(model, scheduler, images, ft, seed=derive_seed(params.seed, "finetune-shared"), steps=steps,
                  loss_weights=weights, desc="finetune shared", **extra)
 
 

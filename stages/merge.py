@@ -1,14 +1,27 @@
-"""DVC stage merge: theta + scale * merge(tau_1..tau_N) with the weights of merge/weights.json -> models/merged/."""
+"""DVC stage merge: theta + scale * merge(tau_1..tau_N) with the weights of merge/weights.json -> models/merged/.
+
+With ``merge.peft_combination`` set (LoRA fine-tunes only), PEFT merges the
+range adapters as adapters (dtm_core/adapters.py) and the result is folded.
+"""
 
 from __future__ import annotations
 
 import sys
 
+from dtm_core import adapters
 from dtm_core.config import Params
 from dtm_core.errors import MissingInputError
 from dtm_core.io import read_json
 from dtm_core.merge import merge_files, parameter_distance
-from dtm_core.model import load_scheduler, load_unet, pretrained_like, save_model
+from dtm_core.model import (
+    float_state,
+    has_projection,
+    load_scheduler,
+    load_unet,
+    pretrained_like,
+    save_model,
+    with_projection,
+)
 from dtm_core.partition import load_partition
 from dtm_core.seeding import derive_seed
 from dtm_core.tracking import NullRun
@@ -49,11 +62,17 @@ def merge(params: Params, run=NullRun()) -> dict:
             "re-run dvc repro merge_weights"
         )
     template, base, files = merge_inputs(len(ranges))
-    merged = merged_state(params, base, files, weights, block_weights)
+    if mc.peft_combination is None:
+        merged = merged_state(params, base, files, weights, block_weights)
+    else:
+        start = with_projection(load_unet(PRETRAINED_DIR, what="pretrained model"), has_projection(template))
+        merged = float_state(adapters.peft_merge(start, [range_dir(i) for i in range(len(ranges))],
+                                                 [mc.scale * w for w in weights], mc.peft_combination, mc.density))
     full = template.state_dict()
     full.update(merged)
     template.load_state_dict(full)
-    info = {"method": mc.method, "scale": mc.scale, "density": mc.density, "weights_file": str(WEIGHTS_FILE),
+    method = mc.method if mc.peft_combination is None else f"peft:{mc.peft_combination}"
+    info = {"method": method, "scale": mc.scale, "density": mc.density, "weights_file": str(WEIGHTS_FILE),
             "ranges": [list(r) for r in ranges]}
     save_model(template, load_scheduler(PRETRAINED_DIR), MERGED_DIR, info)
     return {"distance_from_pretrained": parameter_distance(merged, base)}

@@ -24,8 +24,8 @@ def _paths(items) -> list[str]:
 def test_the_runner_reads_every_stage_from_dvc_yaml():
     assert list(common.STAGES) == STAGE_NAMES
     assert common.STAGES["finetune"].params[:2] == ("seed", "finetune.steps")
-    assert common.STAGES["evaluate"].deps == ("models/classifier", "data/prepared", "partition/ranges.json",
-                                              "{model_dir}")
+    assert common.STAGES["evaluate"].deps == ("models/classifier", "models/pretrained", "data/prepared",
+                                              "partition/ranges.json", "{model_dir}")
     assert common.STAGES["evaluate"].metrics == ("metrics/{item}.json",)
     assert (common.STAGES["finetune"].item, common.STAGES["evaluate"].item, common.STAGES["report"].item) == \
         ("range", "model", None)

@@ -1,0 +1,147 @@
+"""What a LoRA range fine-tune saves against a full one: disk, training memory, speed.
+
+Each variant (full, lora) trains the same DeMe fine-tune (channel projection,
+consistency loss to the frozen base, one range's timestep sampler) for
+``--steps`` steps in a fresh process, so each one's peak memory is its own:
+on the CPU the growth of the process's peak resident set over what it held
+before training, on CUDA ``torch.cuda.max_memory_allocated``. The trained
+model is saved as the pipeline saves it, and its weight file is measured.
+The base is a fresh UNet of the configuration's model section (weights do not
+change these costs); the images are random of the configuration's size.
+
+    python benchmarks/adapter_cost.py                                # digits (params.yaml)
+    python benchmarks/adapter_cost.py --config configs/fashion.yaml  # the Fashion UNet
+    ... --out docs/results/adapters.json   (adds a section per configuration)
+
+Targets (issue #35): an adapter at most 5% of a full range model on disk;
+peak training memory below the full fine-tune's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import yaml
+from machine import cpu_model
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def _params(config: Path | None):
+    from dtm_core.config import overlay, parse_params
+
+    data = yaml.safe_load((ROOT / "params.yaml").read_text())
+    if config:
+        data = overlay(data, yaml.safe_load(config.read_text()))
+    return parse_params(data, str(config or "params.yaml"))
+
+
+def one(variant: str, config: Path | None, steps: int) -> dict:
+    """Train one variant here and measure it (run in its own process by :func:`main`)."""
+    import torch
+
+    from dtm_core import adapters
+    from dtm_core.data import load_digits_source
+    from dtm_core.model import build_scheduler, build_unet, save_model
+    from dtm_core.partition import sample_timesteps
+    from stages.finetune import trainee
+
+    params = _params(config)
+    ft = params.finetune.model_copy(update={"adapter": variant, "checkpoint_every": 0, "log_every": 1000})
+    torch.manual_seed(0)
+    if params.data.source == "digits":
+        images = torch.as_tensor(load_digits_source().images)
+    else:  # grayscale at the configured size: the costs depend on the shapes alone
+        images = torch.rand(2048, 1, params.data.image_size, params.data.image_size) * 2 - 1
+    base = build_unet(params.model, images.shape[-1], images.shape[1]).eval()
+    scheduler = build_scheduler(params.model)
+    T = params.model.num_train_timesteps
+    model = trainee(base, ft, projection=True)
+    cuda = torch.cuda.is_available()
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+    def draw(b, g):
+        return sample_timesteps(b, T // 4, T // 2, T, ft.p, g)[0]
+
+    from dtm_core.train import train
+
+    start = time.perf_counter()
+    res = train(model, scheduler, images, ft, seed=0, steps=steps, timestep_sampler=draw, teacher=base,
+                consistency_weight=ft.consistency_weight, desc=variant)
+    seconds = time.perf_counter() - start
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    with tempfile.TemporaryDirectory() as tmp:
+        info = {"base": "unused", "channel_projection": True,
+                "lora": {"rank": ft.lora.rank, "alpha": ft.lora.alpha, "targets": ft.lora.targets}}
+        save_model(res.model, scheduler, Path(tmp) / "m", info)
+        disk = sum(f.stat().st_size for f in (Path(tmp) / "m").glob("*.safetensors"))
+    return {
+        "variant": variant,
+        "trained_parameters": adapters.trainable_parameters(res.model),
+        "parameters": sum(p.numel() for p in base.parameters()),
+        "weights_bytes": disk,
+        "training_peak_bytes": (torch.cuda.max_memory_allocated() if cuda else peak - before),
+        "process_peak_bytes": peak,
+        "steps_per_second": steps / seconds,
+        "device": "cuda" if cuda else "cpu",
+        "threads": torch.get_num_threads(),
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", type=Path, help="a configuration on top of params.yaml (configs/fashion.yaml)")
+    ap.add_argument("--steps", type=int, default=40)
+    ap.add_argument("--out", type=Path, help="a JSON file to add this configuration's section to")
+    ap.add_argument("--one", choices=["full", "lora"], help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.one:
+        print(json.dumps(one(args.one, args.config, args.steps)))
+        return
+    rows = {}
+    for variant in ("full", "lora"):
+        cmd = [sys.executable, __file__, "--one", variant, "--steps", str(args.steps)]
+        if args.config:
+            cmd += ["--config", str(args.config)]
+        out = subprocess.run(cmd, capture_output=True, text=True, check=True, cwd=ROOT).stdout
+        rows[variant] = json.loads(out.strip().splitlines()[-1])
+    full, lora = rows["full"], rows["lora"]
+    ratios = {
+        "disk_lora_over_full": lora["weights_bytes"] / full["weights_bytes"],
+        "training_memory_lora_over_full": lora["training_peak_bytes"] / full["training_peak_bytes"],
+        "step_time_lora_over_full": full["steps_per_second"] / lora["steps_per_second"],
+    }
+    name = str(args.config or "params.yaml")
+    lora_cfg = _params(args.config).finetune.lora
+    section = {"config": name, "cpu": cpu_model(), "steps": args.steps, "lora": lora_cfg.model_dump(), **rows,
+               "ratios": ratios, "targets": {"disk_at_most": 0.05, "training_memory_below": 1.0},
+               "command": f"python benchmarks/adapter_cost.py{' --config ' + name if args.config else ''} "
+                          f"--steps {args.steps}"}
+    for variant in ("full", "lora"):
+        r = rows[variant]
+        print(f"{variant:4s}: {r['trained_parameters']:>9,} trained params, "
+              f"{r['weights_bytes'] / 1e6:7.3f} MB on disk, "
+              f"training peak +{r['training_peak_bytes'] / 2**20:7.1f} MiB, {r['steps_per_second']:.2f} steps/s")
+    print(f"lora/full: disk {ratios['disk_lora_over_full']:.3f} (target <= 0.05), training memory "
+          f"{ratios['training_memory_lora_over_full']:.3f} (target < 1), "
+          f"step time {ratios['step_time_lora_over_full']:.3f}")
+    if args.out:
+        from dtm_core.io import write_json
+
+        data = json.loads(args.out.read_text()) if args.out.is_file() else {}
+        data[name] = section
+        write_json(args.out, data)
+
+
+if __name__ == "__main__":
+    main()
