@@ -35,6 +35,7 @@ sys.path.insert(0, str(ROOT))
 from dtm_core import data as data_mod  # noqa: E402
 from dtm_core import distances, features  # noqa: E402
 from dtm_core.config import ConfigError, Params, load_params, parse_params  # noqa: E402
+from dtm_core.denoising import heldout_losses  # noqa: E402
 from dtm_core.errors import DtmError  # noqa: E402
 from dtm_core.io import write_json  # noqa: E402
 from dtm_core.plots import save_figure  # noqa: E402
@@ -42,7 +43,7 @@ from dtm_core.sampling import initial_noise, sample  # noqa: E402
 from dtm_core.seeding import derive_seed  # noqa: E402
 from dtm_core.tracking import git_commit  # noqa: E402
 from stages.common import CLASSIFIER_DIR, DATA_DIR, load_reference  # noqa: E402
-from stages.evaluate import heldout_losses, noise_seed  # noqa: E402
+from stages.evaluate import noise_seed  # noqa: E402
 from stages.finetune import load_inputs  # noqa: E402
 from stages.finetune_shared import train_shared  # noqa: E402
 from tools.exps import apply_overrides  # noqa: E402
@@ -118,7 +119,7 @@ def score_snapshots(params: Params, val: Params, budget: int, every: int, num_sa
         out = sample([model], scheduler, noise, ev.sampling_steps, eta=ev.eta, sampler=ev.sampler,
                      batch_size=ev.batch_size, seed=derive_seed(ev.seed, "evaluate-eta-0"), desc=f"step {step}")
         feats = extract(out)
-        losses = heldout_losses(val, [model], None, scheduler, held.images)["losses"]
+        losses = heldout_losses(val.evaluate, [model], None, scheduler, held.images)["losses"]
         row = {
             "step": step,
             "fd": distances.frechet_distance(feats, ref["train"]),

@@ -358,6 +358,30 @@ class ControlsConfig(_Section):
         return _distinct(v, "controls.models and controls.scales must not repeat a value")
 
 
+class AnalysisConfig(_Section):
+    """The paper's analyses on a finished run (stages/analysis.py); the digits default runs none."""
+
+    # Held-out loss of theta + lambda tau for each range's task vector and the
+    # shared fine-tune's, on evaluate's held-out images, timesteps and noise.
+    lambdas: list[float] = Field(default_factory=list)
+    # Gradient conflict (Fig. 1): the cosine of the eps-loss gradients between
+    # this many equal timestep bins, for the pretrained and the merged model,
+    # on partition.affinity_images train images sketched to partition.sketch_dim. 0: off.
+    gradient_bins: int = Field(0, ge=0)
+
+    @field_validator("lambdas")
+    @classmethod
+    def _distinct(cls, v: list) -> list:
+        return _distinct(v, "analysis.lambdas must not repeat a value")
+
+    @field_validator("gradient_bins")
+    @classmethod
+    def _bins(cls, v: int) -> int:
+        if v == 1:
+            raise ValueError("analysis.gradient_bins needs at least 2 bins to compare (or 0: off)")
+        return v
+
+
 class TrackingConfig(_Section):
     experiment_name: str = Field("decouple-then-merge", min_length=1)
     # Register the merged model in the MLflow Model Registry under this name (a
@@ -379,6 +403,7 @@ class Params(_Section):
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
     report: ReportConfig = Field(default_factory=ReportConfig)
     controls: ControlsConfig = Field(default_factory=ControlsConfig)
+    analysis: AnalysisConfig = Field(default_factory=AnalysisConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
 
     @model_validator(mode="after")

@@ -20,9 +20,10 @@ import torch
 from diffusers import DDPMScheduler, UNet2DModel
 from tqdm.auto import tqdm
 
+from .config import EvaluateConfig
 from .distributed import inference_map
 from .model import computing
-from .partition import Range, range_of
+from .partition import Range, range_columns, range_of
 from .seeding import derive_seed
 
 
@@ -81,3 +82,19 @@ def denoising_losses(
         inference_map(run, batches, device)
     bar.close()
     return out
+
+
+def heldout_losses(ev: EvaluateConfig, models, ranges, scheduler, images: np.ndarray) -> dict:
+    """Per held-out image x grid timestep eps-MSE at ``evaluate``'s settings (``ev``: its timesteps, noise
+    seed, batch); for the ensemble (``ranges`` given) also every range model's own matrix."""
+    grid = timestep_grid(scheduler.config.num_train_timesteps, ev.heldout_timesteps)
+    seed = derive_seed(ev.seed, "heldout")
+    if ranges is None:  # one model at every t (the ensemble has ranges, even when N = 1)
+        return {"timesteps": grid, "losses": denoising_losses(models, scheduler, images, grid, seed,
+                                                              batch_size=ev.batch_size)}
+    per_range = np.stack([denoising_losses([m], scheduler, images, grid, seed, batch_size=ev.batch_size,
+                                           desc=f"held-out loss range {i}") for i, m in enumerate(models)])
+    ensemble = np.empty_like(per_range[0])
+    for i, cols in enumerate(range_columns(grid, ranges)):
+        ensemble[:, cols] = per_range[i][:, cols]  # range model i answers for its own timesteps
+    return {"timesteps": grid, "losses": ensemble, "range_losses": per_range}

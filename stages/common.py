@@ -52,6 +52,7 @@ SAMPLES_DIR = Path("samples")
 EVALUATION_DIR = Path("evaluation")
 REPORT_DIR = Path("reports")
 HELDOUT_LOSS_TSV = Path("plots/heldout_loss.tsv")
+ANALYSIS_DIR = Path("analysis")
 TIMINGS_DIR = Path("timings")  # stage seconds: not DVC outs, so a re-run leaves git clean
 CHECKPOINT_DIR = Path(".dtm/checkpoints")
 

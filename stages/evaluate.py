@@ -21,7 +21,7 @@ import torch
 from dtm_core import data as data_mod
 from dtm_core import distances, features
 from dtm_core.config import Params
-from dtm_core.denoising import denoising_losses, timestep_grid
+from dtm_core.denoising import heldout_losses
 from dtm_core.io import atomic_path, write_json
 from dtm_core.model import load_scheduler, load_unet
 from dtm_core.partition import load_partition, range_columns
@@ -56,22 +56,6 @@ def load_eval_models(name: str):
         return models, ranges, load_scheduler(range_dir(0))
     path = eval_model_dir(name)
     return [load_unet(path, what=f"{name} model")], None, load_scheduler(path)
-
-
-def heldout_losses(params: Params, models, ranges, scheduler, images: np.ndarray) -> dict:
-    """Per held-out image x grid timestep eps-MSE; for the ensemble also every range model's own matrix."""
-    ev = params.evaluate
-    grid = timestep_grid(scheduler.config.num_train_timesteps, ev.heldout_timesteps)
-    seed = derive_seed(ev.seed, "heldout")
-    if ranges is None:  # one model at every t (the ensemble has ranges, even when N = 1)
-        return {"timesteps": grid, "losses": denoising_losses(models, scheduler, images, grid, seed,
-                                                              batch_size=ev.batch_size)}
-    per_range = np.stack([denoising_losses([m], scheduler, images, grid, seed, batch_size=ev.batch_size,
-                                           desc=f"held-out loss range {i}") for i, m in enumerate(models)])
-    ensemble = np.empty_like(per_range[0])
-    for i, cols in enumerate(range_columns(grid, ranges)):
-        ensemble[:, cols] = per_range[i][:, cols]  # range model i answers for its own timesteps
-    return {"timesteps": grid, "losses": ensemble, "range_losses": per_range}
 
 
 def evaluate(params: Params, run=NullRun(), name: str = "merged") -> dict:
@@ -112,7 +96,7 @@ def score_models(params: Params, run, name: str, models, ranges, scheduler, samp
     held = data_mod.load_split(DATA_DIR, "heldout")
     train_images = data_mod.load_split(DATA_DIR, "train").images
     start = time.perf_counter()
-    losses = heldout_losses(params, models, ranges, scheduler, held.images[: ev.heldout_images])
+    losses = heldout_losses(ev, models, ranges, scheduler, held.images[: ev.heldout_images])
     heldout_seconds = time.perf_counter() - start
     clf_feats = feats if ev.features == "classifier" else features.extract_features(clf, images)
     mem_pixels = distances.memorisation(images, held.images, train_images, ev.memorisation_percentile)

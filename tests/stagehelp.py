@@ -18,7 +18,7 @@ PIPELINE = [
     ("finetune", ("--range", "0")), ("finetune", ("--range", "1")), ("finetune_shared", ()),
     ("task_vectors", ()), ("merge_weights", ()), ("merge", ()),
     *[("evaluate", ("--model", m)) for m in ("pretrained", "shared", "merged", "ensemble")],
-    ("controls", ()), ("report", ()),
+    ("controls", ()), ("analysis", ()), ("report", ()),
 ]
 
 
