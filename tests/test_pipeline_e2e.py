@@ -194,13 +194,13 @@ def experiments_rerun_only_what_they_change_and_queue_in_parallel(proj: Path, en
     variant = _run(["dvc", "exp", "run", "-S", "finetune.p=0.5"], proj, env)
     assert stages_run(variant) == {
         "finetune@0", "finetune@1", "task_vectors", "merge_weights", "merge", "evaluate@merged",
-        "evaluate@ensemble", "controls", "report",
+        "evaluate@ensemble", "controls", "analysis", "report",
     }
     parents, children = runs_by_parent(proj)
     newest = max(parents, key=lambda r: r.info.start_time)
     assert set(children[newest.info.run_id]) == {
         "finetune@0", "finetune@1", "task_vectors", "merge_weights", "merge", "evaluate@merged",
-        "evaluate@ensemble", "controls", "report",
+        "evaluate@ensemble", "controls", "analysis", "report",
     }
     # the report fills the new parent's summary, cached stages' numbers included
     assert "pretrained/fd" in newest.data.metrics and "shared/fd" in newest.data.metrics
@@ -230,7 +230,7 @@ def experiments_rerun_only_what_they_change_and_queue_in_parallel(proj: Path, en
     assert status.count("Success") == 2, status
     # evaluate@merged is skipped when the merged model comes out unchanged (a search may keep the start)
     needed = {"merge_weights", "merge", "controls", "report"}
-    possible = {"merge_weights", "merge", "evaluate@merged", "controls", "report"}
+    possible = {"merge_weights", "merge", "evaluate@merged", "controls", "analysis", "report"}
     parents, children = runs_by_parent(proj)
     by_name = {p.info.run_name: p for p in parents}
     for name in ("ties", "search"):
@@ -243,6 +243,17 @@ def experiments_rerun_only_what_they_change_and_queue_in_parallel(proj: Path, en
     assert "evaluate@merged" in stages_run(ties_log), ties_log[-3000:]
     assert not list(proj.glob(".dvc/tmp/exps/**/mlflow.db"))
 
+    # tools read an experiment's files, git-tracked or inside a DVC-cached out, as the experiment left them
+    read = [sys.executable, "-c", "import json, sys; from tools import exps; "
+            "print(json.dumps([exps.experiment_file('ties', p) for p in sys.argv[1:]]))",
+            "evaluation/merged.json", "metrics/merged.json", "evaluation/no-such.json"]
+    proc = subprocess.run(read, cwd=proj, env={**env, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    cached, tracked, missing = json.loads(proc.stdout.strip().splitlines()[-1])
+    _run(["dvc", "exp", "apply", "ties"], proj, env)
+    assert cached == json.loads((proj / "evaluation" / "merged.json").read_text())
+    assert tracked == json.loads((proj / "metrics" / "merged.json").read_text()) and missing is None
     _run(["dvc", "exp", "apply", "search"], proj, env)
     rows = (proj / "merge" / "search" / "search.tsv").read_text().strip().splitlines()
     assert len(rows) == 1 + 3

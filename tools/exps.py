@@ -21,7 +21,6 @@ import re
 import subprocess
 import sys
 import time
-from pathlib import Path
 from typing import Any, Iterable, Optional
 
 from dtm_core.distributed import THREADS_ENV
@@ -129,12 +128,20 @@ def experiment_commit(name: str) -> Optional[str]:
 
 
 def experiment_file(name: str, path: str = REPORT) -> Optional[dict]:
-    """A JSON file as committed by experiment ``name`` (None if the experiment or file is missing)."""
+    """A JSON file of experiment ``name``, git-tracked or inside a DVC-cached out (None if either is missing)."""
+    import dvc.api
+    from dvc.exceptions import DvcException
+
     ref = experiment_refs().get(name)
     if ref is None:
         return None
     proc = subprocess.run(["git", "show", f"{ref}:{path}"], capture_output=True, text=True)
-    return json.loads(proc.stdout) if proc.returncode == 0 else None
+    if proc.returncode == 0:  # git-tracked: no DVC repository to open
+        return json.loads(proc.stdout)
+    try:
+        return json.loads(dvc.api.read(path, rev=ref))
+    except (DvcException, FileNotFoundError):
+        return None
 
 
 def experiment_params(name: str) -> Optional[dict]:
@@ -148,23 +155,18 @@ def experiment_params(name: str) -> Optional[dict]:
     return yaml.safe_load(proc.stdout) if proc.returncode == 0 else None
 
 
-def experiment_out(name: str, path: str) -> Path:
-    """Where DVC's cache holds the cached out ``path`` of experiment ``name`` (per its committed dvc.lock)."""
-    import yaml
+def experiment_bytes(name: str, path: str) -> bytes:
+    """The bytes of ``path`` as experiment ``name`` left it (a DVC-cached out: read from the local cache)."""
+    import dvc.api
+    from dvc.exceptions import DvcException
 
     ref = experiment_refs().get(name)
-    lock = subprocess.run(["git", "show", f"{ref}:dvc.lock"], capture_output=True, text=True) if ref else None
-    if lock is None or lock.returncode != 0:
-        raise ExperimentError(f"experiment '{name}' has no dvc.lock on this commit")
-    for stage in yaml.safe_load(lock.stdout)["stages"].values():
-        for out in stage.get("outs", []):
-            if out["path"] == path:
-                md5 = out["md5"]
-                cached = Path(".dvc/cache/files/md5") / md5[:2] / md5[2:]
-                if not cached.is_file():
-                    raise ExperimentError(f"'{path}' of experiment '{name}' is not in the DVC cache ({cached})")
-                return cached
-    raise ExperimentError(f"experiment '{name}' has no out '{path}'")
+    if ref is None:
+        raise ExperimentError(f"no experiment '{name}' on this commit")
+    try:
+        return dvc.api.read(path, rev=ref, mode="rb")
+    except (DvcException, FileNotFoundError) as exc:
+        raise ExperimentError(f"'{path}' of experiment '{name}' cannot be read ({exc})") from exc
 
 
 ACTIVE = ("Queued", "Running")

@@ -3,10 +3,12 @@
     make fashion-seeds                                  # runs seeds 0-2 (tools.seeds --config configs/fashion.yaml)
     python -m tools.fashion --out docs/results/fashion.json
 
-Reads each seed's reports/comparison.json and controls/controls.json from its
-DVC experiment (seeds-<s>-fashion), writes every model's FD (raw, floor,
-floor-subtracted), KID, held-out loss and memorisation, every paired contrast
-with its interval, and the verdict with the rule that decided it.
+Reads each seed's reports/comparison.json, controls/controls.json and
+analysis/summary.json from its DVC experiment (seeds-<s>-fashion), writes
+every model's FD (raw, floor, floor-subtracted), KID, held-out loss and
+memorisation, every paired contrast with its interval, the seed's analyses
+(loss along each task vector, gradient conflict), and the verdict with the
+rule that decided it.
 """
 
 from __future__ import annotations
@@ -34,8 +36,9 @@ def ties(ci: list[float]) -> bool:
     return verdict(ci) == "not distinguishable"
 
 
-def seed_summary(seed: int, comparison: dict, controls: dict) -> dict:
-    """One seed's numbers in the rules' terms: F(m) = FD - floor, and the four intervals the rules read."""
+def seed_summary(seed: int, comparison: dict, controls: dict, analysis: Optional[dict] = None) -> dict:
+    """One seed's numbers in the rules' terms: F(m) = FD - floor, and the four intervals the rules read
+    (``analysis``, the analysis stage's summary, is carried along: no rule reads it)."""
     models = dict(comparison["models"])
     for name, m in controls.get("metrics", {}).items():
         models[name] = {**m, "fd_minus_floor": m["fd"] - comparison["floor"]["fd_at_n"]}
@@ -54,6 +57,7 @@ def seed_summary(seed: int, comparison: dict, controls: dict) -> dict:
         "ratio_merged_shared": F["merged"] / F["shared"],
         "ratio_merged_pretrained": F["merged"] / F["pretrained"],
         "f_shared": F["shared"],
+        "analysis": analysis or {},
     }
 
 
@@ -93,7 +97,8 @@ def main(argv: Optional[list[str]] = None) -> int:
             comparison = exps.experiment_file(name)
             if comparison is None:
                 raise exps.ExperimentError(f"experiment '{name}' has no {exps.REPORT}: run make fashion-seeds")
-            rows.append(seed_summary(seed, comparison, exps.experiment_file(name, "controls/controls.json") or {}))
+            rows.append(seed_summary(seed, comparison, exps.experiment_file(name, "controls/controls.json") or {},
+                                     exps.experiment_file(name, "analysis/summary.json")))
     except DtmError as exc:
         print(f"error: fashion: {exc}", file=sys.stderr)
         return 2

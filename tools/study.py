@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import io
 import logging
 import math
 import sys
@@ -142,7 +143,7 @@ def finished_seeds(all_rows: list[Row]) -> tuple[list[Row], list[str]]:
 
 
 def _features(name: str, model: str) -> np.ndarray:
-    with np.load(exps.experiment_out(name, f"samples/{model}.npz")) as npz:
+    with np.load(io.BytesIO(exps.experiment_bytes(name, f"samples/{model}.npz"))) as npz:
         return npz["features"]
 
 
