@@ -49,12 +49,17 @@ def loss_along_tau(params: Params, ranges) -> dict:
     shared = load_unet(SHARED_DIR, what="shared model")
     sources["shared"] = (shared, TaskVector.from_states(float_state(load_unet(PRETRAINED_DIR)), float_state(shared)))
     out = {"lambdas": list(params.analysis.lambdas), "sources": {}}
+    at_zero = None  # lambda = 0 is the base for every source: scored once
     for name, (template, tau) in sources.items():
         base = pretrained_like(PRETRAINED_DIR, template)
         rows = {"all_t": []}
         for lam in params.analysis.lambdas:
-            template.load_state_dict({**template.state_dict(), **tau.apply_to(base, lam)})
-            res = heldout_losses(params.evaluate, [template], None, scheduler, images)
+            if lam == 0 and at_zero is not None:
+                res = at_zero
+            else:
+                template.load_state_dict({**template.state_dict(), **tau.apply_to(base, lam)})
+                res = heldout_losses(params.evaluate, [template], None, scheduler, images)
+                at_zero = res if lam == 0 else at_zero
             rows["all_t"].append(float(res["losses"].mean()))
             if name != "shared":
                 cols = range_columns(res["timesteps"], ranges)[int(name.split("-")[1])]
