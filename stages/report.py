@@ -51,9 +51,9 @@ def _load(name: str) -> dict:
 
 
 def sampler_label(settings: dict) -> str:
-    """'DPM-Solver++ 20 steps' from a report's settings (older reports: DDIM with ddim_steps)."""
-    name = {"ddim": "DDIM", "dpmsolver": "DPM-Solver++", "unipc": "UniPC"}[settings.get("sampler", "ddim")]
-    return f"{name} {settings.get('sampling_steps', settings.get('ddim_steps'))} steps"
+    """'DPM-Solver++ 20 steps' from a report's settings."""
+    name = {"ddim": "DDIM", "dpmsolver": "DPM-Solver++", "unipc": "UniPC"}[settings["sampler"]]
+    return f"{name} {settings['sampling_steps']} steps"
 
 
 def loss_contrast(a: np.ndarray, b: np.ndarray, cols: np.ndarray, rounds: int, seed: int) -> dict:

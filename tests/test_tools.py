@@ -98,7 +98,7 @@ def test_seed_summary_means_stds_and_contrast_counts():
         c = _comparison(merged_fd=merged)
         c["contrasts"]["merged_minus_shared"]["fd_ci"] = [-0.5, -0.1] if s < 2 else [-0.1, 0.3]
         rows.append(seeds.seed_row(s, c, [f"run{s}"]))
-    result = seeds.summarise(rows, {"num_ranges": 4})
+    result = seeds.summarise(rows, {"num_ranges": 4, "sampler": "dpmsolver", "sampling_steps": 20})
     assert result["summary"]["merged"]["fd"]["mean"] == pytest.approx(5.2)
     assert result["summary"]["merged"]["fd"]["std"] == pytest.approx(0.2)
     ms = result["contrasts"]["merged_minus_shared"]
