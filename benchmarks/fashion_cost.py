@@ -50,7 +50,8 @@ BASE = ROOT / "base" / "fashion-unet"
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--samples", type=int, default=500, help="samples timed")
+    ap.add_argument("--samples", type=int, default=2000,
+                    help="samples timed: several batches, so every core's worker is busy as in a real evaluation")
     ap.add_argument("--steps", type=int, default=10, help="training steps timed per kind")
     ap.add_argument("--digits-repro-seconds", type=float, help="the digits default's make repro here, for the ratio")
     ap.add_argument("--out", type=Path)
