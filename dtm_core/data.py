@@ -231,13 +231,17 @@ class BatchSampler:
         self._order = torch.empty(0, dtype=torch.long)
         self._pos = 0
 
-    def next(self) -> torch.Tensor:
+    def next_indices(self) -> torch.Tensor:
+        """The next batch's row indices."""
         if self._pos + self.batch_size > len(self._order):
             self._order = torch.randperm(len(self.images), generator=self.generator)
             self._pos = 0
         idx = self._order[self._pos : self._pos + self.batch_size]
         self._pos += self.batch_size
-        return self.images[idx]
+        return idx
+
+    def next(self) -> torch.Tensor:
+        return self.images[self.next_indices()]
 
     def state_dict(self) -> dict:
         return {"order": self._order.clone(), "pos": self._pos, "generator": self.generator.get_state()}

@@ -18,14 +18,15 @@ import inspect
 import json
 import re
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Iterator, Optional, Sequence
 
 import torch
-from diffusers import DDPMScheduler, ModelMixin, UNet2DModel
+from diffusers import DDPMScheduler, ModelMixin, UNet2DConditionModel, UNet2DModel
 from diffusers.loaders import PeftAdapterMixin
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
+from .conditioning import EMPTY, PromptEncoder
 from .config import ModelConfig
 from .errors import ModelLoadError
 from .io import atomic_dir
@@ -33,7 +34,7 @@ from .io import atomic_dir
 # A pipeline exported with a DeMeUNet2DModel names this module in model_index.json;
 # diffusers then looks up the component's base class (ModelMixin) here to find
 # its loading method, so the name must resolve in this module.
-__all__ = ["DeMeUNet2DModel", "ModelMixin"]
+__all__ = ["DeMeUNet2DModel", "PromptUNet2DModel", "ModelMixin"]
 
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
 PROJECTION_ATTR = "channel_projection"
@@ -105,17 +106,20 @@ class DeMeUNet2DModel(PeftAdapterMixin, UNet2DModel):
         super().__init__(*args, **kwargs)
         self.register_to_config(channel_projection=channel_projection)
         if channel_projection:
-            blocks = [*self.down_blocks, self.mid_block, *self.up_blocks]
-            for block in blocks:
-                channels = _block_out_channels(block)
-                setattr(block, PROJECTION_ATTR, _identity_projection(channels))
-            # Hooks are module-level functions that find the projection on
-            # the block they fire for, so deep copies stay self-contained.
-            for block in self.down_blocks:
-                block.register_forward_hook(_project_tuple_output)
-            self.mid_block.register_forward_hook(_project_tensor_output)
-            for block in self.up_blocks:
-                block.register_forward_hook(_project_tensor_output)
+            _attach_projections(self)
+
+
+def _attach_projections(unet) -> None:
+    """An identity projection after every down block, the mid block and every up block of ``unet``."""
+    for block in [*unet.down_blocks, unet.mid_block, *unet.up_blocks]:
+        setattr(block, PROJECTION_ATTR, _identity_projection(_block_out_channels(block)))
+    # Hooks are module-level functions that find the projection on the block
+    # they fire for, so deep copies stay self-contained.
+    for block in unet.down_blocks:
+        block.register_forward_hook(_project_tuple_output)
+    unet.mid_block.register_forward_hook(_project_tensor_output)
+    for block in unet.up_blocks:
+        block.register_forward_hook(_project_tensor_output)
 
 
 def _block_out_channels(block: torch.nn.Module) -> int:
@@ -128,13 +132,41 @@ def _block_out_channels(block: torch.nn.Module) -> int:
     return resnets[-1].out_channels
 
 
-_unet_sig = inspect.signature(UNet2DModel.__init__)
-DeMeUNet2DModel.__init__.__signature__ = _unet_sig.replace(  # type: ignore[attr-defined]
-    parameters=[
-        *_unet_sig.parameters.values(),
-        inspect.Parameter("channel_projection", inspect.Parameter.KEYWORD_ONLY, default=False),
-    ]
-)
+class PromptUNet2DModel(UNet2DConditionModel):
+    """UNet2DConditionModel conditioned on class prompts (:mod:`dtm_core.conditioning`), with optional
+    identity-initialised channel projections as :class:`DeMeUNet2DModel` has them.
+
+    Its prompt encoder is a submodule, saved in the same weight file; its
+    config carries the prompts. ``forward(x, t, class_labels=labels)`` embeds
+    the labels' prompts (-1: the empty prompt); without labels every sample
+    gets the empty prompt, the unconditional prediction.
+    """
+
+    def __init__(self, *args, prompts: Sequence[str] = (), channel_projection: bool = False, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.register_to_config(prompts=list(prompts), channel_projection=channel_projection)
+        self.prompt_encoder = PromptEncoder(prompts, self.config.cross_attention_dim)
+        if channel_projection:
+            _attach_projections(self)
+
+    def forward(self, sample, timestep, encoder_hidden_states=None, class_labels=None, **kwargs):
+        if encoder_hidden_states is None:
+            labels = class_labels if class_labels is not None else torch.full((sample.shape[0],), EMPTY)
+            encoder_hidden_states = self.prompt_encoder(labels).to(sample.dtype)
+        return super().forward(sample, timestep, encoder_hidden_states, **kwargs)
+
+
+def _publish_signature(cls, parent, extra: dict) -> None:
+    """diffusers restores a model's configuration from its ``__init__`` signature: add our keyword arguments."""
+    sig = inspect.signature(parent.__init__)
+    cls.__init__.__signature__ = sig.replace(parameters=[  # type: ignore[attr-defined]
+        *sig.parameters.values(),
+        *(inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default) for name, default in extra.items()),
+    ])
+
+
+_publish_signature(DeMeUNet2DModel, UNet2DModel, {"channel_projection": False})
+_publish_signature(PromptUNet2DModel, UNet2DConditionModel, {"prompts": (), "channel_projection": False})
 
 
 def build_unet(cfg: ModelConfig, sample_size: int, channels: int) -> UNet2DModel:
@@ -153,6 +185,19 @@ def build_unet(cfg: ModelConfig, sample_size: int, channels: int) -> UNet2DModel
     )
 
 
+def build_prompt_unet(cfg: ModelConfig, sample_size: int, channels: int, prompts: Sequence[str],
+                      cross_attention_dim: int = 64, head_dim: int = 8) -> PromptUNet2DModel:
+    """The prompt-conditioned UNet of ``cfg``'s shape: cross-attention in every block, as Stable Diffusion's."""
+    n = len(cfg.block_out_channels)
+    return PromptUNet2DModel(
+        sample_size=sample_size, in_channels=channels, out_channels=channels,
+        block_out_channels=tuple(cfg.block_out_channels), layers_per_block=cfg.layers_per_block,
+        down_block_types=("CrossAttnDownBlock2D",) * n, up_block_types=("CrossAttnUpBlock2D",) * n,
+        mid_block_type="UNetMidBlock2DCrossAttn", norm_num_groups=cfg.norm_num_groups,
+        cross_attention_dim=cross_attention_dim, attention_head_dim=head_dim, prompts=prompts,
+    )
+
+
 def build_scheduler(cfg: ModelConfig) -> DDPMScheduler:
     return DDPMScheduler(
         num_train_timesteps=cfg.num_train_timesteps,
@@ -165,14 +210,15 @@ def build_scheduler(cfg: ModelConfig) -> DDPMScheduler:
 
 
 def with_projection(unet: UNet2DModel, enabled: bool = True) -> UNet2DModel:
-    """A copy of ``unet`` as a DeMeUNet2DModel (identity projections if enabled).
+    """A copy of ``unet`` as a DeMeUNet2DModel, or a PromptUNet2DModel (identity projections if enabled).
 
     The output is exactly that of ``unet`` while the projections are the
     identity; every UNet weight is copied.
     """
     config = {k: v for k, v in unet.config.items() if not k.startswith("_")}
     config.pop(PROJECTION_ATTR, None)
-    model = DeMeUNet2DModel(**config, channel_projection=enabled)
+    cls = PromptUNet2DModel if isinstance(unet, PromptUNet2DModel) else DeMeUNet2DModel
+    model = cls(**config, channel_projection=enabled)
     missing, unexpected = model.load_state_dict(unet.state_dict(), strict=False)
     if unexpected or any(PROJECTION_ATTR not in k for k in missing):
         raise ValueError(f"weights do not fit the UNet: missing={missing} unexpected={unexpected}")
@@ -273,7 +319,7 @@ def load_unet(path: str | Path, what: str = "model", user_supplied: bool = False
     except json.JSONDecodeError as exc:
         raise ModelLoadError(f"{what}: '{unet_dir / 'config.json'}' is not valid JSON ({exc}); {redo}.") from exc
     cls_name = config.get("_class_name")
-    if cls_name not in ("UNet2DModel", "DeMeUNet2DModel"):
+    if cls_name not in ("UNet2DModel", "DeMeUNet2DModel", "PromptUNet2DModel"):
         raise ModelLoadError(
             f"{what}: '{unet_dir}' holds a {cls_name!r}, not a UNet2DModel; DeMe here fine-tunes "
             "unconditional diffusers UNet2DModel checkpoints."
@@ -288,7 +334,8 @@ def load_unet(path: str | Path, what: str = "model", user_supplied: bool = False
         state = load_file(str(weights))
     except (SafetensorError, OSError) as exc:
         raise ModelLoadError(f"{what}: weight file '{weights}' is corrupt or truncated ({exc}); {redo}.") from exc
-    cls = DeMeUNet2DModel if config.get(PROJECTION_ATTR) else UNet2DModel
+    cls = PromptUNet2DModel if cls_name == "PromptUNet2DModel" else \
+        DeMeUNet2DModel if config.get(PROJECTION_ATTR) else UNet2DModel
     init = {k: v for k, v in config.items() if not k.startswith("_")}
     if cls is UNet2DModel:
         init.pop(PROJECTION_ATTR, None)

@@ -42,6 +42,7 @@ from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
 
 from . import distributed
+from .conditioning import drop_prompts
 from .config import OptimConfig
 from .data import BatchSampler
 from .errors import TrainingDivergedError
@@ -140,6 +141,8 @@ def train(
     on_snapshot: Optional[Callable[[int, UNet2DModel], None]] = None,
     desc: str = "train",
     channels_last: bool = True,
+    labels: Optional[torch.Tensor] = None,
+    prompt_dropout: float = 0.0,
 ) -> TrainResult:
     """Train ``model`` (in place) and return its EMA weights.
 
@@ -152,6 +155,10 @@ def train(
     convolutions, other rounding); off, the run is the one this project's
     shipped base was trained with, which ``make base`` must regenerate bit
     for bit.
+    ``labels`` (one per image) trains a prompt-conditioned model
+    (:class:`dtm_core.model.PromptUNet2DModel`): each batch's labels, each
+    replaced by the empty prompt with probability ``prompt_dropout``
+    (classifier-free guidance); the teacher sees the same labels.
     ``on_snapshot(step, ema_model)`` is called every ``snapshot_every`` steps
     with a CPU copy holding the EMA weights (convergence curves); it draws no
     random numbers from the loop's streams, so the run is unchanged by it.
@@ -211,13 +218,17 @@ def train(
             return TrainResult(model=storage_layout(accelerator.unwrap_model(model)), steps=state.step)
         for group in optimizer.param_groups:  # a function of the step alone, so a resumed run continues it exactly
             group["lr"] = cfg.lr * lr_factor(state.step, steps, cfg.lr_schedule, cfg.warmup_steps)
-        x0 = state.sampler.next()
+        idx = state.sampler.next_indices()
+        x0 = state.sampler.images[idx]
         t = timestep_sampler(x0.shape[0], state.generator)
         noise = torch.randn(x0.shape, generator=state.generator)
         x0, t, noise = x0[part].to(device), t[part].to(device), noise[part].to(device)
         x_t = scheduler.add_noise(x0, noise, t)  # sqrt(a_t) x0 + sqrt(1 - a_t) eps, bit for bit the same on CPU
+        cond = {}
+        if labels is not None:  # drawn after the noise: an unconditional run's random streams are unchanged
+            cond = {"class_labels": drop_prompts(labels[idx], prompt_dropout, state.generator)[part].to(device)}
         with accelerator.autocast():
-            pred = model(x_t, t).sample
+            pred = model(x_t, t, **cond).sample
             if loss_weights is None:
                 loss = F.mse_loss(pred.float(), noise)
             else:
@@ -226,7 +237,7 @@ def train(
             total = loss
             if use_teacher:
                 with torch.no_grad():
-                    target = teacher(x_t, t).sample
+                    target = teacher(x_t, t, **cond).sample
                 c_loss = F.mse_loss(pred.float(), target.float())
                 total = loss + consistency_weight * c_loss
         if not torch.isfinite(total):
