@@ -46,11 +46,13 @@ def denoising_losses(
     ranges: Sequence[Range] | None = None,
     batch_size: int = 500,
     desc: str = "held-out loss",
+    labels: torch.Tensor | None = None,
 ) -> np.ndarray:
     """eps-MSE of ``models`` per held-out image (rows) and timestep (columns), float64.
 
     The noise at timestep t depends only on (``seed``, t) and the images'
-    shape, so every model sees the same noisy inputs.
+    shape, so every model sees the same noisy inputs. ``labels`` (one per
+    image) prompt a prompt-conditioned model with each image's own class.
     """
     if len(models) > 1 and (ranges is None or len(ranges) != len(models)):
         raise ValueError("ensemble losses need one range per model")
@@ -74,7 +76,8 @@ def denoising_losses(
         k, cols, rows = batch
         t, nb = t_all[cols], noise[cols, rows]
         x_t = scheduler.add_noise(x0[rows], nb, t).to(device)
-        pred = models[k](x_t, t.to(device)).sample.float().cpu()
+        cond = {} if labels is None else {"class_labels": labels[rows].to(device)}
+        pred = models[k](x_t, t.to(device), **cond).sample.float().cpu()
         out[rows.numpy(), cols.numpy()] = ((pred - nb) ** 2).flatten(1).mean(dim=1).double().numpy()
         bar.update(1)
 

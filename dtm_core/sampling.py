@@ -24,6 +24,7 @@ import torch
 from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, UNet2DModel, UniPCMultistepScheduler
 from tqdm.auto import tqdm
 
+from .conditioning import guided_eps
 from .data import to_uint8
 from .distributed import inference_map
 from .io import atomic_file
@@ -75,12 +76,16 @@ def sample(
     seed: int = 0,
     desc: str = "sample",
     sampler: str = "ddim",
+    labels: torch.Tensor | None = None,
+    guidance_scale: float = 1.0,
 ) -> np.ndarray:
     """Denoise ``noise`` with ``sampler`` in ``steps`` steps; returns float32 images in [-1, 1] (N, C, H, W).
 
     With one model it is used at every step. With several, ``ranges`` must be
     given and model i denoises the steps whose t lies in range i (the paper's
-    ensemble-before-merge, Eq. 7).
+    ensemble-before-merge, Eq. 7). ``labels`` (one per noise row) prompt a
+    prompt-conditioned model, with classifier-free guidance at
+    ``guidance_scale`` (:func:`dtm_core.conditioning.guided_eps`).
     """
     if len(models) > 1 and (ranges is None or len(ranges) != len(models)):
         raise ValueError("ensemble sampling needs one range per model")
@@ -98,7 +103,11 @@ def sample(
         generator = torch.Generator().manual_seed(derive_seed(seed, f"batch-{start}"))
         for t in scheduler.timesteps:
             model = models[0] if len(models) == 1 else models[range_of(int(t), ranges)]
-            eps = model(x, t.to(device)).sample
+            if labels is None:
+                eps = model(x, t.to(device)).sample
+            else:
+                eps = guided_eps(model, x, t.to(device), labels[start : start + batch_size].to(device),
+                                 guidance_scale)
             if sampler == "ddim":
                 variance_noise = None
                 if eta > 0:

@@ -115,3 +115,23 @@ def test_training_with_labels_and_prompt_dropout_learns_both_branches(unet):
     assert any(not torch.equal(after[k], start[k]) for k in after if "attn2.to_k" in k)
     assert not torch.equal(after["prompt_encoder.embed.weight"], start["prompt_encoder.embed.weight"])
     assert all(torch.equal(after[k], v) for k, v in again.model.state_dict().items())  # seeded: reproducible
+
+
+def test_sampling_and_the_held_out_loss_prompt_each_row_with_its_own_label(unet):
+    from dtm_core.denoising import denoising_losses
+    from dtm_core.sampling import initial_noise, sample
+
+    scheduler = build_scheduler(ModelConfig())
+    noise = initial_noise(0, 6, (1, 8, 8))
+    labels = torch.tensor([0, 1, 2, 3, 4, 5])
+    plain = sample([unet], scheduler, noise, 4, sampler="dpmsolver", batch_size=3)
+    at_zero = sample([unet], scheduler, noise, 4, sampler="dpmsolver", batch_size=3, labels=labels, guidance_scale=0.0)
+    guided = sample([unet], scheduler, noise, 4, sampler="dpmsolver", batch_size=3, labels=labels, guidance_scale=4.0)
+    assert abs(at_zero - plain).max() < 1e-4  # scale 0: the unconditional model, which unprompted calls get
+    assert abs(guided - plain).max() > 1e-3
+    images = noise.numpy().clip(-1, 1)
+    grid = torch.tensor([10, 500]).numpy()
+    unprompted = denoising_losses([unet], scheduler, images, grid, seed=0)
+    empty = denoising_losses([unet], scheduler, images, grid, seed=0, labels=torch.full((6,), EMPTY))
+    prompted = denoising_losses([unet], scheduler, images, grid, seed=0, labels=labels)
+    assert (abs(empty - unprompted) < 1e-9).all() and abs(prompted - unprompted).max() > 1e-6
