@@ -70,6 +70,11 @@ class PromptEncoder(torch.nn.Module):
         return self.embed(self.tokens[rows]) + self.position
 
 
+def prompt_labels(n: int, num_prompts: int) -> torch.Tensor:
+    """The prompts of an evaluation's n samples: sample i gets class i mod C, every class as often."""
+    return torch.arange(n) % num_prompts
+
+
 def drop_prompts(labels: torch.Tensor, p: float, generator: torch.Generator) -> torch.Tensor:
     """``labels`` with each replaced by the empty prompt with probability ``p`` (classifier-free guidance's
     training); draws one uniform number per label from ``generator``."""

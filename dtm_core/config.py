@@ -73,6 +73,11 @@ class ModelConfig(_Section):
     beta_schedule: Literal["linear", "scaled_linear", "squaredcos_cap_v2"] = "linear"
     beta_start: float = Field(1e-4, gt=0.0, lt=1.0)
     beta_end: float = Field(0.02, gt=0.0, lt=1.0)
+    # none: an unconditional UNet2DModel. prompt: a UNet2DConditionModel with
+    # cross-attention on class prompts ("a handwritten seven"; dtm_core/conditioning.py),
+    # trained in the pipeline with prompt dropout and sampled with classifier-free guidance.
+    conditioning: Literal["none", "prompt"] = "none"
+    cross_attention_dim: int = Field(64, ge=8)  # the prompt embedding's width (prompt only)
 
     @model_validator(mode="after")
     def _groups_divide(self) -> "ModelConfig":
@@ -107,6 +112,8 @@ class OptimConfig(_Section):
     # run resumes from the newest checkpoint under .dtm/checkpoints/.
     checkpoint_every: int = Field(100, ge=0)
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"
+    # model.conditioning prompt: the share of each batch trained on the empty prompt (classifier-free guidance)
+    prompt_dropout: float = Field(0.1, ge=0.0, le=1.0)
 
     @field_validator("mixed_precision", mode="before")
     @classmethod
@@ -311,6 +318,12 @@ class EvaluateConfig(_Sampling):
     # nearest train image than this percentile of the held-out images' own
     # nearest-train distances.
     memorisation_percentile: float = Field(5.0, gt=0.0, lt=100.0)
+    # model.conditioning prompt: sample i is prompted with class i mod C at this guidance scale;
+    # each scale of guidance_curve is sampled on the first guidance_curve_samples rows of the
+    # same noise and prompts (FD against conditional accuracy, the text-to-image FID-CLIP curve).
+    guidance_scale: float = Field(2.0, ge=0.0)
+    guidance_curve: list[float] = Field(default_factory=lambda: [1.0, 2.0, 4.0, 7.5])
+    guidance_curve_samples: int = Field(2000, ge=2)
     classifier: ClassifierConfig = Field(default_factory=ClassifierConfig)
 
     @property
@@ -453,6 +466,18 @@ class Params(_Section):
                 f"dimension evaluate.classifier.feature_dim ({self.evaluate.classifier.feature_dim}) that scores "
                 "the search candidates"
             )
+        if self.model.conditioning == "prompt":
+            unsupported = {
+                "merge.search.strategy": self.merge.search.strategy != "none",
+                "controls.models": bool(self.controls.models),
+                "partition.method: affinity": self.partition.method == "affinity" and self.partition.boundaries is None,
+                "analysis.gradient_bins": self.analysis.gradient_bins > 0,
+            }
+            if any(unsupported.values()):
+                raise ValueError(
+                    f"model.conditioning: prompt does not yet support {[k for k, v in unsupported.items() if v]} "
+                    "(they sample or take gradients without prompts); turn them off for a conditional run"
+                )
         if self.merge.peft_combination is not None:
             if self.finetune.adapter != "lora":
                 raise ValueError(

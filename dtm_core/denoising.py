@@ -87,16 +87,19 @@ def denoising_losses(
     return out
 
 
-def heldout_losses(ev: EvaluateConfig, models, ranges, scheduler, images: np.ndarray) -> dict:
+def heldout_losses(ev: EvaluateConfig, models, ranges, scheduler, images: np.ndarray,
+                   labels: torch.Tensor | None = None) -> dict:
     """Per held-out image x grid timestep eps-MSE at ``evaluate``'s settings (``ev``: its timesteps, noise
-    seed, batch); for the ensemble (``ranges`` given) also every range model's own matrix."""
+    seed, batch); for the ensemble (``ranges`` given) also every range model's own matrix. ``labels``:
+    each image's class, for a prompt-conditioned model."""
     grid = timestep_grid(scheduler.config.num_train_timesteps, ev.heldout_timesteps)
     seed = derive_seed(ev.seed, "heldout")
     if ranges is None:  # one model at every t (the ensemble has ranges, even when N = 1)
         return {"timesteps": grid, "losses": denoising_losses(models, scheduler, images, grid, seed,
-                                                              batch_size=ev.batch_size)}
+                                                              batch_size=ev.batch_size, labels=labels)}
     per_range = np.stack([denoising_losses([m], scheduler, images, grid, seed, batch_size=ev.batch_size,
-                                           desc=f"held-out loss range {i}") for i, m in enumerate(models)])
+                                           desc=f"held-out loss range {i}", labels=labels)
+                          for i, m in enumerate(models)])
     ensemble = np.empty_like(per_range[0])
     for i, cols in enumerate(range_columns(grid, ranges)):
         ensemble[:, cols] = per_range[i][:, cols]  # range model i answers for its own timesteps

@@ -39,9 +39,9 @@ from typing import Optional
 import torch
 from diffusers import DDIMPipeline, DDPMPipeline, UNet2DModel
 
-from .errors import DtmError
+from .errors import DtmError, ModelLoadError
 from .io import atomic_dir
-from .model import PROJECTION_ATTR, has_projection, load_scheduler, load_unet
+from .model import PROJECTION_ATTR, PromptUNet2DModel, has_projection, load_scheduler, load_unet
 from .sampling import SAMPLERS, sampling_scheduler
 
 
@@ -86,6 +86,12 @@ def export_pipeline(model_dir: str | Path, out_dir: str | Path, stock: bool = Fa
     """Write a pipeline directory for ``model_dir`` sampling with ``sampler``; what was done, as a dict (also
     dtm_export.json, which names the ``steps`` the pipeline's FDs were measured at)."""
     unet = load_unet(model_dir, what="model to export")
+    if isinstance(unet, PromptUNet2DModel):
+        raise ModelLoadError(
+            f"'{model_dir}' is a prompt-conditioned model: diffusers' DDPM/DDIM pipelines cannot prompt it, and "
+            "this project has no conditional pipeline export yet; load it with dtm_core.model.load_unet and "
+            "sample with dtm_core.sampling.sample(labels=..., guidance_scale=...)"
+        )
     scheduler = sampling_scheduler(load_scheduler(model_dir), steps, sampler)
     pipeline = DDIMPipeline if sampler == "ddim" else DDPMPipeline
     info = {"source": str(model_dir), "unet_class": type(unet).__name__, "stock": False,

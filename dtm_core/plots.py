@@ -172,3 +172,20 @@ def plot_affinity(A, bin_edges: Sequence[int], ranges: Sequence[Range], path: st
     ax.set_ylabel("timestep t")
     ax.set_title(f"gradient affinity, {n_bins} bins; lines: chosen ranges")
     save_figure(fig, path)
+
+
+def plot_guidance(curves: dict, path: str | Path) -> None:
+    """FD against conditional accuracy over guidance scales, one line per model (the text-to-image papers'
+    FID against CLIP score)."""
+    fig, ax = new_figure(6.0, 4.5)
+    for i, (name, rows) in enumerate(curves.items()):
+        acc, fd = [r["conditional_accuracy"] for r in rows], [r["fd"] for r in rows]
+        ax.plot(acc, fd, marker="o", color=f"C{i}", label=name)
+        for r in rows:
+            ax.annotate(f"{r['scale']:g}", (r["conditional_accuracy"], r["fd"]), fontsize=7,
+                        textcoords="offset points", xytext=(3, 3))
+    ax.set_xlabel("conditional accuracy (classifier agrees with the prompt)")
+    ax.set_ylabel("FD (lower is better)")
+    ax.set_title("guidance scale sweep")
+    ax.legend(fontsize=7)
+    save_figure(fig, path)

@@ -20,10 +20,11 @@ import torch
 
 from dtm_core import data as data_mod
 from dtm_core import distances, features
+from dtm_core.conditioning import prompt_labels
 from dtm_core.config import Params
 from dtm_core.denoising import heldout_losses
 from dtm_core.io import atomic_path, write_json
-from dtm_core.model import load_scheduler, load_unet
+from dtm_core.model import PromptUNet2DModel, load_scheduler, load_unet
 from dtm_core.partition import load_partition, range_columns
 from dtm_core.sampling import initial_noise, sample, save_grid
 from dtm_core.seeding import derive_seed
@@ -77,13 +78,16 @@ def score_models(params: Params, run, name: str, models, ranges, scheduler, samp
     extract = features.feature_extractor(ev.features, clf, ev.inception_dir)
     cfg = models[0].config
     shape = (cfg.in_channels, cfg.sample_size, cfg.sample_size)
+    # a prompt-conditioned model: sample i prompted with class i mod C, guided (dtm_core/conditioning.py)
+    labels = prompt_labels(ev.num_samples, len(cfg.prompts)) if isinstance(models[0], PromptUNet2DModel) else None
+    guide = {} if labels is None else {"labels": labels, "guidance_scale": ev.guidance_scale}
     images, per_seed, seconds = [], [], 0.0
     for s in range(ev.noise_seeds):
         noise = initial_noise(noise_seed(params, s), ev.num_samples, shape)
         start = time.perf_counter()
         images.append(sample(models, scheduler, noise, ev.sampling_steps, ranges=ranges, eta=ev.eta, sampler=ev.sampler,
                              batch_size=ev.batch_size, seed=derive_seed(ev.seed, f"evaluate-eta-{s}"),
-                             desc=f"sample {name} (noise {s})"))
+                             desc=f"sample {name} (noise {s})", **guide))
         seconds += time.perf_counter() - start
         per_seed.append(extract(images[-1]))
     kid_seed = derive_seed(ev.seed, "kid")
@@ -96,7 +100,8 @@ def score_models(params: Params, run, name: str, models, ranges, scheduler, samp
     held = data_mod.load_split(DATA_DIR, "heldout")
     train_images = data_mod.load_split(DATA_DIR, "train").images
     start = time.perf_counter()
-    losses = heldout_losses(ev, models, ranges, scheduler, held.images[: ev.heldout_images])
+    held_labels = None if labels is None else torch.as_tensor(held.labels[: ev.heldout_images])
+    losses = heldout_losses(ev, models, ranges, scheduler, held.images[: ev.heldout_images], held_labels)
     heldout_seconds = time.perf_counter() - start
     clf_feats = feats if ev.features == "classifier" else features.extract_features(clf, images)
     mem_pixels = distances.memorisation(images, held.images, train_images, ev.memorisation_percentile)
@@ -118,6 +123,8 @@ def score_models(params: Params, run, name: str, models, ranges, scheduler, samp
     }
     if against == "test":  # the second column: FD against the images the models trained on
         headline["fd_train"] = distances.frechet_distance(feats, ref["train"])
+    if labels is not None:  # the stand-in for CLIP score: the classifier agrees with the prompt
+        headline["conditional_accuracy"] = conditional_accuracy(probs, labels.repeat(ev.noise_seeds))
     details = {
         "model": name,
         **headline,
@@ -142,6 +149,10 @@ def score_models(params: Params, run, name: str, models, ranges, scheduler, samp
     }
     if "range_losses" in losses:
         details["range_model_heldout_loss_curves"] = losses["range_losses"].mean(axis=1).tolist()
+    if labels is not None:
+        details["settings"]["guidance_scale"] = ev.guidance_scale
+        details["guidance_curve"] = guidance_curve(params, models, ranges, scheduler, shape, labels, clf, extract,
+                                                   ref[against], name)
     write_json(evaluation_dir / f"{name}.json", details)
     run.log_artifact(samples_dir / f"{name}.png", "samples")
     run.log_curve("heldout_loss_by_t", list(zip(losses["timesteps"].tolist(), details["heldout_loss_curve"])))
@@ -150,6 +161,30 @@ def score_models(params: Params, run, name: str, models, ranges, scheduler, samp
                      "fd_at_floor_n": details["fd_at_floor_n"]})
     log_data_version(run, params, "evaluation")
     return headline, losses
+
+
+def conditional_accuracy(probs: np.ndarray, labels: torch.Tensor) -> float:
+    """The share of samples the feature classifier puts in the class they were prompted with."""
+    return float((probs.argmax(axis=1) == labels.numpy()).mean())
+
+
+def guidance_curve(params: Params, models, ranges, scheduler, shape, labels, clf, extract, reference,
+                   name: str) -> list[dict]:
+    """FD and conditional accuracy at every ``evaluate.guidance_curve`` scale, each on the first
+    ``guidance_curve_samples`` rows of the first noise seed's noise and prompts (comparable across
+    scales and models, not with the headline FD at its larger n)."""
+    ev = params.evaluate
+    n = min(ev.guidance_curve_samples, ev.num_samples)
+    noise = initial_noise(noise_seed(params, 0), ev.num_samples, shape)[:n]
+    out = []
+    for scale in ev.guidance_curve:
+        images = sample(models, scheduler, noise, ev.sampling_steps, ranges=ranges, sampler=ev.sampler,
+                        batch_size=ev.batch_size, labels=labels[:n], guidance_scale=scale,
+                        desc=f"guidance {scale:g} {name}")
+        probs = torch.softmax(torch.as_tensor(features.predict(clf, images)), dim=1).numpy()
+        out.append({"scale": scale, "num_samples": n, "fd": distances.frechet_distance(extract(images), reference),
+                    "conditional_accuracy": conditional_accuracy(probs, labels[:n])})
+    return out
 
 
 def log_models(params: Params, run, name: str, headline: dict, losses: dict, ranges) -> None:

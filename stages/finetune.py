@@ -16,7 +16,15 @@ from dtm_core import adapters
 from dtm_core import data as data_mod
 from dtm_core.config import FinetuneConfig, Params
 from dtm_core.errors import PartitionError
-from dtm_core.model import has_projection, load_scheduler, load_unet, num_parameters, save_model, with_projection
+from dtm_core.model import (
+    PromptUNet2DModel,
+    has_projection,
+    load_scheduler,
+    load_unet,
+    num_parameters,
+    save_model,
+    with_projection,
+)
 from dtm_core.partition import load_partition, sample_timesteps
 from dtm_core.seeding import derive_seed
 from dtm_core.tracking import NullRun
@@ -30,11 +38,27 @@ def load_inputs():
     return images, load_unet(PRETRAINED_DIR, what="pretrained model"), load_scheduler(PRETRAINED_DIR)
 
 
+def prompting(base, ft: FinetuneConfig) -> dict:
+    """train()'s prompt arguments for a prompt-conditioned base: the train labels, the prompt dropout."""
+    if not isinstance(base, PromptUNet2DModel):
+        return {}
+    return {"labels": torch.as_tensor(data_mod.load_split(DATA_DIR, "train").labels),
+            "prompt_dropout": ft.prompt_dropout}
+
+
 def trainee(base, ft: FinetuneConfig, projection: bool):
-    """The model a fine-tune trains: a copy of ``base`` (with identity projections if asked), with a LoRA
-    adapter on it and the rest frozen when ``finetune.adapter`` is lora."""
-    model = with_projection(base, enabled=projection)
+    """The model a fine-tune trains: a copy of ``base`` (with identity projections if asked, its prompt
+    encoder frozen), with a LoRA adapter on it and the rest frozen when ``finetune.adapter`` is lora."""
+    model = frozen_prompts(with_projection(base, enabled=projection))
     return adapters.attach(model, ft.lora) if ft.adapter == "lora" else model
+
+
+def frozen_prompts(model):
+    """``model`` with its prompt encoder frozen, if it has one: fine-tunes adapt the UNet to fixed prompt
+    embeddings, as a Stable Diffusion fine-tune keeps its text encoder."""
+    if isinstance(model, PromptUNet2DModel):
+        model.prompt_encoder.requires_grad_(False)
+    return model
 
 
 def finish(res: TrainResult, scheduler, out: Path, ckpt: Path, info: dict, run) -> dict:
@@ -81,6 +105,7 @@ def finetune_range(params: Params, run=NullRun(), index: int = 0) -> dict:
         model, scheduler, images, ft, seed=derive_seed(params.seed, f"finetune-{index}"),
         timestep_sampler=draw, teacher=base, consistency_weight=ft.consistency_weight,
         checkpoint_dir=ckpt, checkpoint_every=ft.checkpoint_every, desc=f"finetune range {index} [{lo},{hi})",
+        **prompting(base, ft),
     )
     log_data_version(run, params, "training")
     return finish(res, scheduler, range_dir(index), ckpt, {"range": [lo, hi], "index": index}, run)

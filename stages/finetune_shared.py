@@ -20,7 +20,7 @@ from dtm_core.tracking import NullRun
 from dtm_core.train import train
 from dtm_core.weighting import timestep_weights
 from stages.common import SHARED_DIR, checkpoint_dir, log_data_version, main
-from stages.finetune import finish, load_inputs, trainee
+from stages.finetune import finish, frozen_prompts, load_inputs, prompting, trainee
 
 
 def train_shared(params: Params, images, base, scheduler, steps: int, **extra):
@@ -34,9 +34,9 @@ def train_shared(params: Params, images, base, scheduler, steps: int, **extra):
     weights = None
     if ft.weighting != "none":
         weights = timestep_weights(ft.weighting, scheduler.alphas_cumprod, ft.weighting_gamma)
-    model = trainee(base, ft, projection=False) if ft.adapter == "lora" else base
+    model = trainee(base, ft, projection=False) if ft.adapter == "lora" else frozen_prompts(base)
     return train(model, scheduler, images, ft, seed=derive_seed(params.seed, "finetune-shared"), steps=steps,
-                 loss_weights=weights, desc="finetune shared", **extra)
+                 loss_weights=weights, desc="finetune shared", **prompting(base, ft), **extra)
 
 
 def finetune_shared(params: Params, run=NullRun()) -> dict:

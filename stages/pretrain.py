@@ -16,9 +16,12 @@ from pathlib import Path
 import torch
 
 from dtm_core import data as data_mod
+from dtm_core.conditioning import class_prompts
 from dtm_core.config import Params
 from dtm_core.errors import ModelLoadError
 from dtm_core.model import (
+    PromptUNet2DModel,
+    build_prompt_unet,
     build_scheduler,
     build_unet,
     find_scheduler,
@@ -43,7 +46,13 @@ def pretrain(params: Params, run=NullRun()) -> dict:
     # initial weights must be seeded here, not inherited from the process.
     torch.manual_seed(derive_seed(params.seed, "pretrain-init"))
     shape = train_ds.images.shape[1:]
-    unet = build_unet(params.model, sample_size=shape[-1], channels=shape[0])
+    cond = {}
+    if params.model.conditioning == "prompt":
+        unet = build_prompt_unet(params.model, shape[-1], shape[0], class_prompts(train_ds.classes),
+                                 params.model.cross_attention_dim)
+        cond = {"labels": torch.as_tensor(train_ds.labels), "prompt_dropout": params.pretrain.prompt_dropout}
+    else:
+        unet = build_unet(params.model, sample_size=shape[-1], channels=shape[0])
     scheduler = build_scheduler(params.model)
     ckpt = checkpoint_dir("pretrain", params)
     res = train(unet, scheduler, torch.as_tensor(train_ds.images), params.pretrain,
@@ -51,7 +60,7 @@ def pretrain(params: Params, run=NullRun()) -> dict:
                 checkpoint_every=params.pretrain.checkpoint_every, desc="pretrain",
                 # the shipped base (base/) was trained in the contiguous layout, and make base
                 # regenerates it with this stage bit for bit
-                channels_last=False)
+                channels_last=False, **cond)
     run.log_curve("train/loss", res.losses)
     log_data_version(run, params, "training")
     info = {"source": "embedded", "steps": res.steps, "final_loss": smoothed(res.losses),
@@ -65,6 +74,12 @@ def import_pretrained(params: Params, run=NullRun()) -> dict:
     """Validate and copy a local diffusers checkpoint (model or pipeline directory); never a hub."""
     src = Path(params.model.pretrained_path).expanduser()
     unet = load_unet(src, what="model.pretrained_path", user_supplied=True)
+    prompted = isinstance(unet, PromptUNet2DModel)
+    if prompted != (params.model.conditioning == "prompt"):
+        raise ModelLoadError(
+            f"model.pretrained_path '{src}' holds a {type(unet).__name__} but model.conditioning is "
+            f"{params.model.conditioning}: set model.conditioning: {'prompt' if prompted else 'none'}"
+        )
     if has_projection(unet):
         raise ModelLoadError(
             f"model.pretrained_path '{src}' already has channel-projection layers; "

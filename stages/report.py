@@ -20,7 +20,7 @@ from dtm_core import distances
 from dtm_core.config import Params
 from dtm_core.io import atomic_dir, atomic_file, read_json, write_json
 from dtm_core.partition import load_partition, range_columns
-from dtm_core.plots import plot_heldout_loss
+from dtm_core.plots import plot_guidance, plot_heldout_loss
 from dtm_core.seeding import derive_seed
 from dtm_core.tracking import NullRun
 from stages.common import (
@@ -139,6 +139,9 @@ def report(params: Params, run=NullRun()) -> dict:
             "partition_method": read_json(PARTITION_FILE, "partition").get("method", "uniform"),
         },
     }
+    curves = {m: details[m]["guidance_curve"] for m in EVAL_MODELS if "guidance_curve" in details[m]}
+    if curves:  # a prompt-conditioned run
+        comparison["guidance_curves"] = curves
     write_json(REPORT_DIR / "comparison.json", comparison)
     with atomic_file(HELDOUT_LOSS_TSV) as handle:
         handle.write("\t".join(["t", *EVAL_MODELS]) + "\n")
@@ -147,6 +150,8 @@ def report(params: Params, run=NullRun()) -> dict:
                          + "\n")
     with atomic_dir(FIGURES_DIR) as tmp:
         plot_heldout_loss(comparison["heldout_loss_curves"], ranges, tmp / "heldout_loss.png")
+        if curves:
+            plot_guidance(curves, tmp / "guidance_curve.png")
     markdown = render_markdown(comparison)
     with atomic_file(REPORT_DIR / "comparison.md") as handle:
         handle.write(markdown)
@@ -155,6 +160,8 @@ def report(params: Params, run=NullRun()) -> dict:
                                                                            "memorised_fraction")}
     summary.update({f"{key}/fd": c["fd"] for key, c in contrasts.items()})
     summary["floor/fd"] = clf["floor_fd"]
+    summary.update({f"{m}/conditional_accuracy": models[m]["conditional_accuracy"] for m in EVAL_MODELS
+                    if "conditional_accuracy" in models[m]})
     run.log_parent_metrics(summary)
     run.set_tags({"mlflow.note.content": markdown}, run_id=run.parent_id)
     for path in (REPORT_DIR / "comparison.json", REPORT_DIR / "comparison.md", FIGURES_DIR / "heldout_loss.png"):
@@ -259,6 +266,17 @@ def render_markdown(c: dict) -> str:
         h = v["heldout_loss"]
         lines.append(f"| {key.replace('_minus_', ' − ')} | {v['fd']:+.4f} {_ci(v['fd_ci'])} | {v['verdict']} "
                      f"| {h['delta']:+.6f} {_ci(h['ci'], 6)} | {100 * h['relative']:+.2f}% | {h['verdict']} |")
+    if "guidance_curves" in c:
+        lines += ["", "## Guidance (prompt-conditioned models)", "",
+                  f"Sample i was prompted with class i mod C at guidance scale {s['guidance_scale']:g}. Conditional "
+                  "accuracy: the share of samples the feature classifier puts in their prompt's class. "
+                  + ", ".join(f"{m} {r['conditional_accuracy']:.3f}" for m, r in models.items()) + ".", "",
+                  "Over guidance scales, on the first samples of the same noise and prompts:", "",
+                  "| model | scale | FD | conditional accuracy |", "|---|---|---|---|"]
+        for m, rows in c["guidance_curves"].items():
+            lines += [f"| {m} | {r['scale']:g} | {r['fd']:.4f} (n={r['num_samples']}) | "
+                      f"{r['conditional_accuracy']:.3f} |" for r in rows]
+        lines += ["", "![FD against conditional accuracy](figures/guidance_curve.png)"]
     lines += ["", "## Held-out loss by timestep range", "",
               "| range | " + " | ".join(c["models"]) + " | merged − shared [95% CI] | range model i − pretrained "
               "[95% CI] | range model i − shared [95% CI] |",

@@ -33,8 +33,8 @@ def test_the_runner_reads_every_stage_from_dvc_yaml():
 
 
 def test_a_changed_dvc_yaml_changes_what_the_runner_declares(tmp_path):
-    text = (ROOT / "dvc.yaml").read_text().replace("params: [seed, merge.method, merge.density, merge.scale]",
-                                                   "params: [seed, merge.method]")
+    declared = "params: [seed, merge.method, merge.density, merge.scale, merge.peft_combination]"
+    text = (ROOT / "dvc.yaml").read_text().replace(declared, "params: [seed, merge.method]")
     (tmp_path / "dvc.yaml").write_text(text)
     assert common.read_stages(tmp_path / "dvc.yaml")["merge"].params == ("seed", "merge.method")
 
