@@ -246,11 +246,18 @@ def experiments_rerun_only_what_they_change_and_queue_in_parallel(proj: Path, en
     # tools read an experiment's files, git-tracked or inside a DVC-cached out, as the experiment left them
     read = [sys.executable, "-c", "import json, sys; from tools import exps; "
             "print(json.dumps([exps.experiment_file('ties', p) for p in sys.argv[1:]]))",
-            "evaluation/merged.json", "metrics/merged.json", "evaluation/no-such.json"]
-    proc = subprocess.run(read, cwd=proj, env={**env, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True,
-                          timeout=300)
+            "evaluation/merged.json", "metrics/merged.json", "evaluation/no-such.json", "reports/comparison.json"]
+    tool_env = {**env, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run(read, cwd=proj, env=tool_env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    cached, tracked, missing = json.loads(proc.stdout.strip().splitlines()[-1])
+    cached, tracked, missing, ties_report = json.loads(proc.stdout.strip().splitlines()[-1])
+    # a contrast across runs computed by tools.contrast is the report's own contrast when both sides are one run's
+    proc = subprocess.run([sys.executable, "-m", "tools.contrast", "ties:merged", "ties:shared"], cwd=proj,
+                          env=tool_env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    across = json.loads(proc.stdout[proc.stdout.index("{"):])
+    within = ties_report["contrasts"]["merged_minus_shared"]
+    assert across["fd"] == pytest.approx(within["fd"], abs=1e-12) and across["fd_ci"] == within["fd_ci"]
     _run(["dvc", "exp", "apply", "ties"], proj, env)
     assert cached == json.loads((proj / "evaluation" / "merged.json").read_text())
     assert tracked == json.loads((proj / "metrics" / "merged.json").read_text()) and missing is None

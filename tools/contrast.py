@@ -1,0 +1,100 @@
+"""Paired contrasts between models of two runs, which ``dvc exp show`` cannot compute.
+
+    python -m tools.contrast lora-digits:merged workspace:merged --out docs/results/lora_digits.json
+
+Each side is ``EXPERIMENT:MODEL``: a DVC experiment of this commit, or
+``workspace`` for the run in the working tree. Both runs must have sampled
+from the same test noise (the same evaluate settings): FD(a) − FD(b) with the
+report's paired bootstrap interval (``report.bootstrap_rounds`` resamples,
+the same resampled indices for both), and the held-out loss difference paired
+by image, each with its verdict.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import sys
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+
+from dtm_core import distances
+from dtm_core.config import load_params
+from dtm_core.errors import DtmError
+from dtm_core.io import read_json, write_json
+from dtm_core.seeding import derive_seed
+from stages.common import REPORT_DIR, SAMPLES_DIR, load_reference, reference_split
+from tools import exps
+
+WORKSPACE = "workspace"
+# what must match for two runs' samples to share their noise and their scoring
+SAME = ("num_samples", "noise_seeds", "sampler", "sampling_steps", "features", "reference", "heldout_images",
+        "classifier_heldout_accuracy")
+
+
+def side(spec: str) -> tuple[str, str, dict, dict]:
+    """(experiment, model, its samples' arrays, its run's comparison.json) for ``EXPERIMENT:MODEL``."""
+    name, sep, model = spec.partition(":")
+    if not sep or not name or not model:
+        raise exps.ExperimentError(f"'{spec}': give EXPERIMENT:MODEL, e.g. lora-digits:merged or workspace:shared")
+    path = f"samples/{model}.npz"
+    if name == WORKSPACE:
+        if not (SAMPLES_DIR / f"{model}.npz").is_file():
+            raise exps.ExperimentError(f"the workspace has no {path}: run dvc repro (or dvc checkout)")
+        data, comparison = (SAMPLES_DIR / f"{model}.npz").read_bytes(), read_json(REPORT_DIR / "comparison.json",
+                                                                                "the workspace's report")
+    else:
+        data, comparison = exps.experiment_bytes(name, path), exps.experiment_file(name)
+        if comparison is None:
+            raise exps.ExperimentError(f"experiment '{name}' has no {exps.REPORT}: run it first")
+    with np.load(io.BytesIO(data)) as npz:
+        arrays = {k: npz[k] for k in npz.files}
+    return name, model, arrays, comparison
+
+
+def contrast(a: str, b: str) -> dict:
+    params = load_params()
+    (na, ma, da, ca), (nb, mb, db, cb) = side(a), side(b)
+    differ = {k: (ca["settings"].get(k), cb["settings"].get(k)) for k in SAME
+              if ca["settings"].get(k) != cb["settings"].get(k)}
+    if differ:
+        raise exps.ExperimentError(f"'{a}' and '{b}' were not sampled and scored alike: {differ}")
+    ref = load_reference()
+    reference = ref[reference_split(ref)]
+    rounds = params.report.bootstrap_rounds
+    fd = distances.fd_contrast(da, db, reference, rounds, derive_seed(params.evaluate.seed, "paired-fd"))
+    diff = (da["losses"] - db["losses"]).mean(axis=1)
+    loss_ci = distances.paired_mean_ci(diff, rounds, derive_seed(params.evaluate.seed, "cross-run-loss"))
+    return {
+        "a": {"run": na, "model": ma, **ca["models"][ma]}, "b": {"run": nb, "model": mb, **cb["models"][mb]},
+        "fd": fd["fd"], "fd_ci": fd["fd_ci"], "fd_verdict": fd["verdict"],
+        "heldout_loss": float(diff.mean()), "heldout_loss_ci": list(loss_ci),
+        "heldout_loss_verdict": distances.verdict(loss_ci), "bootstrap_rounds": rounds,
+        "settings": {k: ca["settings"].get(k) for k in SAME},
+        "command": f"python -m tools.contrast {a} {b}",
+    }
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m tools.contrast", description=__doc__.split("\n\n")[0])
+    ap.add_argument("a", help="EXPERIMENT:MODEL (or workspace:MODEL)")
+    ap.add_argument("b", help="EXPERIMENT:MODEL (or workspace:MODEL)")
+    ap.add_argument("--out", type=Path, help="write the contrast as JSON here")
+    args = ap.parse_args(argv)
+    try:
+        result = contrast(args.a, args.b)
+    except DtmError as exc:
+        print(f"error: contrast: {exc}", file=sys.stderr)
+        return 2
+    if args.out:
+        write_json(args.out, result)
+    print(json.dumps({k: result[k] for k in ("fd", "fd_ci", "fd_verdict", "heldout_loss", "heldout_loss_ci",
+                                             "heldout_loss_verdict")}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
