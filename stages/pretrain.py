@@ -79,6 +79,7 @@ def import_pretrained(params: Params, run=NullRun()) -> dict:
         raise ModelLoadError(
             f"model.pretrained_path '{src}' holds a {type(unet).__name__} but model.conditioning is "
             f"{params.model.conditioning}: set model.conditioning: {'prompt' if prompted else 'none'}"
+            + ("" if prompted else ", or model.pretrained_path: null to train a prompt-conditioned base here")
         )
     if has_projection(unet):
         raise ModelLoadError(

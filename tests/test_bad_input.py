@@ -76,6 +76,9 @@ CONFIG_CASES = [
     ("partition.boundaries", [0, 600, 500], "partition.boundaries"),  # overlapping
     ("partition.boundaries", [0, 500, 900], "partition.boundaries"),  # gap at the end
     ("evaluate.num_samples", 10, "evaluate.num_samples"),  # fewer samples than feature dims
+    ("finetune.adapter", "qlora", "finetune.adapter"),
+    ("merge.peft_combination", "cat", "merge.peft_combination"),  # merges adapters, but the fine-tunes are full
+    ("model.conditioning", "text", "model.conditioning"),
 ]
 
 
@@ -130,6 +133,13 @@ def test_pretrained_weight_file_missing(project, capsys):
     proj, params = project
     user_checkpoint(proj, params, drop="diffusion_pytorch_model.safetensors")
     expect_failure(proj, capsys, "pretrain", must_mention=("diffusion_pytorch_model.safetensors", "missing"),
+                   absent=("models/pretrained",))
+
+
+def test_prompt_conditioning_of_an_unconditional_checkpoint(project, capsys):
+    proj, params = project
+    user_checkpoint(proj, set_param(params, "model.conditioning", "prompt"))
+    expect_failure(proj, capsys, "pretrain", must_mention=("model.conditioning", "model.pretrained_path: null"),
                    absent=("models/pretrained",))
 
 
