@@ -9,7 +9,10 @@ unet/, scheduler/): by default a ``DDPMPipeline`` holding the scheduler the
 pipeline's evaluation samples with (DPM-Solver++ of order 2 over the whole
 of [0, T), ``evaluate.sampler: dpmsolver``), so
 ``pipe(num_inference_steps=20)`` draws what every reported FD measured;
-``--sampler ddim`` writes a ``DDIMPipeline``. A model with channel
+``--sampler ddim`` writes a ``DDIMPipeline``. A prompt-conditioned model
+exports as a :class:`PromptPipeline` (its prompt encoder and vocabulary live
+in its unet/), sampled as ``pipe("a photo of a sandal", guidance_scale=4.0)``.
+A model with channel
 projections keeps them: its unet/ holds a
 :class:`~dtm_core.model.DeMeUNet2DModel`, which ``DiffusionPipeline.from_pretrained``
 loads once ``dtm_core.model`` is imported (diffusers only loads classes from
@@ -37,8 +40,9 @@ from pathlib import Path
 from typing import Optional
 
 import torch
-from diffusers import DDIMPipeline, DDPMPipeline, UNet2DModel
+from diffusers import DDIMPipeline, DDPMPipeline, DiffusionPipeline, ImagePipelineOutput, UNet2DModel
 
+from .conditioning import EMPTY, guided_eps
 from .errors import DtmError, ModelLoadError
 from .io import atomic_dir
 from .model import PROJECTION_ATTR, PromptUNet2DModel, has_projection, load_scheduler, load_unet
@@ -81,19 +85,57 @@ def to_stock(unet: UNet2DModel, probes: int = 8, seed: int = 0) -> tuple[UNet2DM
     return stock.eval(), {"folded": folded, "dropped": dropped, "max_abs_output_error": err}
 
 
+class PromptPipeline(DiffusionPipeline):
+    """Samples a prompt-conditioned model (:class:`~dtm_core.model.PromptUNet2DModel`) from its prompts.
+
+    ``pipe("a photo of a sandal", guidance_scale=4.0)``: a prompt is one of
+    the model's class prompts (``pipe.prompts``), or "" for the empty one;
+    classifier-free guidance as in the evaluation. Its text encoder and
+    vocabulary live in the UNet (``unet.prompt_encoder``, ``unet.config.prompts``).
+    """
+
+    def __init__(self, unet: PromptUNet2DModel, scheduler):
+        super().__init__()
+        self.register_modules(unet=unet, scheduler=scheduler)
+
+    @property
+    def prompts(self) -> list[str]:
+        return list(self.unet.config.prompts)
+
+    @torch.no_grad()
+    def __call__(self, prompt, guidance_scale: float = 2.0, num_inference_steps: int = 20,
+                 generator: Optional[torch.Generator] = None, noise: Optional[torch.Tensor] = None,
+                 output_type: str = "pil", return_dict: bool = True):
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        unknown = [p for p in prompts if p and p not in self.prompts]
+        if unknown:
+            raise ValueError(f"prompts {unknown} are not this model's; it knows: {self.prompts} (or '' for none)")
+        labels = torch.tensor([self.prompts.index(p) if p else EMPTY for p in prompts])
+        cfg = self.unet.config
+        if noise is None:
+            noise = torch.randn((len(prompts), cfg.in_channels, cfg.sample_size, cfg.sample_size), generator=generator)
+        x = noise.to(self.device)
+        self.scheduler.set_timesteps(num_inference_steps)
+        for t in self.progress_bar(self.scheduler.timesteps):
+            eps = guided_eps(self.unet, x, t.to(self.device), labels.to(self.device), guidance_scale)
+            x = self.scheduler.step(eps, t, x).prev_sample
+        images = x.clamp(-1, 1).cpu()
+        if output_type != "pt":
+            images = (images / 2 + 0.5).permute(0, 2, 3, 1).numpy()
+            images = self.numpy_to_pil(images) if output_type == "pil" else images
+        return ImagePipelineOutput(images=images) if return_dict else (images,)
+
+
 def export_pipeline(model_dir: str | Path, out_dir: str | Path, stock: bool = False, sampler: str = "dpmsolver",
                     steps: int = 20) -> dict:
     """Write a pipeline directory for ``model_dir`` sampling with ``sampler``; what was done, as a dict (also
     dtm_export.json, which names the ``steps`` the pipeline's FDs were measured at)."""
     unet = load_unet(model_dir, what="model to export")
-    if isinstance(unet, PromptUNet2DModel):
-        raise ModelLoadError(
-            f"'{model_dir}' is a prompt-conditioned model: diffusers' DDPM/DDIM pipelines cannot prompt it, and "
-            "this project has no conditional pipeline export yet; load it with dtm_core.model.load_unet and "
-            "sample with dtm_core.sampling.sample(labels=..., guidance_scale=...)"
-        )
     scheduler = sampling_scheduler(load_scheduler(model_dir), steps, sampler)
-    pipeline = DDIMPipeline if sampler == "ddim" else DDPMPipeline
+    pipeline = PromptPipeline if isinstance(unet, PromptUNet2DModel) else DDIMPipeline if sampler == "ddim" \
+        else DDPMPipeline
+    if stock and pipeline is PromptPipeline:
+        raise ModelLoadError(f"'{model_dir}' is prompt-conditioned: there is no stock diffusers UNet to export it as")
     info = {"source": str(model_dir), "unet_class": type(unet).__name__, "stock": False,
             "pipeline": pipeline.__name__, "sampler": sampler, "num_inference_steps": steps}
     if stock and has_projection(unet):
@@ -121,7 +163,10 @@ def main(argv: Optional[list[str]] = None) -> int:
         print(f"error: export: {exc}", file=sys.stderr)
         return 2
     print(json.dumps(info, indent=2))
-    if info["unet_class"] == "DeMeUNet2DModel":
+    if info["pipeline"] == "PromptPipeline":
+        print(f"load it with: from dtm_core.export import PromptPipeline; pipe = PromptPipeline.from_pretrained("
+              f"'{args.out_dir}'); pipe('<one of pipe.prompts>', guidance_scale=2.0, num_inference_steps={args.steps})")
+    elif info["unet_class"] == "DeMeUNet2DModel":
         print(f"load it with: import dtm_core.model; from diffusers import DiffusionPipeline; "
               f"DiffusionPipeline.from_pretrained('{args.out_dir}')(num_inference_steps={args.steps})")
     return 0

@@ -135,3 +135,24 @@ def test_sampling_and_the_held_out_loss_prompt_each_row_with_its_own_label(unet)
     empty = denoising_losses([unet], scheduler, images, grid, seed=0, labels=torch.full((6,), EMPTY))
     prompted = denoising_losses([unet], scheduler, images, grid, seed=0, labels=labels)
     assert (abs(empty - unprompted) < 1e-9).all() and abs(prompted - unprompted).max() > 1e-6
+
+
+def test_a_prompted_model_exports_as_a_pipeline_that_samples_from_a_prompt(unet, tmp_path):
+    from dtm_core.export import PromptPipeline, export_pipeline
+    from dtm_core.sampling import initial_noise, sample
+
+    scheduler = build_scheduler(ModelConfig())
+    save_model(unet, scheduler, tmp_path / "model")
+    info = export_pipeline(tmp_path / "model", tmp_path / "exported", steps=4)
+    assert info["pipeline"] == "PromptPipeline"
+    pipe = PromptPipeline.from_pretrained(tmp_path / "exported")
+    assert pipe.prompts == DIGITS
+    noise = initial_noise(3, 2, (1, 8, 8))
+    got = pipe(["a handwritten seven", ""], guidance_scale=4.0, num_inference_steps=4, noise=noise,
+               output_type="pt").images
+    want = sample([unet], scheduler, noise, 4, sampler="dpmsolver", labels=torch.tensor([7, EMPTY]),
+                  guidance_scale=4.0)
+    assert torch.allclose(got, torch.as_tensor(want), atol=1e-5)  # what the evaluation samples
+    assert len(pipe("a handwritten two", num_inference_steps=2).images) == 1  # PIL images by default
+    with pytest.raises(ValueError, match="a handwritten seven"):
+        pipe("a photo of a cat", num_inference_steps=2)
