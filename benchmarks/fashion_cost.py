@@ -92,12 +92,13 @@ def main() -> int:
     searches = len(controls & {"shared_scaled", "merged_scaled"}) * len(p.controls.scales) * p.controls.num_samples
     lambdas = p.analysis.lambdas
     along_tau = (len(lambdas) - (0.0 in lambdas)) * (n + 1) + (0.0 in lambdas)  # lambda 0 (the base) scored once
-    heldout_models = 3 + n + len(controls) + along_tau  # the ensemble: each of its n range models at every t
+    heldout_models = 3 + n + len(controls)  # the ensemble: each of its n range models at every t
+    along_tau *= (p.analysis.heldout_images or ev.heldout_images) / ev.heldout_images  # in evaluate's scorings
     shared_steps = ft.shared_total_steps(n)
     parts = {
         "sampling_evaluations": evaluated * ev.num_samples / samples_per_s,
         "sampling_control_searches": searches / samples_per_s,
-        "heldout_loss": heldout_models * ev.heldout_images * ev.heldout_timesteps / pairs_per_s,
+        "heldout_loss": (heldout_models + along_tau) * ev.heldout_images * ev.heldout_timesteps / pairs_per_s,
         "training": (n * ft.steps + (n * ft.steps if "soup" in controls else 0)) * deme_step
                     + shared_steps * plain_step
                     + (shared_steps * deme_step if "shared_consistency" in controls else 0),
@@ -109,7 +110,8 @@ def main() -> int:
                      "deme_step_seconds": deme_step, "plain_step_seconds": plain_step,
                      "sampler": ev.sampler, "sampling_steps": ev.sampling_steps, "batch_size": ev.batch_size},
         "counts": {"evaluated_models": evaluated, "samples_per_model": ev.num_samples,
-                   "control_search_samples": searches, "heldout_models": heldout_models},
+                   "control_search_samples": searches, "heldout_models": heldout_models,
+                   "loss_along_tau_scorings": along_tau},
         "projected_seconds": {**parts, "total": total},
         "command": "python benchmarks/fashion_cost.py",
     }

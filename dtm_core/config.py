@@ -377,6 +377,9 @@ class AnalysisConfig(_Section):
     # Held-out loss of theta + lambda tau for each range's task vector and the
     # shared fine-tune's, on evaluate's held-out images, timesteps and noise.
     lambdas: list[float] = Field(default_factory=list)
+    # ... on the first this many held-out images (null: evaluate.heldout_images, whose noise then makes
+    # lambda = 1 the evaluated model's own held-out loss); fewer cost proportionally less
+    heldout_images: Optional[int] = Field(None, ge=1)
     # Gradient conflict (Fig. 1): the cosine of the eps-loss gradients between
     # this many equal timestep bins, for the pretrained and the merged model,
     # on partition.affinity_images train images sketched to partition.sketch_dim. 0: off.

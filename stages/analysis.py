@@ -2,9 +2,9 @@
 
 - **Loss along the task vector** (``analysis.lambdas``): the held-out eps-MSE
   of theta + lambda tau for each range's task vector and for the shared
-  fine-tune's, on exactly evaluate's held-out images, timesteps and noise (so
-  lambda = 1 of the shared fine-tune is its ``heldout_loss``), over all of
-  [0, T) and, for a range, over its own timesteps.
+  fine-tune's, on evaluate's held-out images, timesteps and noise (so lambda =
+  1 of the shared fine-tune is its ``heldout_loss``; ``analysis.heldout_images``
+  takes fewer), over all of [0, T) and, for a range, over its own timesteps.
 - **Gradient conflict** (``analysis.gradient_bins``, paper Fig. 1): the
   bins x bins cosine of the eps-loss gradients of the pretrained and of the
   merged model, with the mean cosine between different bins of each.
@@ -43,7 +43,8 @@ from stages.common import (
 def loss_along_tau(params: Params, ranges) -> dict:
     """Held-out loss of theta + lambda tau per source (range i, shared) and lambda; λ = 0 is the base for all."""
     scheduler = load_scheduler(PRETRAINED_DIR)
-    images = data_mod.load_split(DATA_DIR, "heldout").images[: params.evaluate.heldout_images]
+    images = data_mod.load_split(DATA_DIR, "heldout").images[: params.analysis.heldout_images
+                                                              or params.evaluate.heldout_images]
     sources = {f"range-{i}": (load_unet(range_dir(i), what=f"range model {i}"),
                               TaskVector.load(TASK_VECTOR_DIR / f"range-{i}.safetensors")) for i in range(len(ranges))}
     shared = load_unet(SHARED_DIR, what="shared model")
