@@ -7,8 +7,8 @@ zero, so the model starts as the base, as the identity projections do.
 
 On disk such a model is its adapter alone (diffusers' ``save_lora_adapter``
 file) with the scheduler and a ``dtm_info.json`` that names the base it was
-trained on. :func:`dtm_core.model.load_unet` folds it into a plain model
-(``fuse_lora`` then ``unload_lora``), so task vectors, merging, the ensemble
+trained on. :func:`dtm_core.model.load_unet` loads that base and folds the
+adapter in (:func:`folded`: ``fuse_lora`` then ``unload_lora``), so task vectors, merging, the ensemble
 and export read it as they read a full fine-tune: its task vector is the
 dense delta ``scale * B A`` of every wrapped weight.
 
@@ -112,22 +112,22 @@ def fold(model):
     return model
 
 
-def load_folded(path: str | Path, what: str):
-    """The plain model an adapter directory stands for: its base, with the adapter folded in."""
-    from .model import load_unet, with_projection
+def adapter_base(path: str | Path) -> tuple[Path, bool]:
+    """The base directory an adapter directory was trained on, and whether that base carried projections."""
+    info = _info(Path(path))
+    return Path(info["base"]), bool(info["channel_projection"])
 
-    path = Path(path)
-    info = _info(path)
-    base_dir = Path(info["base"])
-    model = with_projection(load_unet(base_dir, what=f"base of {what}"), enabled=info["channel_projection"])
+
+def folded(base, path: str | Path, what: str):
+    """``base`` (as :func:`adapter_base` names it) with the adapter saved in ``path`` folded in: a plain model."""
     try:
-        load_into(model, path)
+        load_into(base, path)
     except (ValueError, KeyError, RuntimeError, OSError) as exc:
         raise ModelLoadError(
-            f"{what}: adapter '{path / ADAPTER_WEIGHTS}' does not fit its base '{base_dir}' ({exc}); "
+            f"{what}: adapter '{Path(path) / ADAPTER_WEIGHTS}' does not fit its base ({exc}); "
             "re-run the stage that wrote it (dvc repro)"
         ) from exc
-    return fold(model).eval()
+    return fold(base).eval()
 
 
 def dense_deltas(model, name: str = "default") -> dict[str, torch.Tensor]:

@@ -26,6 +26,7 @@ from diffusers.loaders import PeftAdapterMixin
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
+from . import adapters
 from .conditioning import EMPTY, PromptEncoder
 from .config import ModelConfig
 from .errors import ModelLoadError
@@ -238,8 +239,6 @@ def save_model(unet: UNet2DModel, scheduler: DDPMScheduler, path: str | Path, ex
     then name its ``base`` directory (:mod:`dtm_core.adapters`).
     """
     storage_layout(unet)
-    from . import adapters
-
     if adapters.has_adapter(unet):
         if not extra or "base" not in extra:
             raise ValueError("saving an adapter needs extra['base']: the directory of the model it adapts")
@@ -308,10 +307,10 @@ def load_unet(path: str | Path, what: str = "model", user_supplied: bool = False
                 f"pipeline directory with unet/.{_hub_hint(path)}"
             )
         raise ModelLoadError(f"{what} directory '{path}' does not exist: run dvc repro to produce it.")
-    from . import adapters
-
     if not user_supplied and adapters.is_adapter_dir(path):
-        return adapters.load_folded(path, what)
+        base_dir, projection = adapters.adapter_base(path)
+        base = with_projection(load_unet(base_dir, what=f"base of {what}"), enabled=projection)
+        return adapters.folded(base, path, what)
     unet_dir = _unet_dir(path, what, user_supplied)
     redo = "re-export or re-download the checkpoint" if user_supplied else "re-run the stage that writes it (dvc repro)"
     try:
