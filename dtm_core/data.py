@@ -222,7 +222,8 @@ def load_split(data_dir: str | Path, name: str) -> Dataset:
 
 
 class BatchSampler:
-    """Endless shuffled minibatches from a tensor, driven by its own generator."""
+    """Endless shuffled minibatches of a tensor's rows (their indices, so labels can follow), driven by its own
+    generator."""
 
     def __init__(self, images: np.ndarray | torch.Tensor, batch_size: int, generator: torch.Generator):
         self.images = torch.as_tensor(images)
@@ -239,9 +240,6 @@ class BatchSampler:
         idx = self._order[self._pos : self._pos + self.batch_size]
         self._pos += self.batch_size
         return idx
-
-    def next(self) -> torch.Tensor:
-        return self.images[self.next_indices()]
 
     def state_dict(self) -> dict:
         return {"order": self._order.clone(), "pos": self._pos, "generator": self.generator.get_state()}

@@ -92,12 +92,12 @@ def test_imagefolder_empty(tmp_path):
 def test_batch_sampler_epochs_and_state():
     x = torch.arange(10.0).view(10, 1, 1, 1)
     s = BatchSampler(x, 4, torch.Generator().manual_seed(0))
-    seen = torch.cat([s.next() for _ in range(2)]).flatten().tolist()
+    seen = torch.cat([x[s.next_indices()] for _ in range(2)]).flatten().tolist()
     assert len(set(seen)) == 8  # no repeats within an epoch
     state = s.state_dict()
-    a = [s.next() for _ in range(3)]
+    a = [s.next_indices() for _ in range(3)]
     s.load_state_dict(state)
-    b = [s.next() for _ in range(3)]
+    b = [s.next_indices() for _ in range(3)]
     assert all(torch.equal(u, v) for u, v in zip(a, b))
 
 
