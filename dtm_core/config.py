@@ -186,8 +186,8 @@ class FinetuneConfig(OptimConfig):
     steps: int = Field(200, ge=1)  # per range model; the shared baseline gets N x steps
     # The shared baseline's own step count (null: N x steps, equal compute).
     # Fewer steps stop it early, at a budget chosen on validation noise
-    # (benchmarks/shared_budget.py); under a constant learning rate an S-step
-    # run is exactly the S-step snapshot of a longer one.
+    # (tools.sweep finetune.shared_steps); under a constant learning rate an
+    # S-step run is exactly the S-step snapshot of a longer one.
     shared_steps: Optional[int] = Field(None, ge=1)
     lr: float = Field(5e-5, gt=0.0, le=1.0)
     # The shared baseline's own learning rate (null: finetune.lr). Each method's

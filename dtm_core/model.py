@@ -45,7 +45,7 @@ def compute_layout(model: torch.nn.Module) -> torch.nn.Module:
     """Hold ``model``'s 4-d weights channels-last, the layout its convolutions run fastest in.
 
     oneDNN's convolutions on these CPUs take 17-27% less time per UNet call
-    with channels-last weights (benchmarks/conv_layout.py); the input needs no
+    with channels-last weights (docs/results/conv_layout.json); the input needs no
     conversion (the first convolution's output follows the weight). The
     numbers change at float-rounding level only (other kernels), and state
     dicts taken from such a model are not contiguous: safetensors refuses to

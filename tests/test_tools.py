@@ -145,54 +145,33 @@ def test_a_set_argument_without_a_value_is_refused_before_any_experiment(tool, m
 
 
 def test_run_variants_skips_finished_replaces_stale_and_never_forces(monkeypatch):
-    calls = []
+    calls, runs = [], []
     monkeypatch.setattr(exps, "_dvc", lambda *args, **kw: calls.append(args) or "")
     monkeypatch.setattr(exps, "experiment_refs", lambda: {"done": "refs/exps/x/done", "stale": "refs/exps/x/stale"})
     finished = {"done"}
     monkeypatch.setattr(exps, "experiment_file", lambda name, path=exps.REPORT: {} if name in finished else None)
     monkeypatch.setattr(exps, "_same_params", lambda name, overrides: True)
-    monkeypatch.setattr(exps, "queue_status", lambda: {})
-    monkeypatch.setattr(exps.subprocess, "run", lambda *a, **k: None)
-    status = exps.run_variants({"done": {"seed": 0}, "stale": {"seed": 1}, "new": {"seed": 2}}, poll=0)
-    assert status["done"] == "done"
+
+    def run(cmd, **kw):  # "new" fails, "stale" leaves its report
+        name = cmd[cmd.index("-n") + 1]
+        runs.append(cmd)
+        if name == "stale":
+            finished.add(name)
+        return subprocess.CompletedProcess(cmd, 0 if name == "stale" else 1)
+
+    monkeypatch.setattr(exps.subprocess, "run", run)
+    status = exps.run_variants({"done": {"seed": 0}, "stale": {"seed": 1}, "new": {"seed": 2}})
+    assert status == {"done": "done", "stale": "Success", "new": "Failed"}
     assert ("exp", "remove", "refs/exps/x/stale") in calls and ("exp", "remove", "new") not in calls
-    queued = [c for c in calls if c[:2] == ("exp", "run")]
-    assert [c[c.index("-n") + 1] for c in queued] == ["stale", "new"]
-    assert not any("-f" in c or "--force" in c for c in queued)  # forcing would bypass DVC's run-cache
+    assert [c[c.index("-n") + 1] for c in runs] == ["stale", "new"]
+    assert all(c[c.index("exp"):c.index("exp") + 3] == ["exp", "run", "--temp"] for c in runs)
+    assert not any("-f" in c or "--force" in c for c in runs)  # forcing would bypass DVC's run-cache
+    with pytest.raises(exps.ExperimentError, match="new"):
+        exps.run_all({"new": {"seed": 2}})
 
 
-def test_run_variants_restarts_a_worker_that_stopped_with_experiments_queued(monkeypatch):
-    # DVC's worker may exit after one task with more queued (treeverse/dvc#10562): the loop starts it again
-    monkeypatch.setattr(exps, "_dvc", lambda *args, **kw: "")
-    monkeypatch.setattr(exps, "experiment_refs", lambda: {})
-    monkeypatch.setattr(exps, "experiment_file", lambda name, path=exps.REPORT: None)
-    states = iter([{}, {"a": "Running", "b": "Queued"}, {"a": "Success", "b": "Queued"},
-                   {"a": "Success", "b": "Queued"}, {"a": "Success", "b": "Running"}, {"a": "Success", "b": "Success"}])
-    monkeypatch.setattr(exps, "queue_status", lambda: next(states))
-    starts = []
-    monkeypatch.setattr(exps, "start_workers", lambda jobs: starts.append(jobs))
-    monkeypatch.setattr(exps.subprocess, "run", lambda *a, **k: None)
-    exps.run_variants({"a": {"seed": 0}, "b": {"seed": 1}}, poll=0)
-    assert starts == [1, 1]  # the first start, and one restart after two idle polls (not after one)
-
-
-def test_a_tool_started_beside_a_live_worker_starts_no_second_one(monkeypatch):
-    # `dvc queue start` beside a live worker starts another of the same name: two pipelines on two cores
-    listing = "Task  Name  Created  Status\nab12  a  09:40 AM  Running\n\nWorker status: {} active, {} idle\n"
-    starts = []
-    monkeypatch.setattr(exps, "start_workers", lambda jobs: starts.append(jobs))
-    for busy, idle, started in ((1, 0, []), (0, 1, []), (0, 0, [1])):
-        starts.clear()
-        monkeypatch.setattr(exps, "_dvc", lambda *args, text=listing.format(busy, idle), **kw: text)
-        assert exps.live_workers() == busy + idle
-        exps.ensure_workers(1)
-        assert starts == started
-    monkeypatch.setattr(exps, "_dvc", lambda *args, **kw: "")  # nothing printed: no worker
-    assert exps.live_workers() == 0
-
-
-def test_the_queue_workers_get_an_absolute_python_when_it_was_found_through_a_relative_path():
-    # PATH=.venv/bin:... makes sys.executable relative; the workers run in .dvc/tmp/exps/<dir>, where
+def test_experiments_get_an_absolute_python_when_it_was_found_through_a_relative_path():
+    # PATH=.venv/bin:... makes sys.executable relative; experiments run in .dvc/tmp/exps/<dir>, where
     # a relative python is not found and the stages fell back to a python without torch
     import os
     import sys
@@ -376,33 +355,6 @@ def test_study_row_results_pair_each_seed_with_its_shared_baseline(monkeypatch):
     assert isinstance(committed, list) and {"name", "seeds", "fd_mean", "fd_std", "kid_mean", "delta_fd_vs_shared",
                                             "delta_fd_ci", "mlflow_runs", "commits"} <= set(committed[0])
     assert committed[0]["commits"] == ["c0ffee"]
-
-
-def test_a_restarted_tool_waits_for_what_is_still_queued_instead_of_queueing_it_again(monkeypatch):
-    calls = []
-    monkeypatch.setattr(exps, "_dvc", lambda *args, **kw: calls.append(args) or "")
-    monkeypatch.setattr(exps, "experiment_refs", lambda: {})
-    monkeypatch.setattr(exps, "experiment_file", lambda name, path=exps.REPORT: None)
-    states = iter([{"a": "Running", "b": "Queued"}, {"a": "Success", "b": "Running"}, {"a": "Success", "b": "Success"}])
-    monkeypatch.setattr(exps, "queue_status", lambda: next(states))
-    monkeypatch.setattr(exps, "start_workers", lambda jobs: None)
-    monkeypatch.setattr(exps.subprocess, "run", lambda *a, **k: None)
-    status = exps.run_variants({"a": {"seed": 0}, "b": {"seed": 1}, "c": {"seed": 2}}, poll=0)
-    queued = [c[c.index("-n") + 1] for c in calls if c[:2] == ("exp", "run")]
-    assert queued == ["c"] and set(status) == {"a", "b", "c"}
-
-
-def test_queue_status_prefers_the_live_entry_of_a_name_queued_twice(monkeypatch):
-    table = """Task     Name     Created    Status
-aaa1111  exp-a    04:21 AM   Queued
-bbb2222  exp-b    04:21 AM   Running
-ccc3333  exp-a    02:33 AM   Failed
-ddd4444  exp-c    02:33 AM   Success
-
-Worker status: 1 active, 0 idle
-"""
-    monkeypatch.setattr(exps, "_dvc", lambda *args, **kw: table)
-    assert exps.queue_status() == {"exp-a": "Queued", "exp-b": "Running", "exp-c": "Success"}
 
 
 def test_same_params_reads_both_sides_as_the_stages_do(monkeypatch, tmp_path):

@@ -7,6 +7,7 @@ from dtm_core.errors import TrainingDivergedError
 from dtm_core.model import build_scheduler, build_unet, float_state, with_projection
 from dtm_core.partition import sample_timesteps
 from dtm_core.train import lr_factor, smoothed, train
+from stages import report
 
 CFG = ModelConfig(block_out_channels=[16, 32], norm_num_groups=8)
 
@@ -131,7 +132,7 @@ def test_loss_weights_reweight_by_timestep(images):
 
 
 def test_a_shorter_run_is_the_snapshot_of_a_longer_one_at_a_constant_lr(images):
-    """finetune.shared_steps = S trains exactly the S-step snapshot that benchmarks/shared_budget.py scored."""
+    """finetune.shared_steps = S trains exactly the S-step snapshot of a longer run: an early stop."""
     snaps = {}
     train(with_projection(_base(), False), build_scheduler(CFG), images, _ft(steps=6), seed=5, snapshot_every=2,
           on_snapshot=lambda step, m: snaps.setdefault(step, float_state(m)))
@@ -140,3 +141,10 @@ def test_a_shorter_run_is_the_snapshot_of_a_longer_one_at_a_constant_lr(images):
     short = float_state(short)
     assert all(torch.equal(short[k], snaps[4][k]) for k in short)
     assert any(not torch.equal(snaps[4][k], snaps[6][k]) for k in short)
+
+
+def test_the_report_says_whether_the_shared_baseline_had_equal_compute():
+    equal = {"num_ranges": 4, "finetune_steps_per_range": 200, "shared_steps": 800}
+    assert report.compute_label(equal) == "equal compute"
+    label = report.compute_label({"num_ranges": 4, "finetune_steps_per_range": 1500, "shared_steps": 3000})
+    assert "finetune.shared_steps" in label and "0.50 x" in label and "6000" in label

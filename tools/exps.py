@@ -1,14 +1,12 @@
 """Run a set of named variants of the pipeline as DVC experiments and read their results back.
 
-Each variant is ``dvc exp run --queue -n <name> -S key=value ...``; the
-queue runs them one at a time (``dvc queue start -j 1``: two torch jobs on two
-cores slow each other down twentyfold) in temporary copies of the
-repository, and DVC's run-cache restores every stage a variant shares with a
-run already made (data, classifier, base model...). A variant that finished
-on the current commit with the same params is not run again: its experiment
-ref holds its committed outputs (``reports/comparison.json`` is a
-``cache: false`` out), so an interrupted sweep resumes by queuing only what
-is missing.
+Each variant is ``dvc exp run --temp -n <name> -S key=value ...``, run one at
+a time in a temporary copy of the repository; DVC's run-cache restores every
+stage a variant shares with a run already made (data, classifier, base
+model...). A variant that finished on the current commit with the same
+params is not run again: its experiment ref holds its committed outputs
+(``reports/comparison.json`` is a ``cache: false`` out), so an interrupted
+sweep resumes by running only what is missing.
 """
 
 from __future__ import annotations
@@ -17,13 +15,10 @@ import argparse
 import json
 import logging
 import os
-import re
 import subprocess
 import sys
-import time
 from typing import Any, Iterable, Optional
 
-from dtm_core.distributed import THREADS_ENV
 from dtm_core.errors import DtmError
 
 log = logging.getLogger("dtm.exps")
@@ -31,14 +26,14 @@ REPORT = "reports/comparison.json"
 
 
 class ExperimentError(DtmError):
-    """A DVC experiment could not be queued, failed, or left no results."""
+    """A DVC experiment failed, or left no results."""
 
 
 # sys.executable is relative when python was found through a relative PATH entry (PATH=.venv/bin:...),
-# and the queue's workers run in another directory: make it absolute.
+# and the experiments run in a temporary copy of the repository: make it absolute.
 PYTHON = os.path.abspath(sys.executable)
 DVC = [PYTHON, "-m", "dvc"]  # this environment's DVC, whatever PATH says
-# The queue's workers run the stages' `python -m stages.<name>` through the shell: it must be this python.
+# The experiments run the stages' `python -m stages.<name>` through the shell: it must be this python.
 os.environ["PATH"] = os.pathsep.join([os.path.dirname(PYTHON), os.environ.get("PATH", "")])
 
 
@@ -47,7 +42,7 @@ def _dvc(*args: str, timeout: float = 600) -> str:
         proc = subprocess.run([*DVC, *args], capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired as exc:
         raise ExperimentError(f"dvc {' '.join(args)} did not answer in {timeout:.0f} s; run the tool again "
-                              "(it resumes: finished experiments are read, queued ones waited for)") from exc
+                              "(it resumes: finished experiments are read, not run again)") from exc
     if proc.returncode != 0:
         raise ExperimentError(f"dvc {' '.join(args)} failed: {(proc.stderr or proc.stdout).strip()[-1500:]}")
     return proc.stdout
@@ -169,89 +164,28 @@ def experiment_bytes(name: str, path: str) -> bytes:
         raise ExperimentError(f"'{path}' of experiment '{name}' cannot be read ({exc})") from exc
 
 
-ACTIVE = ("Queued", "Running")
+def run_variants(variants: dict[str, dict[str, Any]], rerun: bool = False) -> dict[str, str]:
+    """Run every variant whose results are missing (all with ``rerun``), one after another; name -> "done"
+    (results present before), "Success" or "Failed".
 
-
-def queue_status() -> dict[str, str]:
-    """Experiment name -> queue status (Queued, Running, Success, Failed) from ``dvc queue status``."""
-    out = {}
-    for line in _dvc("queue", "status").splitlines():
-        m = re.match(r"^\s*\S+\s+(\S+)\s+.*\b(Queued|Running|Success|Failed)\s*$", line)
-        if m and out.get(m.group(1)) not in ACTIVE:  # a name queued again: its live entry wins
-            out[m.group(1)] = m.group(2)
-    return out
-
-
-def run_variants(variants: dict[str, dict[str, Any]], jobs: int = 1, poll: float = 15.0,
-                 rerun: bool = False) -> dict[str, str]:
-    """Queue every variant whose results are missing (all with ``rerun``), run the queue, wait.
-
-    Returns name -> "done" (results present before), "Success" or "Failed".
+    Each runs as ``dvc exp run --temp -n <name> -S ...``: in a temporary copy of the repository, its
+    results kept as an experiment of this commit, one at a time (two torch jobs on two cores slow each
+    other twentyfold). Never ``-f``: DVC's run-cache then restores every stage whose code, deps and
+    params an earlier run already had (data, classifier, base, unchanged fine-tunes), so a stopped
+    sweep resumes where it ended.
     """
     status = {}
-    todo = []
     refs = experiment_refs()
-    pending = queue_status()
     for name, overrides in variants.items():
         if not rerun and experiment_file(name) is not None and _same_params(name, overrides):
             status[name] = "done"
             continue
-        if pending.get(name) in ACTIVE:  # queued by an earlier run of the tool that was stopped: wait for it
-            todo.append(name)
-            log.info("%s is already in the queue (%s)", name, pending[name])
-            continue
         if name in refs:  # a stale or failed one of this name: replace it
             _dvc("exp", "remove", refs[name])  # the full ref: the name may exist on other commits too
-        # never -f: that would force every stage to run, where DVC's run-cache restores each stage whose
-        # code, deps and params some earlier run already had (data, classifier, base, unchanged fine-tunes)
-        _dvc("exp", "run", "--queue", "-n", name, *set_args(overrides))
-        todo.append(name)
-        log.info("queued %s %s", name, overrides)
-    if not todo:
-        return status
-    if jobs > 1:  # each worker gets its share of the cores (dtm_core.distributed)
-        os.environ.setdefault(THREADS_ENV, str(max(1, (os.cpu_count() or 1) // jobs)))
-    ensure_workers(jobs)
-    started = time.time()
-    idle_polls = 0
-    while True:
-        current = queue_status()
-        waiting = [n for n in todo if current.get(n) in ACTIVE]
-        if not waiting:
-            break
-        # DVC's worker can stop with experiments still queued (treeverse/dvc#10562; here a stale
-        # "shutdown" control message in the broker, left by an earlier `dvc queue stop`, ends the
-        # next worker after one task): nothing running for two polls in a row -> start one again
-        idle_polls = idle_polls + 1 if not any(current.get(n) == "Running" for n in todo) else 0
-        if idle_polls >= 2:
-            log.info("no experiment running but %d queued: restarting the queue's worker", len(waiting))
-            ensure_workers(jobs)
-            idle_polls = 0
-        log.info("%d of %d variants left (%.0f min)", len(waiting), len(todo), (time.time() - started) / 60)
-        time.sleep(poll)
-    subprocess.run([*DVC, "queue", "stop"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=300)
-    for name in todo:
-        status[name] = "Success" if experiment_file(name) is not None else current.get(name, "Failed")
+        log.info("running %s %s", name, overrides)
+        proc = subprocess.run([*DVC, "exp", "run", "--temp", "-n", name, *set_args(overrides)])
+        status[name] = "Success" if proc.returncode == 0 and experiment_file(name) is not None else "Failed"
     return status
-
-
-def live_workers() -> int:
-    """The queue's live workers, busy or idle, as ``dvc queue status`` counts them (0 when it says nothing)."""
-    m = re.search(r"Worker status:\s*(\d+) active,\s*(\d+) idle", _dvc("queue", "status"))
-    return int(m.group(1)) + int(m.group(2)) if m else 0
-
-
-def ensure_workers(jobs: int) -> None:
-    """Start the queue's workers unless they run: `dvc queue start` beside a live worker starts a second one
-    of the same name, and two pipelines then share the two cores (each many times slower)."""
-    if live_workers() < jobs:
-        start_workers(jobs)
-
-
-def start_workers(jobs: int) -> None:
-    # the workers outlive `dvc queue start`: give them no pipe of ours to hold open
-    subprocess.run([*DVC, "queue", "start", "-j", str(jobs)], check=True, stdout=subprocess.DEVNULL,
-                   stderr=subprocess.DEVNULL, timeout=300)
 
 
 def run_all(variants: dict[str, dict[str, Any]], **kw) -> dict[str, str]:
@@ -259,7 +193,7 @@ def run_all(variants: dict[str, dict[str, Any]], **kw) -> dict[str, str]:
     status = run_variants(variants, **kw)
     failed = [n for n, st in status.items() if st == "Failed"]
     if failed:
-        raise ExperimentError(f"experiments {failed} failed: see `dvc queue logs <name>`")
+        raise ExperimentError(f"experiments {failed} failed: their logs are above")
     return status
 
 

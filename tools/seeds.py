@@ -1,6 +1,6 @@
 """The default comparison over training seeds: ``make seeds``.
 
-    python -m tools.seeds                     # seeds 0 1 2: queue, run, collect
+    python -m tools.seeds                     # seeds 0 1 2: run what is missing, collect
     python -m tools.seeds --seeds 0 1 2 3 -S finetune.lr=1e-4
     python -m tools.seeds --collect-only
 

@@ -1,13 +1,13 @@
 """The paper's study at small scale: Table 3's ablations and Table 1's loss-reweighting baselines: ``make study``.
 
-    python -m tools.study                  # queue every missing row, run, write reports/study.{md,json,png}
+    python -m tools.study                  # run every missing row, write reports/study.{md,json,png}
     python -m tools.study --collect-only   # only read the finished experiments
     python -m tools.study --list           # the rows and their overrides
     python -m tools.study --beyond         # also the automatic partitions and distilled weights (3 seeds each)
     python -m tools.study --seeds 1 2      # only these training seeds of each row
 
 Every row is one or more DVC experiments (``study-<row>-s<seed>``) on top of
-params.yaml, run one at a time by DVC's queue; the run-cache restores what a
+params.yaml, run one at a time (`dvc exp run --temp`); the run-cache restores what a
 row shares with runs already made (data, classifier, base model, and every
 stage whose params did not change), and a row that finished on this commit is
 read, not re-run, so an interrupted study resumes where it stopped. Total
