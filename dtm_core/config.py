@@ -299,6 +299,10 @@ class EvaluateConfig(_Sampling):
     # (merge-weight search, recipe sweeps) uses noise derived from it under
     # another name, never the test noise itself.
     seed: int = Field(0, ge=0)
+    # What FD is measured against where the source has a test split (idx): "test" for the final
+    # evaluation; "validation" (the held-out split in the test split's place) for choices made on
+    # data, such as an lr sweep, which must not see the test images. Sources without one: train.
+    reference: Literal["test", "validation"] = "test"
     inception_dir: Optional[str] = None  # holds inception-2015-12-05.pt; null: where clean-fid looks (/tmp)
     num_samples: int = Field(22000, ge=2)
     eta: float = Field(0.0, ge=0.0, le=1.0)  # ddim only

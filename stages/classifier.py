@@ -35,9 +35,12 @@ def classifier(params: Params, run=NullRun()) -> dict:
     )
     extract = features.feature_extractor(ev.features, res.model, ev.inception_dir)
     train_feats, held_feats = extract(train_ds.images), extract(held_ds.images)
-    # a source with a test split of its own (idx) is scored against it: the models never trained on it
+    # a source with a test split of its own (idx) is scored against it: the models never trained on it;
+    # evaluate.reference validation puts the held-out split in its place, so a sweep never sees the test images
     test_ds = data_mod.load_split(DATA_DIR, "test") if (DATA_DIR / "test.npz").is_file() else None
-    test = {} if test_ds is None else {"test": extract(test_ds.images)}
+    if test_ds is not None and ev.reference == "validation":
+        test_ds = held_ds
+    test = {} if test_ds is None else {"test": extract(test_ds.images), "test_name": np.asarray(ev.reference)}
     class_freq = np.bincount(train_ds.labels, minlength=len(train_ds.classes)) / len(train_ds)
     with atomic_dir(CLASSIFIER_DIR) as tmp:
         features.save_classifier(res.model, tmp / "classifier", {"classes": list(train_ds.classes)})
@@ -55,6 +58,7 @@ def classifier(params: Params, run=NullRun()) -> dict:
     # the real-vs-real floor: held-out vs train images, same features
     out = {"heldout_accuracy": res.heldout_accuracy, "floor_fd": floor["fd"], "floor_num_samples": len(held_feats)}
     if test_ds is not None:
+        out["reference"] = ev.reference
         out["test_accuracy"] = features.accuracy(res.model, test_ds.images, test_ds.labels)
     return out
 

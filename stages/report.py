@@ -134,7 +134,8 @@ def report(params: Params, run=NullRun()) -> dict:
             "ranges": [list(r) for r in ranges], "finetune_steps_per_range": params.finetune.steps,
             "shared_steps": params.finetune.shared_total_steps(len(ranges)), "seed": params.seed,
             "classifier_heldout_accuracy": clf["heldout_accuracy"], "data_source": params.data.source,
-            **({"classifier_test_accuracy": clf["test_accuracy"]} if "test_accuracy" in clf else {}),
+            **({"classifier_test_accuracy": clf["test_accuracy"], "reference_name": clf.get("reference", "test")}
+               if "test_accuracy" in clf else {}),
             "heldout_images": int(data["shared"]["losses"].shape[0]),
             "partition_method": read_json(PARTITION_FILE, "partition").get("method", "uniform"),
         },
@@ -204,7 +205,9 @@ def render_markdown(c: dict) -> str:
     s, f, models = c["settings"], c["floor"], c["models"]
     against = s.get("reference", "train")
     test = against == "test"
-    test_acc = f", test accuracy {s['classifier_test_accuracy']:.3f}" if test else ""
+    # validation: the held-out split stands in for test (a sweep)
+    name = s.get("reference_name", "test") if test else against
+    test_acc = f", {name} accuracy {s['classifier_test_accuracy']:.3f}" if test else ""
     space = (f"a classifier trained on the {s['data_source']} train split (held-out accuracy "
              f"{s['classifier_heldout_accuracy']:.3f}{test_acc})" if s["features"] == "classifier"
              else "Inception (clean-fid, mode clean)")
@@ -214,7 +217,7 @@ def render_markdown(c: dict) -> str:
         f"Training seed {s['seed']}. N = {s['num_ranges']} range models x {s['finetune_steps_per_range']} steps "
         f"against a shared fine-tune of {s['shared_steps']} steps ({compute_label(s)}). {s['num_samples']} samples per "
         f"model x {s['noise_seeds']} noise seed(s), {sampler_label(s)}, identical initial noise for every "
-        f"model. FD and KID in the feature space of {space}, against the {against} split. Held-out loss: eps-MSE on "
+        f"model. FD and KID in the feature space of {space}, against the {name} split. Held-out loss: eps-MSE on "
         f"the {s['heldout_images']} held-out images at {len(c['heldout_loss_curves']['timesteps'])} timesteps, the "
         f"same noise for every model. Intervals: 95% bootstrap, {s.get('model_bootstrap_rounds', '?')} resamples "
         f"for each model's FD and KID (evaluate.bootstrap_rounds), {s['bootstrap_rounds']} for the paired "
@@ -239,7 +242,7 @@ def render_markdown(c: dict) -> str:
         "Columns. **FD**: Fréchet distance between the samples' features and the reference split's; lower is "
         "better, and it is biased upwards at small n, so compare it only at equal n. "
         + ("**FD − floor**: FD less the real-vs-real floor at the same n "
-           f"({f['n']} train images against the test split: {f['fd_at_n']:.4f}), the number ratios use. "
+           f"({f['n']} train images against the {name} split: {f['fd_at_n']:.4f}), the number ratios use. "
            "**FD vs train**: against the images the models trained on. " if test else "")
         + "**KID**: the unbiased kernel distance; it can fall below zero, which means the samples are not "
         "distinguishable from the reference at this n. **Held-out loss**: the eps-prediction error on images no "
@@ -251,7 +254,7 @@ def render_markdown(c: dict) -> str:
         "the same mix).",
         "",
     ]
-    if test:
+    if test and name == "test":
         close = [m for m, r in models.items() if r["closer_to_train"]]
         lines += [("Closer to their train images than unseen real images are (FD vs test minus FD vs train, "
                    f"above the validation images' {f['real_train_test_gap']:+.4f}): " + ", ".join(close) + "."

@@ -206,3 +206,23 @@ def test_prepare_writes_a_test_split(tmp_path, monkeypatch):
     assert (info["train_images"], info["heldout_images"], info["test_images"]) == (30, 10, 10)
     test = load_split(tmp_path / "data" / "prepared", "test")
     assert len(test) == 10 and test.images.shape[1:] == (1, 8, 8)
+
+
+@pytest.mark.parametrize("reference", ["test", "validation"])
+def test_a_validation_reference_keeps_the_test_images_out_of_the_classifier_stage(tmp_path_factory, reference):
+    import json
+
+    from stagehelp import built_project
+
+    idx = _idx_dir(tmp_path_factory.mktemp("idx"), n_train=200, n_test=60, size=8)
+    proj, _ = built_project(tmp_path_factory, f"ref-{reference}", [("prepare", ()), ("classifier", ())], {
+        "data.source": "idx", "data.idx_dir": str(idx), "data.image_size": 8, "evaluate.reference": reference})
+    with np.load(proj / "models" / "classifier" / "reference_features.npz") as npz:
+        ref = {k: npz[k] for k in npz.files}
+    assert str(ref["test_name"]) == reference
+    if reference == "test":  # the 60 t10k images
+        assert len(ref["test"]) == 60 and len(ref["heldout"]) != 60
+    else:  # the held-out split in their place: FD of a sweep never sees a test image
+        np.testing.assert_array_equal(ref["test"], ref["heldout"])
+    clf = json.loads((proj / "metrics" / "classifier.json").read_text())
+    assert clf["reference"] == reference

@@ -563,3 +563,27 @@ def test_the_fashion_verdict_follows_the_preregistered_rules():
     assert decide([_fashion_seed()] * 2)["verdict"] == "inconclusive"  # the rules need three seeds
     # the soup's floor-subtracted FD uses the comparison's floor
     assert _fashion_seed()["models"]["soup"]["fd_minus_floor"] == pytest.approx(0.6)
+
+
+def test_a_sweep_on_a_configuration_names_its_experiments_apart_and_lets_set_win(tmp_path, monkeypatch):
+    from tools import sweep
+
+    config = tmp_path / "fashion.yaml"
+    config.write_text("data:\n  source: idx\nevaluate:\n  reference: test\n  num_samples: 10000\n")
+    ran = {}
+    monkeypatch.setattr(sweep.exps, "run_all", lambda variants, **kw: ran.update(variants))
+    model = {"fd": 1.0, "kid": 0.0, "heldout_loss": 0.1, "memorised_fraction": 0.05}
+    contrast = {"fd": 0.0, "fd_ci": [-1.0, 1.0], "heldout_loss": {"delta": 0.0}}
+    fd = {"sweep-fashion-finetune-lr-5e-05": 2.0, "sweep-fashion-finetune-lr-0.0001": 1.0}
+    monkeypatch.setattr(sweep.exps, "experiment_file", lambda name, path=None: {
+        "models": {m: {**model, "fd": fd[name]} for m in ("pretrained", *sweep.METHODS)},
+        "contrasts": {"merged_minus_shared": contrast}})
+    monkeypatch.setattr(sweep.exps, "mlflow_parent_runs", lambda names: {n: [] for n in names})
+    assert sweep.main(["finetune.lr", "5e-5", "1e-4", "--config", str(config), "--label", "fashion",
+                       "-S", "evaluate.reference=validation", "--out", str(tmp_path)]) == 0
+    assert set(ran) == set(fd)
+    for value, overrides in zip([5e-5, 1e-4], ran.values()):
+        assert overrides == {"data.source": "idx", "evaluate.reference": "validation", "evaluate.num_samples": 10000,
+                             "finetune.lr": value}
+    result = json.loads((tmp_path / "sweep-fashion-finetune-lr.json").read_text())
+    assert result["best_by_fd"] == {m: 1e-4 for m in sweep.METHODS}

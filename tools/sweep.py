@@ -2,11 +2,16 @@
 
     python -m tools.sweep finetune.lr 5e-5 1e-4 2e-4 5e-4 -S evaluate.seed=1
     python -m tools.sweep finetune.steps 200 600 1500 -S evaluate.seed=1 -S finetune.shared_lr=1e-4
+    python -m tools.sweep finetune.lr 5e-5 1e-4 2e-4 --config configs/fashion.yaml --label fashion \
+        -S evaluate.seed=1 -S evaluate.reference=validation -S finetune.shared_lr=null ...
 
 Each value is an experiment ``sweep-<key>-<value>`` (resumable: values that
 finished on this commit are read, not re-run). ``-S evaluate.seed=<k>`` with
 k != 0 scores every model on validation noise, never the test noise the
-headline uses. Prints and writes ``reports/sweep-<key>.{json,md}``: per
+headline uses; on a source with a test split, ``-S evaluate.reference=validation``
+scores against the held-out split, so the choice never sees the test images.
+``--config`` puts a configuration's keys under the ``-S`` ones (as
+tools.seeds does), ``--label`` names its experiments apart. Prints and writes ``reports/sweep-<key>.{json,md}``: per
 value every model's FD, KID and held-out loss and the paired contrasts, and
 which value each method's validation FD prefers.
 """
@@ -22,7 +27,7 @@ from typing import Any, Optional
 from dtm_core.errors import DtmError
 from dtm_core.io import atomic_file, write_json
 from tools import exps
-from tools.seeds import parse_sets
+from tools.seeds import config_overrides, parse_sets
 
 METHODS = ("shared", "merged", "ensemble")
 
@@ -54,15 +59,18 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("key", help="the params.yaml key to sweep, e.g. finetune.lr")
     ap.add_argument("values", nargs="+")
     ap.add_argument("-S", "--set", action="append", default=[], help="key=value fixed for every value")
+    ap.add_argument("--config", type=Path, help="a configuration under the -S keys (configs/fashion.yaml)")
+    ap.add_argument("--label", default="", help="a prefix of the experiment and report names")
     ap.add_argument("--collect-only", action="store_true")
     exps.add_baseline_argument(ap)
     ap.add_argument("--out", type=Path, default=Path("reports"))
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s sweep %(message)s", stream=sys.stderr)
+    stem = "sweep-" + (f"{args.label}-" if args.label else "") + args.key.replace(".", "-")
     try:
-        fixed = parse_sets(args.set)
+        fixed = {**config_overrides(args.config), **parse_sets(args.set)}
         values = [parse_sets([f"v={v}"])["v"] for v in args.values]
-        variants = {f"sweep-{args.key.replace('.', '-')}-{v}": {**fixed, args.key: v} for v in values}
+        variants = {f"{stem}-{v}": {**fixed, args.key: v} for v in values}
         if not args.collect_only:
             exps.run_all(variants)
         rows = []
@@ -77,7 +85,6 @@ def main(argv: Optional[list[str]] = None) -> int:
     best = {m: min(rows, key=lambda r: r["models"][m]["fd"])["value"] for m in METHODS}
     result = {"key": args.key, "fixed": fixed, "rows": rows, "best_by_fd": best,
               "runs": exps.mlflow_parent_runs(variants)}
-    stem = f"sweep-{args.key.replace('.', '-')}"
     write_json(args.out / f"{stem}.json", result)
     text = render(args.key, rows, fixed, best)
     with atomic_file(args.out / f"{stem}.md") as handle:
