@@ -28,7 +28,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import yaml
 from machine import cpu_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -36,12 +35,9 @@ sys.path.insert(0, str(ROOT))
 
 
 def _params(config: Path | None):
-    from dtm_core.config import overlay, parse_params
+    from dtm_core.config import load_params
 
-    data = yaml.safe_load((ROOT / "params.yaml").read_text())
-    if config:
-        data = overlay(data, yaml.safe_load(config.read_text()))
-    return parse_params(data, str(config or "params.yaml"))
+    return load_params(ROOT / "params.yaml", config)
 
 
 def one(variant: str, config: Path | None, steps: int) -> dict:

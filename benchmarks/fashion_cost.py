@@ -31,13 +31,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import yaml
 from machine import cpu_model
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from dtm_core.config import overlay, parse_params  # noqa: E402
+from dtm_core.config import load_params  # noqa: E402
 from dtm_core.denoising import heldout_losses  # noqa: E402
 from dtm_core.io import write_json  # noqa: E402
 from dtm_core.model import load_scheduler, load_unet, with_projection  # noqa: E402
@@ -56,9 +55,7 @@ def main() -> int:
     ap.add_argument("--digits-repro-seconds", type=float, help="the digits default's make repro here, for the ratio")
     ap.add_argument("--out", type=Path)
     args = ap.parse_args()
-    data = overlay(yaml.safe_load((ROOT / "params.yaml").read_text()),
-                   yaml.safe_load((ROOT / "configs" / "fashion.yaml").read_text()))
-    p = parse_params(data, "configs/fashion.yaml")
+    p = load_params(ROOT / "params.yaml", ROOT / "configs" / "fashion.yaml")
     ev, ft, n = p.evaluate, p.finetune.model_copy(update={"checkpoint_every": 0, "log_every": 1000}), p.num_ranges
     base, scheduler = load_unet(BASE, what="base"), load_scheduler(BASE)
     size = p.data.image_size

@@ -551,15 +551,22 @@ def parse_params(data: Any, source: str = "params") -> Params:
         raise ConfigError(_format_error(exc, source)) from None
 
 
-def load_params(path: str | Path = "params.yaml") -> Params:
+def read_yaml(path: str | Path) -> Any:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"parameter file '{path}' not found: run from the repository root")
     try:
-        data = yaml.safe_load(path.read_text())
+        return yaml.safe_load(path.read_text())
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML: {exc}") from None
-    return parse_params(data, str(path))
+
+
+def load_params(path: str | Path = "params.yaml", config: str | Path | None = None) -> Params:
+    """``path`` parsed, with a configuration file's keys (configs/fashion.yaml) on top where given."""
+    data = read_yaml(path)
+    if config is not None:
+        data = overlay(data, read_yaml(config))
+    return parse_params(data, str(config or path))
 
 
 def overlay(base: dict, over: Optional[dict]) -> dict:

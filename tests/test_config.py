@@ -222,3 +222,12 @@ def test_idx_source_is_grayscale():
     with pytest.raises(ConfigError, match="data.channels: 1"):
         parse_params({"data": {"source": "idx", "channels": 3}})
     assert parse_params({"data": {"source": "idx", "image_size": 16}}).data.idx_dir.endswith("fashion-mnist")
+
+
+def test_a_configuration_file_goes_on_top_of_params_and_a_missing_one_is_named(tmp_path):
+    (tmp_path / "p.yaml").write_text("seed: 3\nfinetune:\n  lr: 0.001\n  steps: 7\n")
+    (tmp_path / "c.yaml").write_text("finetune:\n  lr: 0.002\n")
+    p = load_params(tmp_path / "p.yaml", tmp_path / "c.yaml")
+    assert (p.seed, p.finetune.lr, p.finetune.steps) == (3, 0.002, 7)
+    with pytest.raises(ConfigError, match="missing.yaml"):
+        load_params(tmp_path / "p.yaml", tmp_path / "missing.yaml")
