@@ -587,3 +587,21 @@ def test_a_sweep_on_a_configuration_names_its_experiments_apart_and_lets_set_win
                              "finetune.lr": value}
     result = json.loads((tmp_path / "sweep-fashion-finetune-lr.json").read_text())
     assert result["best_by_fd"] == {m: 1e-4 for m in sweep.METHODS}
+
+
+def test_the_pilot_sizes_the_sample_count_from_the_half_width_alone():
+    from tools.fashion import pilot_size
+
+    def pilot(ci, f_shared=0.2):
+        return {"settings": {"num_samples": 4000, "noise_seeds": 1},
+                "models": {"shared": {"fd_minus_floor": f_shared}},
+                "contrasts": {"merged_minus_shared": {"fd_ci": ci}}}
+
+    # half-width 0.02 against a limit of 0.01 (5% of 0.2): four times the samples
+    assert pilot_size(pilot([-0.05, -0.01]))["num_samples"] == 16000
+    # the sign and the centre of the interval do not enter
+    assert pilot_size(pilot([0.03, 0.07]))["num_samples"] == 16000
+    # already narrow enough: fewer samples, rounded up to a thousand
+    assert pilot_size(pilot([-0.005, 0.005]))["num_samples"] == 1000
+    with pytest.raises(exps.ExperimentError, match="floor-subtracted"):
+        pilot_size(pilot([-0.01, 0.01], f_shared=-0.001))

@@ -2,6 +2,7 @@
 
     make fashion-seeds                                  # runs seeds 0-2 (tools.seeds --config configs/fashion.yaml)
     python -m tools.fashion --out docs/results/fashion.json
+    python -m tools.fashion --pilot 100 --out docs/results/fashion_pilot.json   # size the sample count first
 
 Reads each seed's reports/comparison.json, controls/controls.json and
 analysis/summary.json from its DVC experiment (seeds-<s>-fashion), writes
@@ -85,12 +86,40 @@ def decide(seeds: list[dict]) -> dict:
             "half_widths": widths, "half_width_limits": [HALF_WIDTH * s["f_shared"] for s in seeds]}
 
 
+def pilot_size(comparison: dict, step: int = 1000) -> dict:
+    """The sample count the verdict seeds need, from the pilot's merged - shared half-width alone.
+
+    The paired interval's half-width falls as 1/sqrt(n): n = n0 (h0 / h*)^2 with h* the refutation's limit,
+    5% of shared's floor-subtracted FD, rounded up to a multiple of ``step``. No contrast's sign or size enters.
+    """
+    n0 = comparison["settings"]["num_samples"] * comparison["settings"].get("noise_seeds", 1)
+    lo, hi = comparison["contrasts"]["merged_minus_shared"]["fd_ci"]
+    h0, limit = (hi - lo) / 2, HALF_WIDTH * comparison["models"]["shared"]["fd_minus_floor"]
+    if limit <= 0:
+        raise exps.ExperimentError("shared's floor-subtracted FD is not above zero: no half-width can be 5% of it")
+    need = n0 * (h0 / limit) ** 2
+    return {"pilot_num_samples": n0, "half_width": h0, "half_width_limit": limit,
+            "num_samples": int(-(-need // step) * step), "rule": "n0 (h0 / (0.05 F(shared)))^2, rounded up"}
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m tools.fashion", description=__doc__.split("\n\n")[0])
     ap.add_argument("--seeds", type=int, nargs="+", default=list(SEEDS))
+    ap.add_argument("--pilot", type=int, metavar="SEED",
+                    help="size evaluate.num_samples from this pilot seed's merged - shared half-width instead")
     ap.add_argument("--out", type=Path, default=Path("reports/fashion.json"))
     args = ap.parse_args(argv)
     try:
+        if args.pilot is not None:
+            name = f"seeds-{args.pilot}-fashion"
+            comparison = exps.experiment_file(name)
+            if comparison is None:
+                raise exps.ExperimentError(f"experiment '{name}' has no {exps.REPORT}: run python -m tools.seeds "
+                                           f"--config configs/fashion.yaml --label fashion --seeds {args.pilot}")
+            size = {"pilot": name, **pilot_size(comparison)}
+            write_json(args.out, size)
+            print(f"evaluate.num_samples: {size['num_samples']} ({args.out})")
+            return 0
         rows = []
         for seed in args.seeds:
             name = f"seeds-{seed}-fashion"
