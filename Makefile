@@ -9,7 +9,7 @@ export PATH := $(BIN):$(PATH)
 
 FASHION_DIR := /usr/share/datasets/fashion-mnist
 
-.PHONY: setup repro test lint bench ui regress seeds study base base-fashion fashion fashion-seeds fashion-data clean
+.PHONY: setup repro test lint bench ui regress seeds study base base-fashion fashion fashion-lrs fashion-pilot fashion-seeds fashion-data clean
 
 setup: $(STAMP) fashion-data
 
@@ -49,6 +49,17 @@ seeds: setup
 # on configs/fashion.yaml -> reports/seeds-fashion.{md,json}; needs base/fashion-unet (make base-fashion)
 fashion: setup
 	python -m tools.seeds --config configs/fashion.yaml --label fashion --seeds 0
+
+# before the verdict seeds (docs/FASHION.md): the lrs on validation, then the pilot that sizes the sample count
+fashion-lrs: setup
+	python -m tools.sweep finetune.lr 1e-4 5e-5 2e-4 --config configs/fashion.yaml --label fashion \
+	  -S evaluate.seed=1 -S evaluate.reference=validation -S finetune.shared_lr=null \
+	  -S evaluate.num_samples=4000 -S evaluate.heldout_images=250 \
+	  -S 'controls.models=[]' -S 'analysis.lambdas=[]' -S analysis.gradient_bins=0
+
+fashion-pilot: setup
+	python -m tools.seeds --config configs/fashion.yaml --label fashion --seeds 100
+	python -m tools.fashion --pilot 100 --out docs/results/fashion_pilot.json
 
 fashion-seeds: setup
 	python -m tools.seeds --config configs/fashion.yaml --label fashion
