@@ -603,5 +603,9 @@ def test_the_pilot_sizes_the_sample_count_from_the_half_width_alone():
     assert pilot_size(pilot([0.03, 0.07]))["num_samples"] == 16000
     # already narrow enough: fewer samples, rounded up to a thousand
     assert pilot_size(pilot([-0.005, 0.005]))["num_samples"] == 1000
+    # two noise seeds pool 8,000 samples: 32,000 needed in all, 16,000 per seed (evaluate.num_samples)
+    two = pilot([-0.05, -0.01])
+    two["settings"]["noise_seeds"] = 2
+    assert pilot_size(two)["num_samples"] == 16000
     with pytest.raises(exps.ExperimentError, match="floor-subtracted"):
         pilot_size(pilot([-0.01, 0.01], f_shared=-0.001))

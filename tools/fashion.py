@@ -23,6 +23,7 @@ from dtm_core.distances import verdict
 from dtm_core.errors import DtmError
 from dtm_core.io import write_json
 from tools import exps
+from tools.seeds import variant_name
 
 SEEDS = (0, 1, 2)
 RATIO = 0.85  # merged's floor-subtracted FD at most this share of shared's and the base's
@@ -92,14 +93,16 @@ def pilot_size(comparison: dict, step: int = 1000) -> dict:
     The paired interval's half-width falls as 1/sqrt(n): n = n0 (h0 / h*)^2 with h* the refutation's limit,
     5% of shared's floor-subtracted FD, rounded up to a multiple of ``step``. No contrast's sign or size enters.
     """
-    n0 = comparison["settings"]["num_samples"] * comparison["settings"].get("noise_seeds", 1)
+    seeds = comparison["settings"].get("noise_seeds", 1)  # the interval pools every noise seed's samples
+    n0 = comparison["settings"]["num_samples"] * seeds
     lo, hi = comparison["contrasts"]["merged_minus_shared"]["fd_ci"]
     h0, limit = (hi - lo) / 2, HALF_WIDTH * comparison["models"]["shared"]["fd_minus_floor"]
     if limit <= 0:
         raise exps.ExperimentError("shared's floor-subtracted FD is not above zero: no half-width can be 5% of it")
     need = n0 * (h0 / limit) ** 2
     return {"pilot_num_samples": n0, "half_width": h0, "half_width_limit": limit,
-            "num_samples": int(-(-need // step) * step), "rule": "n0 (h0 / (0.05 F(shared)))^2, rounded up"}
+            "num_samples": int(-(-need / seeds // step) * step),  # evaluate.num_samples is per noise seed
+            "rule": "n0 (h0 / (0.05 F(shared)))^2 over the noise seeds, rounded up"}
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -111,7 +114,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     args = ap.parse_args(argv)
     try:
         if args.pilot is not None:
-            name = f"seeds-{args.pilot}-fashion"
+            name = variant_name(args.pilot, "fashion")
             comparison = exps.experiment_file(name)
             if comparison is None:
                 raise exps.ExperimentError(f"experiment '{name}' has no {exps.REPORT}: run python -m tools.seeds "
@@ -122,7 +125,7 @@ def main(argv: Optional[list[str]] = None) -> int:
             return 0
         rows = []
         for seed in args.seeds:
-            name = f"seeds-{seed}-fashion"
+            name = variant_name(seed, "fashion")
             comparison = exps.experiment_file(name)
             if comparison is None:
                 raise exps.ExperimentError(f"experiment '{name}' has no {exps.REPORT}: run make fashion-seeds")
