@@ -230,6 +230,7 @@ def test_baselines_whose_pipeline_code_differs_are_named(tmp_path, monkeypatch, 
 
 def test_experiments_of_several_commits_are_read_first_commit_first(monkeypatch):
     shas = {"new": "aa" + "1" * 38, "old": "bb" + "2" * 38}
+    shas["HEAD"] = shas["new"]
     refs = {shas["new"]: ["x", "y"], shas["old"]: ["y", "z"]}
 
     def git(cmd, **kw):
@@ -241,9 +242,15 @@ def test_experiments_of_several_commits_are_read_first_commit_first(monkeypatch)
 
     monkeypatch.setattr(exps.subprocess, "run", git)
     monkeypatch.setattr(exps, "BASELINE", ["new", "old"])
+    monkeypatch.setattr(exps, "_PINNED", {})
     found = exps.experiment_refs()
     assert set(found) == {"x", "y", "z"} and shas["new"][2:] in found["y"]  # y from the first commit
     assert exps.experiment_commit("z") == shas["old"] and exps.experiment_commit("missing") is None
+    # a commit made while the tool runs: the revs keep the commits they named, and HEAD's new experiments are read
+    shas.update({"new": "cc" + "3" * 38, "HEAD": "cc" + "3" * 38})
+    refs[shas["HEAD"]] = ["w"]
+    found = exps.experiment_refs()
+    assert set(found) == {"w", "x", "y", "z"} and "1" * 38 in found["y"]
 
 
 def test_study_rows_keep_the_compute_and_seeds_the_issue_asks_for():
@@ -590,22 +597,27 @@ def test_a_sweep_on_a_configuration_names_its_experiments_apart_and_lets_set_win
 
 
 def test_the_pilot_sizes_the_sample_count_from_the_half_width_alone():
+    from tools import fashion
     from tools.fashion import pilot_size
 
     def pilot(ci, f_shared=0.2):
-        return {"settings": {"num_samples": 4000, "noise_seeds": 1},
+        return {"settings": {"num_samples": 1000, "noise_seeds": 1},
                 "models": {"shared": {"fd_minus_floor": f_shared}},
                 "contrasts": {"merged_minus_shared": {"fd_ci": ci}}}
 
     # half-width 0.02 against a limit of 0.01 (5% of 0.2): four times the samples
-    assert pilot_size(pilot([-0.05, -0.01]))["num_samples"] == 16000
+    assert pilot_size(pilot([-0.05, -0.01]))["num_samples"] == 4000
     # the sign and the centre of the interval do not enter
-    assert pilot_size(pilot([0.03, 0.07]))["num_samples"] == 16000
+    assert pilot_size(pilot([0.03, 0.07]))["num_samples"] == 4000
     # already narrow enough: fewer samples, rounded up to a thousand
     assert pilot_size(pilot([-0.005, 0.005]))["num_samples"] == 1000
-    # two noise seeds pool 8,000 samples: 32,000 needed in all, 16,000 per seed (evaluate.num_samples)
+    # two noise seeds pool 2,000 samples: 8,000 needed in all, 4,000 per seed (evaluate.num_samples)
     two = pilot([-0.05, -0.01])
     two["settings"]["noise_seeds"] = 2
-    assert pilot_size(two)["num_samples"] == 16000
+    assert pilot_size(two)["num_samples"] == 4000
+    # beyond the cap the seeds run at the cap, and the result says the refutation's precision is out of reach
+    wide = pilot_size(pilot([-0.2, 0.0]))
+    assert (wide["needed_num_samples"], wide["num_samples"], wide["capped"]) == (100000, fashion.MAX_SAMPLES, True)
+    assert not pilot_size(pilot([-0.05, -0.01]))["capped"]
     with pytest.raises(exps.ExperimentError, match="floor-subtracted"):
         pilot_size(pilot([-0.01, 0.01], f_shared=-0.001))

@@ -97,16 +97,36 @@ def add_baseline_argument(parser) -> None:
                         help="read the experiments run on these commits, first match wins (default HEAD)")
 
 
+_PINNED: dict[tuple[str, str], str] = {}  # (repository, rev) -> the commit the rev named when first read
+
+
+def _commit(rev: str, pin: bool = True) -> str:
+    """The commit ``rev`` names; with ``pin``, the one it named the first time this process asked (a commit made
+    while a sweep runs must not hide the experiments it already ran)."""
+    key = (os.getcwd(), rev)
+    if not pin or key not in _PINNED:
+        sha = subprocess.run(["git", "rev-parse", rev], capture_output=True, text=True).stdout.strip()
+        if not pin:
+            return sha
+        _PINNED[key] = sha
+    return _PINNED[key]
+
+
 def experiment_refs() -> dict[str, str]:
     """Experiment name -> git ref, for the experiments whose baseline is one of :data:`BASELINE`.
 
     DVC keeps an experiment under ``refs/exps/<sha[:2]>/<sha[2:]>/<name>`` of
     the commit it started from, so results of older code are not taken for
     this commit's (uncommitted edits are not seen: commit before a sweep).
+    The revs are resolved once per process, and HEAD as it is now is read
+    last: committing while a sweep runs loses none of its experiments.
     """
+    heads = [_commit(rev) for rev in BASELINE]
+    live = _commit("HEAD", pin=False)
+    if live not in heads:  # variants run after a commit made while this tool ran keep their experiments there
+        heads.append(live)
     out: dict[str, str] = {}
-    for rev in reversed(BASELINE):  # the first commit's experiments overwrite the later ones'
-        head = subprocess.run(["git", "rev-parse", rev], capture_output=True, text=True).stdout.strip()
+    for head in reversed(heads):  # the first commit's experiments overwrite the later ones'
         prefix = f"refs/exps/{head[:2]}/{head[2:]}/"
         proc = subprocess.run(["git", "for-each-ref", "--format=%(refname)", prefix], capture_output=True, text=True)
         out.update({ref[len(prefix):]: ref for ref in proc.stdout.split() if "/" not in ref[len(prefix):]})
