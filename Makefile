@@ -58,7 +58,8 @@ fashion-lrs: setup
 	  -S 'controls.models=[]' -S 'analysis.lambdas=[]' -S analysis.gradient_bins=0
 
 fashion-pilot: setup
-	python -m tools.seeds --config configs/fashion.yaml --label fashion --seeds 100
+	python -m tools.seeds --config configs/fashion.yaml --label fashion --seeds 100 \
+	  -S 'controls.models=[]' -S 'analysis.lambdas=[]' -S analysis.gradient_bins=0
 	python -m tools.fashion --pilot 100 --out docs/results/fashion_pilot.json
 
 fashion-seeds: setup

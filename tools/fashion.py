@@ -28,6 +28,7 @@ from tools.seeds import variant_name
 SEEDS = (0, 1, 2)
 RATIO = 0.85  # merged's floor-subtracted FD at most this share of shared's and the base's
 HALF_WIDTH = 0.05  # the refutation needs merged - shared's half-width within this share of shared's
+MAX_SAMPLES = 10_000  # per model and noise seed: the most a seed's evaluation affords on 2 CPU cores (FASHION.md)
 
 
 def below(ci: list[float]) -> bool:
@@ -91,7 +92,8 @@ def pilot_size(comparison: dict, step: int = 1000) -> dict:
     """The sample count the verdict seeds need, from the pilot's merged - shared half-width alone.
 
     The paired interval's half-width falls as 1/sqrt(n): n = n0 (h0 / h*)^2 with h* the refutation's limit,
-    5% of shared's floor-subtracted FD, rounded up to a multiple of ``step``. No contrast's sign or size enters.
+    5% of shared's floor-subtracted FD, rounded up to a multiple of ``step`` and capped at :data:`MAX_SAMPLES`
+    (``capped`` then says that the refutation's precision is out of reach). No contrast's sign or size enters.
     """
     seeds = comparison["settings"].get("noise_seeds", 1)  # the interval pools every noise seed's samples
     n0 = comparison["settings"]["num_samples"] * seeds
@@ -99,10 +101,10 @@ def pilot_size(comparison: dict, step: int = 1000) -> dict:
     h0, limit = (hi - lo) / 2, HALF_WIDTH * comparison["models"]["shared"]["fd_minus_floor"]
     if limit <= 0:
         raise exps.ExperimentError("shared's floor-subtracted FD is not above zero: no half-width can be 5% of it")
-    need = n0 * (h0 / limit) ** 2
-    return {"pilot_num_samples": n0, "half_width": h0, "half_width_limit": limit,
-            "num_samples": int(-(-need / seeds // step) * step),  # evaluate.num_samples is per noise seed
-            "rule": "n0 (h0 / (0.05 F(shared)))^2 over the noise seeds, rounded up"}
+    need = int(-(-n0 * (h0 / limit) ** 2 / seeds // step) * step)  # evaluate.num_samples is per noise seed
+    return {"pilot_num_samples": n0, "half_width": h0, "half_width_limit": limit, "needed_num_samples": need,
+            "num_samples": min(need, MAX_SAMPLES), "capped": need > MAX_SAMPLES,
+            "rule": f"n0 (h0 / (0.05 F(shared)))^2 over the noise seeds, rounded up, at most {MAX_SAMPLES}"}
 
 
 def main(argv: Optional[list[str]] = None) -> int:
