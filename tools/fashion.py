@@ -113,6 +113,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--pilot", type=int, metavar="SEED",
                     help="size evaluate.num_samples from this pilot seed's merged - shared half-width instead")
     ap.add_argument("--out", type=Path, default=Path("reports/fashion.json"))
+    exps.add_baseline_argument(ap)
     args = ap.parse_args(argv)
     try:
         if args.pilot is not None:
