@@ -567,7 +567,7 @@ def test_the_fashion_verdict_follows_the_preregistered_rules():
     wide = [_fashion_seed(merged=1.0, ms=(-0.2, 0.2))] * 2 + [_fashion_seed()]
     result = decide(wide)
     assert result["verdict"] == "inconclusive" and result["half_widths"][0] == pytest.approx(0.2)
-    assert decide([_fashion_seed()] * 2)["verdict"] == "inconclusive"  # the rules need three seeds
+    assert decide([_fashion_seed()] * 2)["verdict"] == "pending"  # the rules need three seeds
     # the soup's floor-subtracted FD uses the comparison's floor
     assert _fashion_seed()["models"]["soup"]["fd_minus_floor"] == pytest.approx(0.6)
 

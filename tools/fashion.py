@@ -65,11 +65,14 @@ def seed_summary(seed: int, comparison: dict, controls: dict, analysis: Optional
 
 
 def decide(seeds: list[dict]) -> dict:
-    """Reproduces / Partial / Refutes / Inconclusive, exactly as docs/FASHION.md words them."""
+    """Reproduces / Partial / Refutes / Inconclusive, exactly as docs/FASHION.md words them; pending before three
+    seeds have run."""
     ci = lambda s, key: s["contrasts"][key]["fd_ci"]  # noqa: E731
     ms, mp = "merged_minus_shared", "merged_minus_pretrained"
     soup, scaled = "merged_minus_soup", "merged_scaled_minus_shared_scaled"
     controls_present = all(soup in s["contrasts"] and scaled in s["contrasts"] for s in seeds)
+    if len(seeds) < len(SEEDS):  # every rule reads three seeds: fewer decide nothing yet
+        return {"verdict": "pending", "rule": f"{len(seeds)} of the {len(SEEDS)} verdict seeds have run"}
     if len(seeds) == 3 and controls_present and all(
             s["ratio_merged_shared"] <= RATIO and s["ratio_merged_pretrained"] <= RATIO and below(ci(s, ms))
             and below(ci(s, mp)) and below(ci(s, soup)) and below(ci(s, scaled)) for s in seeds):
