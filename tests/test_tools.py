@@ -572,6 +572,18 @@ def test_the_fashion_verdict_follows_the_preregistered_rules():
     assert _fashion_seed()["models"]["soup"]["fd_minus_floor"] == pytest.approx(0.6)
 
 
+def test_the_fashion_tables_show_every_model_contrast_and_the_verdict():
+    from tools.fashion import decide, render
+
+    seeds = [_fashion_seed(), _fashion_seed(soup=(-0.1, 0.1))]
+    text = render({"seeds": seeds, **decide(seeds)})
+    assert "| 0 | merged | 0.6000 | 0.5000 | – |" in text  # FD, FD - floor; no train FD given: a dash
+    assert "| 0 | floor (real vs real, n=10) | 0.1000 |" in text
+    assert "| 0 | merged − soup | +0.0000 [-0.1000, +0.1000] | not distinguishable |" in text
+    assert "| 0 | merged − shared | -0.1500 [-0.2000, -0.1000] | lower |" in text
+    assert "Verdict: **pending** (2 of the 3 verdict seeds have run)." in text
+
+
 def test_a_sweep_on_a_configuration_names_its_experiments_apart_and_lets_set_win(tmp_path, monkeypatch):
     from tools import sweep
 

@@ -1,7 +1,7 @@
 """The Fashion-MNIST verdict: docs/FASHION.md's preregistered rules applied to the finished seeds.
 
     make fashion-seeds                                  # runs seeds 0-2 (tools.seeds --config configs/fashion.yaml)
-    python -m tools.fashion --out docs/results/fashion.json
+    python -m tools.fashion --out docs/results/fashion.json    # and its tables, docs/results/fashion.md
     python -m tools.fashion --pilot 100 --out docs/results/fashion_pilot.json   # size the sample count first
 
 Reads each seed's reports/comparison.json, controls/controls.json and
@@ -21,7 +21,7 @@ from typing import Optional
 
 from dtm_core.distances import verdict
 from dtm_core.errors import DtmError
-from dtm_core.io import write_json
+from dtm_core.io import atomic_file, write_json
 from tools import exps
 from tools.seeds import variant_name
 
@@ -91,6 +91,28 @@ def decide(seeds: list[dict]) -> dict:
             "half_widths": widths, "half_width_limits": [HALF_WIDTH * s["f_shared"] for s in seeds]}
 
 
+COLUMNS = (("fd", 4), ("fd_minus_floor", 4), ("fd_train", 4), ("kid", 5), ("heldout_loss", 6),
+           ("memorised_fraction", 4))  # the model table's keys and decimals
+
+
+def render(result: dict) -> str:
+    """fashion.json as the tables of docs/FASHION.md: per seed every model, then every contrast, then the verdict."""
+    lines = ["| seed | model | FD | FD − floor | FD vs train | KID | held-out loss | memorised |", "|---" * 8 + "|"]
+    for s in result["seeds"]:
+        for name, m in s["models"].items():
+            cells = ["–" if m.get(k) is None else f"{m[k]:.{d}f}" for k, d in COLUMNS]
+            lines.append(f"| {s['seed']} | {name} | " + " | ".join(cells) + " |")
+        lines.append(f"| {s['seed']} | floor (real vs real, n={s['floor']['n']}) | {s['floor']['fd_at_n']:.4f} |"
+                     + " |" * 5)
+    lines += ["", "| seed | contrast | FD difference [95% CI] | verdict |", "|---|---|---|---|"]
+    for s in result["seeds"]:
+        for key, c in s["contrasts"].items():
+            lo, hi = c["fd_ci"]
+            lines.append(f"| {s['seed']} | {key.replace('_minus_', ' − ')} | {c['fd']:+.4f} [{lo:+.4f}, {hi:+.4f}] | "
+                         f"{verdict(c['fd_ci'])} |")
+    return "\n".join(lines + ["", f"Verdict: **{result['verdict']}** ({result['rule']}).", ""])
+
+
 def pilot_size(comparison: dict, step: int = 1000) -> dict:
     """The sample count the verdict seeds need, from the pilot's merged - shared half-width alone.
 
@@ -142,7 +164,9 @@ def main(argv: Optional[list[str]] = None) -> int:
         return 2
     result = {"rules": "docs/FASHION.md", "seeds": rows, **decide(rows)}
     write_json(args.out, result)
-    print(f"{result['verdict']}: {result['rule']} ({args.out})")
+    with atomic_file(args.out.with_suffix(".md")) as handle:
+        handle.write(render(result))
+    print(f"{result['verdict']}: {result['rule']} ({args.out}, {args.out.with_suffix('.md')})")
     return 0
 
 
