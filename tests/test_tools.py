@@ -584,6 +584,29 @@ def test_the_fashion_tables_show_every_model_contrast_and_the_verdict():
     assert "Verdict: **pending** (2 of the 3 verdict seeds have run)." in text
 
 
+def test_the_fashion_figures_draw_the_loss_along_tau_and_copy_what_the_seed_drew(tmp_path, monkeypatch):
+    from PIL import Image
+
+    from tools import fashion
+
+    drawn = {"analysis/gradient_conflict_merged.png": b"conflict", "task_vectors/tv_norms.png": b"norms"}
+
+    def read(name, path):
+        if path not in drawn:  # the pretrained model's conflict and the cosines: not drawn in this experiment
+            raise exps.ExperimentError(f"no {path}")
+        return drawn[path]
+
+    monkeypatch.setattr(fashion.exps, "experiment_bytes", read)
+    summary = {"loss_along_tau": {"lambdas": [0.0, 1.0], "sources": {
+        "range-0": {"all_t": [0.04, 0.039], "own_range": [0.1, 0.09]}, "shared": {"all_t": [0.04, 0.0395]}}}}
+    written = fashion.write_figures(0, "seeds-0-fashion", summary, tmp_path)
+    assert written == ["seed-0-loss_along_tau.png", "seed-0-gradient_conflict_merged.png", "seed-0-tv_norms.png"]
+    assert Image.open(tmp_path / written[0]).format == "PNG"
+    assert (tmp_path / "seed-0-tv_norms.png").read_bytes() == b"norms"
+    assert fashion.write_figures(1, "seeds-1-fashion", {}, tmp_path) == ["seed-1-gradient_conflict_merged.png",
+                                                                       "seed-1-tv_norms.png"]
+
+
 def test_a_sweep_on_a_configuration_names_its_experiments_apart_and_lets_set_win(tmp_path, monkeypatch):
     from tools import sweep
 

@@ -1,7 +1,7 @@
 """The Fashion-MNIST verdict: docs/FASHION.md's preregistered rules applied to the finished seeds.
 
     make fashion-seeds                                  # runs seeds 0-2 (tools.seeds --config configs/fashion.yaml)
-    python -m tools.fashion --out docs/results/fashion.json    # and its tables, docs/results/fashion.md
+    python -m tools.fashion --out docs/results/fashion.json --figures docs/figures/fashion   # + fashion.md
     python -m tools.fashion --pilot 100 --out docs/results/fashion_pilot.json   # size the sample count first
 
 Reads each seed's reports/comparison.json, controls/controls.json and
@@ -39,9 +39,11 @@ def ties(ci: list[float]) -> bool:
     return verdict(ci) == "not distinguishable"
 
 
-def seed_summary(seed: int, comparison: dict, controls: dict, analysis: Optional[dict] = None) -> dict:
+def seed_summary(seed: int, comparison: dict, controls: dict, analysis: Optional[dict] = None,
+                 task_vectors: Optional[dict] = None) -> dict:
     """One seed's numbers in the rules' terms: F(m) = FD - floor, and the four intervals the rules read
-    (``analysis``, the analysis stage's summary, is carried along: no rule reads it)."""
+    (``analysis``, the analysis stage's summary, and ``task_vectors``, Fig. 6b's norms and cosines, are carried
+    along: no rule reads them)."""
     models = dict(comparison["models"])
     for name, m in controls.get("metrics", {}).items():
         models[name] = {**m, "fd_minus_floor": m["fd"] - comparison["floor"]["fd_at_n"]}
@@ -61,6 +63,7 @@ def seed_summary(seed: int, comparison: dict, controls: dict, analysis: Optional
         "ratio_merged_pretrained": F["merged"] / F["pretrained"],
         "f_shared": F["shared"],
         "analysis": analysis or {},
+        "task_vectors": task_vectors or {},
     }
 
 
@@ -113,6 +116,48 @@ def render(result: dict) -> str:
     return "\n".join(lines + ["", f"Verdict: **{result['verdict']}** ({result['rule']}).", ""])
 
 
+# the figures of a seed's experiment that docs/FASHION.md shows: Fig. 1 before and after, Fig. 6b
+FIGURES = ("analysis/gradient_conflict_pretrained.png", "analysis/gradient_conflict_merged.png",
+           "task_vectors/tv_norms.png", "task_vectors/tv_cosine.png")
+
+
+def plot_loss_along_tau(summary: dict, path: Path) -> None:
+    """Held-out loss of theta + lambda tau against lambda: every range's tau (over all t and over its own range)
+    and the shared fine-tune's."""
+    from dtm_core.plots import new_figure, save_figure
+
+    lam, sources = summary["lambdas"], summary["sources"]
+    fig, ax = new_figure(6.0, 4.0)
+    for name, rows in sources.items():
+        line = ax.plot(lam, rows["all_t"], marker="o", label=f"{name}, all t")[0]
+        if "own_range" in rows:
+            ax.plot(lam, rows["own_range"], marker="x", linestyle="--", color=line.get_color(),
+                    label=f"{name}, its own range")
+    ax.set_xlabel("λ (0: the base, 1: the fine-tuned model)")
+    ax.set_ylabel("held-out ε-MSE")
+    ax.set_title("loss along θ + λτ")
+    ax.legend(fontsize=6)
+    save_figure(fig, path)
+
+
+def write_figures(seed: int, name: str, summary: dict, out: Path) -> list[str]:
+    """The seed's figures under ``out``: the loss along tau, drawn here, and :data:`FIGURES` from its experiment."""
+    written = []
+    if summary.get("loss_along_tau"):
+        plot_loss_along_tau(summary["loss_along_tau"], out / f"seed-{seed}-loss_along_tau.png")
+        written.append(f"seed-{seed}-loss_along_tau.png")
+    for path in FIGURES:
+        try:
+            data = exps.experiment_bytes(name, path)
+        except exps.ExperimentError:
+            continue  # an analysis that was off draws no figure
+        target = out / f"seed-{seed}-{Path(path).name}"
+        with atomic_file(target, "wb") as handle:
+            handle.write(data)
+        written.append(target.name)
+    return written
+
+
 def pilot_size(comparison: dict, step: int = 1000) -> dict:
     """The sample count the verdict seeds need, from the pilot's merged - shared half-width alone.
 
@@ -138,6 +183,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--pilot", type=int, metavar="SEED",
                     help="size evaluate.num_samples from this pilot seed's merged - shared half-width instead")
     ap.add_argument("--out", type=Path, default=Path("reports/fashion.json"))
+    ap.add_argument("--figures", type=Path, metavar="DIR",
+                    help="also write each seed's figures here (loss along tau, gradient conflict, Fig. 6b)")
     exps.add_baseline_argument(ap)
     args = ap.parse_args(argv)
     try:
@@ -157,8 +204,14 @@ def main(argv: Optional[list[str]] = None) -> int:
             comparison = exps.experiment_file(name)
             if comparison is None:
                 raise exps.ExperimentError(f"experiment '{name}' has no {exps.REPORT}: run make fashion-seeds")
+            analysis = exps.experiment_file(name, "analysis/summary.json")
             rows.append(seed_summary(seed, comparison, exps.experiment_file(name, "controls/controls.json") or {},
-                                     exps.experiment_file(name, "analysis/summary.json")))
+                                     analysis, {"norms": (exps.experiment_file(name, "task_vectors/norms.json")
+                                                          or {}).get("total"),
+                                                "cosine": (exps.experiment_file(name, "task_vectors/cosine.json")
+                                                           or {}).get("cosine")}))
+            if args.figures:
+                rows[-1]["figures"] = write_figures(seed, name, analysis or {}, args.figures)
     except DtmError as exc:
         print(f"error: fashion: {exc}", file=sys.stderr)
         return 2
