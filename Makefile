@@ -69,7 +69,7 @@ fashion-seeds: setup
 study: setup
 	python -m tools.study
 
-# regenerate the shipped digits base (base/digits-unet) bit for bit: about 9 minutes on 2 cores (base/README.md)
+# regenerate the shipped digits base (base/digits-unet) bit for bit: 9 min 33 s on 2 cores, CPU not recorded (base/README.md)
 base: setup
 	python -m tools.make_base
 
