@@ -29,7 +29,8 @@ p = overlay(p, {"data": {"image_size": 28}, "model": {"pretrained_path": None},
                 "evaluate": {"batch_size": 2000}})
 if os.environ["TINY"] == "1":
     p = tiny_params(p)
-    p = overlay(p, {"controls": {"num_samples": 40, "scales": [0.0, 1.0]}, "evaluate": {"heldout_images": 50}})
+    p = overlay(p, {"controls": {"num_samples": 40, "scales": [0.0, 1.0]}, "evaluate": {"heldout_images": 50},
+                    "analysis": {"heldout_images": 50, "gradient_bins": 4}, "partition": {"affinity_images": 16}})
 parse_params(p)  # a bad combination fails here, before any work
 yaml.safe_dump(p, open(f"{sys.argv[1]}/params.yaml", "w"), sort_keys=False)
 PY
