@@ -128,13 +128,19 @@ def plot_loss_along_tau(summary: dict, path: Path) -> None:
 
     lam, sources = summary["lambdas"], summary["sources"]
     fig, ax = new_figure(6.0, 4.0)
+    zero = lam.index(0.0) if 0.0 in lam else 0
+
+    def change(values):  # the losses differ by fractions of a percent: plotted against the base's (lambda = 0)
+        return [100.0 * (v / values[zero] - 1.0) for v in values]
+
     for name, rows in sources.items():
-        line = ax.plot(lam, rows["all_t"], marker="o", label=f"{name}, all t")[0]
+        line = ax.plot(lam, change(rows["all_t"]), marker="o", label=f"{name}, all t")[0]
         if "own_range" in rows:
-            ax.plot(lam, rows["own_range"], marker="x", linestyle="--", color=line.get_color(),
+            ax.plot(lam, change(rows["own_range"]), marker="x", linestyle="--", color=line.get_color(),
                     label=f"{name}, its own range")
+    ax.axhline(0.0, color="black", linewidth=0.8)
     ax.set_xlabel("λ (0: the base, 1: the fine-tuned model)")
-    ax.set_ylabel("held-out ε-MSE")
+    ax.set_ylabel(f"held-out ε-MSE, % change from λ = {lam[zero]:g}")
     ax.set_title("loss along θ + λτ")
     ax.legend(fontsize=6)
     save_figure(fig, path)
