@@ -100,15 +100,16 @@ def add_baseline_argument(parser) -> None:
 _PINNED: dict[tuple[str, str], str] = {}  # (repository, rev) -> the commit the rev named when first read
 
 
-def _commit(rev: str, pin: bool = True) -> str:
-    """The commit ``rev`` names; with ``pin``, the one it named the first time this process asked (a commit made
-    while a sweep runs must not hide the experiments it already ran)."""
+def _rev_parse(rev: str) -> str:
+    return subprocess.run(["git", "rev-parse", rev], capture_output=True, text=True).stdout.strip()
+
+
+def _pinned(rev: str) -> str:
+    """The commit ``rev`` named the first time this process asked: a commit made while a sweep runs must not hide
+    the experiments it already ran."""
     key = (os.getcwd(), rev)
-    if not pin or key not in _PINNED:
-        sha = subprocess.run(["git", "rev-parse", rev], capture_output=True, text=True).stdout.strip()
-        if not pin:
-            return sha
-        _PINNED[key] = sha
+    if key not in _PINNED:
+        _PINNED[key] = _rev_parse(rev)
     return _PINNED[key]
 
 
@@ -121,8 +122,8 @@ def experiment_refs() -> dict[str, str]:
     The revs are resolved once per process, and HEAD as it is now is read
     last: committing while a sweep runs loses none of its experiments.
     """
-    heads = [_commit(rev) for rev in BASELINE]
-    live = _commit("HEAD", pin=False)
+    heads = [_pinned(rev) for rev in BASELINE]
+    live = _rev_parse("HEAD")
     if live not in heads:  # variants run after a commit made while this tool ran keep their experiments there
         heads.append(live)
     out: dict[str, str] = {}
