@@ -129,7 +129,7 @@ def test_set_arguments_are_yaml():
 
     assert set_args({"seed": 2, "partition.ranges": [0, 1], "finetune.weighting": "min_snr", "x": None}) == [
         "-S", "seed=2", "-S", "partition.ranges=[0, 1]", "-S", 'finetune.weighting="min_snr"', "-S", "x=null"]
-    assert seeds.parse_sets(["finetune.lr=1e-4", "partition.ranges=[0,1]"]) == {
+    assert exps.parse_sets(["finetune.lr=1e-4", "partition.ranges=[0,1]"]) == {
         "finetune.lr": 1e-4, "partition.ranges": [0, 1]}
 
 
@@ -527,7 +527,7 @@ def test_study_draws_each_models_bootstrap_once_while_its_features_stay_the_same
 
 def test_a_config_file_becomes_dotted_overrides_under_the_command_lines(tmp_path):
     from dtm_core.errors import ConfigError
-    from tools.seeds import config_overrides
+    from tools.exps import config_overrides
 
     over = config_overrides(Path(__file__).resolve().parents[1] / "configs" / "fashion.yaml")
     assert over["data.source"] == "idx" and over["model.block_out_channels"] == [32, 64, 128]
@@ -582,6 +582,15 @@ def test_the_fashion_tables_show_every_model_contrast_and_the_verdict():
     assert "| 0 | merged − soup | +0.0000 [-0.1000, +0.1000] | not distinguishable |" in text
     assert "| 0 | merged − shared | -0.1500 [-0.2000, -0.1000] | lower |" in text
     assert "Verdict: **pending** (2 of the 3 verdict seeds have run)." in text
+    assert "| 0 | – | – | – | – |" in text  # a seed without analyses: dashes
+    analysed = {**seeds[0], "seed": 1, "task_vectors": {"norms": [2.5, 3.0], "cosine": [[1.0, 0.25], [0.25, 1.0]]},
+                "analysis": {"gradient_conflict": {m: {"mean_cosine_between_bins": c} for m, c in
+                                                   (("pretrained", 0.5), ("merged", 0.25))},
+                             "loss_along_tau": {"lambdas": [0.0, 1.0], "sources": {
+                                 "range-0": {"all_t": [0.04, 0.039], "own_range": [0.1, 0.11]},
+                                 "shared": {"all_t": [0.04, 0.041]}}}}}
+    assert ("| 1 | 2.500, 3.000 | 0.250 | 0.500 → 0.250 | range-0 -2.50% (+10.00%); shared +2.50% |"
+            in render({"seeds": [analysed], **decide([analysed])}))
 
 
 def test_the_fashion_figures_draw_the_loss_along_tau_and_copy_what_the_seed_drew(tmp_path, monkeypatch):

@@ -47,9 +47,7 @@ def side(spec: str) -> tuple[str, str, dict, dict]:
         data, comparison = (SAMPLES_DIR / f"{model}.npz").read_bytes(), read_json(REPORT_DIR / "comparison.json",
                                                                                 "the workspace's report")
     else:
-        data, comparison = exps.experiment_bytes(name, path), exps.experiment_file(name)
-        if comparison is None:
-            raise exps.ExperimentError(f"experiment '{name}' has no {exps.REPORT}: run it first")
+        data, comparison = exps.experiment_bytes(name, path), exps.report(name, "run it first")
     with np.load(io.BytesIO(data)) as npz:
         arrays = {k: npz[k] for k in npz.files}
     return name, model, arrays, comparison

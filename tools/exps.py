@@ -17,9 +17,13 @@ import logging
 import os
 import subprocess
 import sys
+from pathlib import Path
 from typing import Any, Iterable, Optional
 
-from dtm_core.errors import DtmError
+import yaml
+
+from dtm_core.errors import ConfigError, DtmError
+from dtm_core.io import atomic_file, write_json
 
 log = logging.getLogger("dtm.exps")
 REPORT = "reports/comparison.json"
@@ -54,6 +58,65 @@ def set_args(overrides: dict[str, Any]) -> list[str]:
     for key, value in overrides.items():
         out += ["-S", f"{key}={json.dumps(value)}"]
     return out
+
+
+def parse_sets(items: list[str]) -> dict[str, Any]:
+    """``-S key=value`` items as a dictionary, each value read as DVC reads it."""
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ConfigError(f"-S {item!r}: write key=value, e.g. -S finetune.steps=1500")
+        parsed = yaml.safe_load(value)
+        if isinstance(parsed, str):  # PyYAML reads YAML 1.1, where 1e-4 is a string; DVC reads it as a number
+            try:
+                parsed = float(parsed)
+            except ValueError:
+                pass
+        out[key] = parsed
+    return out
+
+
+def config_overrides(path: Optional[Path]) -> dict[str, Any]:
+    """A configuration file (configs/fashion.yaml) as dotted -S overrides."""
+    from dtm_core.config import flatten
+
+    if path is None:
+        return {}
+    if not path.is_file():
+        raise ConfigError(f"--config '{path}' does not exist; name a file such as configs/fashion.yaml")
+    return flatten(yaml.safe_load(path.read_text()) or {})
+
+
+def add_variant_arguments(parser, label_help: str) -> None:
+    """The arguments every variant-running tool shares: -S, --config, --label, --collect-only and --baseline."""
+    parser.add_argument("-S", "--set", action="append", default=[], help="key=value on top of params.yaml")
+    parser.add_argument("--config", type=Path, help="a configuration whose keys go on top of params.yaml "
+                        "(configs/fashion.yaml); -S wins over it")
+    parser.add_argument("--label", default="", help=label_help)
+    parser.add_argument("--collect-only", action="store_true", help="only read finished experiments")
+    add_baseline_argument(parser)
+
+
+def overrides(args) -> dict[str, Any]:
+    """The overrides of :func:`add_variant_arguments`' arguments: the configuration's keys, then -S."""
+    return {**config_overrides(args.config), **parse_sets(args.set)}
+
+
+def report(name: str, hint: str) -> dict:
+    """Experiment ``name``'s reports/comparison.json; an :class:`ExperimentError` ending in ``hint`` if it has none."""
+    comparison = experiment_file(name)
+    if comparison is None:
+        raise ExperimentError(f"experiment '{name}' has no {REPORT} on this commit: {hint}")
+    return comparison
+
+
+def write_report(path: Path, result: dict, text: str) -> None:
+    """``result`` as JSON at ``path`` and ``text`` beside it as ``.md``; the text is printed too."""
+    write_json(path, result)
+    with atomic_file(path.with_suffix(".md")) as handle:
+        handle.write(text)
+    print(text)
 
 
 BASELINE: list[str] = ["HEAD"]  # the commits whose experiments are read, first match wins (``--baseline``)
@@ -162,8 +225,6 @@ def experiment_file(name: str, path: str = REPORT) -> Optional[dict]:
 
 def experiment_params(name: str) -> Optional[dict]:
     """params.yaml as committed by experiment ``name``."""
-    import yaml
-
     ref = experiment_refs().get(name)
     if ref is None:
         return None
@@ -231,8 +292,6 @@ def apply_overrides(params: dict, overrides: dict[str, Any]) -> dict:
 
 def _same_params(name: str, overrides: dict[str, Any]) -> bool:
     """Whether experiment ``name`` ran with these overrides (on top of the current params.yaml)."""
-    import yaml
-
     committed = experiment_params(name)
     if committed is None:
         return False

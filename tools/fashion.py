@@ -70,23 +70,23 @@ def seed_summary(seed: int, comparison: dict, controls: dict, analysis: Optional
 def decide(seeds: list[dict]) -> dict:
     """Reproduces / Partial / Refutes / Inconclusive, exactly as docs/FASHION.md words them; pending before three
     seeds have run."""
+    if len(seeds) < len(SEEDS):  # every rule reads three seeds: fewer decide nothing yet
+        return {"verdict": "pending", "rule": f"{len(seeds)} of the {len(SEEDS)} verdict seeds have run"}
     ci = lambda s, key: s["contrasts"][key]["fd_ci"]  # noqa: E731
     ms, mp = "merged_minus_shared", "merged_minus_pretrained"
     soup, scaled = "merged_minus_soup", "merged_scaled_minus_shared_scaled"
     controls_present = all(soup in s["contrasts"] and scaled in s["contrasts"] for s in seeds)
-    if len(seeds) < len(SEEDS):  # every rule reads three seeds: fewer decide nothing yet
-        return {"verdict": "pending", "rule": f"{len(seeds)} of the {len(SEEDS)} verdict seeds have run"}
-    if len(seeds) == 3 and controls_present and all(
+    if controls_present and all(
             s["ratio_merged_shared"] <= RATIO and s["ratio_merged_pretrained"] <= RATIO and below(ci(s, ms))
             and below(ci(s, mp)) and below(ci(s, soup)) and below(ci(s, scaled)) for s in seeds):
         return {"verdict": "reproduces", "rule": "every seed: ratios <= 0.85, merged below shared, the base, "
                                                  "the soup and the scaled-back shared fine-tune"}
-    if len(seeds) == 3 and controls_present and all(below(ci(s, ms)) for s in seeds) and (
+    if controls_present and all(below(ci(s, ms)) for s in seeds) and (
             sum(ties(ci(s, soup)) for s in seeds) >= 2 or sum(ties(ci(s, scaled)) for s in seeds) >= 2):
         return {"verdict": "partial", "rule": "merged below shared in every seed, but it ties the soup or the "
                                               "scaled-back shared fine-tune in at least 2 seeds: averaging"}
     widths = [(ci(s, ms)[1] - ci(s, ms)[0]) / 2 for s in seeds]
-    if len(seeds) == 3 and all(w <= HALF_WIDTH * s["f_shared"] for w, s in zip(widths, seeds)) and \
+    if all(w <= HALF_WIDTH * s["f_shared"] for w, s in zip(widths, seeds)) and \
             sum(not below(ci(s, ms)) for s in seeds) >= 2:
         return {"verdict": "refutes", "rule": "half-widths within 5% of shared's floor-subtracted FD, and merged - "
                                               "shared contains zero or lies above it in at least 2 seeds"}
@@ -113,7 +113,29 @@ def render(result: dict) -> str:
             lo, hi = c["fd_ci"]
             lines.append(f"| {s['seed']} | {key.replace('_minus_', ' − ')} | {c['fd']:+.4f} [{lo:+.4f}, {hi:+.4f}] | "
                          f"{verdict(c['fd_ci'])} |")
+    lines += ["", "| seed | task-vector norms, range 0 to N−1 (Fig. 6b) | largest cosine between ranges | "
+              "gradient cosine between t-bins, base → merged (Fig. 1) | held-out loss at λ = 1 vs the base, "
+              "all t (own range) |", "|---|---|---|---|---|"]
+    for s in result["seeds"]:
+        tv, a = s.get("task_vectors") or {}, s.get("analysis") or {}
+        norms = ", ".join(f"{x:.3f}" for x in tv.get("norms") or []) or "–"
+        cos = tv.get("cosine") or []
+        off = max((c for i, r in enumerate(cos) for j, c in enumerate(r) if i != j), default=None)
+        g = a.get("gradient_conflict", {})
+        grad = " → ".join(f"{g[m]['mean_cosine_between_bins']:.3f}" for m in ("pretrained", "merged") if m in g) or "–"
+        lines.append(f"| {s['seed']} | {norms} | {'–' if off is None else f'{off:.3f}'} | {grad} | "
+                     f"{loss_at_one(a.get('loss_along_tau')) or '–'} |")
     return "\n".join(lines + ["", f"Verdict: **{result['verdict']}** ({result['rule']}).", ""])
+
+
+def loss_at_one(summary: Optional[dict]) -> str:
+    """Each source's held-out loss at lambda = 1 as % change from lambda = 0, over all t (and its own range)."""
+    if not summary or 1.0 not in summary["lambdas"] or 0.0 not in summary["lambdas"]:
+        return ""
+    one, zero = summary["lambdas"].index(1.0), summary["lambdas"].index(0.0)
+    pct = lambda v: f"{100.0 * (v[one] / v[zero] - 1.0):+.2f}%"  # noqa: E731
+    return "; ".join(f"{name} {pct(rows['all_t'])}" + (f" ({pct(rows['own_range'])})" if "own_range" in rows else "")
+                     for name, rows in summary["sources"].items())
 
 
 # the figures of a seed's experiment that docs/FASHION.md shows: Fig. 1 before and after, Fig. 6b
@@ -196,20 +218,15 @@ def main(argv: Optional[list[str]] = None) -> int:
     try:
         if args.pilot is not None:
             name = variant_name(args.pilot, "fashion")
-            comparison = exps.experiment_file(name)
-            if comparison is None:
-                raise exps.ExperimentError(f"experiment '{name}' has no {exps.REPORT}: run python -m tools.seeds "
-                                           f"--config configs/fashion.yaml --label fashion --seeds {args.pilot}")
-            size = {"pilot": name, **pilot_size(comparison)}
+            hint = f"python -m tools.seeds --config configs/fashion.yaml --label fashion --seeds {args.pilot}"
+            size = {"pilot": name, **pilot_size(exps.report(name, hint))}
             write_json(args.out, size)
             print(f"evaluate.num_samples: {size['num_samples']} ({args.out})")
             return 0
         rows = []
         for seed in args.seeds:
             name = variant_name(seed, "fashion")
-            comparison = exps.experiment_file(name)
-            if comparison is None:
-                raise exps.ExperimentError(f"experiment '{name}' has no {exps.REPORT}: run make fashion-seeds")
+            comparison = exps.report(name, "run make fashion-seeds")
             analysis = exps.experiment_file(name, "analysis/summary.json")
             rows.append(seed_summary(seed, comparison, exps.experiment_file(name, "controls/controls.json") or {},
                                      analysis, {"norms": (exps.experiment_file(name, "task_vectors/norms.json")
@@ -222,12 +239,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         print(f"error: fashion: {exc}", file=sys.stderr)
         return 2
     result = {"rules": "docs/FASHION.md", "seeds": rows, **decide(rows)}
-    write_json(args.out, result)
-    with atomic_file(args.out.with_suffix(".md")) as handle:
-        handle.write(render(result))
-    print(f"{result['verdict']}: {result['rule']} ({args.out}, {args.out.with_suffix('.md')})")
+    exps.write_report(args.out, result, render(result))
     return 0
-
 
 if __name__ == "__main__":
     sys.exit(main())

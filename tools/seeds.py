@@ -23,8 +23,7 @@ from typing import Any, Optional
 
 import numpy as np
 
-from dtm_core.errors import ConfigError, DtmError
-from dtm_core.io import atomic_file, write_json
+from dtm_core.errors import DtmError
 from stages.report import sampler_label
 from tools import exps
 
@@ -115,74 +114,31 @@ def variant_name(seed: int, label: str) -> str:
     return f"seeds-{seed}" + (f"-{label}" if label else "")
 
 
-def parse_sets(items: list[str]) -> dict[str, Any]:
-    import yaml
-
-    out = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise ConfigError(f"-S {item!r}: write key=value, e.g. -S finetune.steps=1500")
-        parsed = yaml.safe_load(value)
-        if isinstance(parsed, str):  # PyYAML reads YAML 1.1, where 1e-4 is a string; DVC reads it as a number
-            try:
-                parsed = float(parsed)
-            except ValueError:
-                pass
-        out[key] = parsed
-    return out
-
-
-def config_overrides(path: Optional[Path]) -> dict[str, Any]:
-    """A configuration file (configs/fashion.yaml) as dotted -S overrides."""
-    import yaml
-
-    from dtm_core.config import flatten
-
-    if path is None:
-        return {}
-    if not path.is_file():
-        raise ConfigError(f"--config '{path}' does not exist; name a file such as configs/fashion.yaml")
-    return flatten(yaml.safe_load(path.read_text()) or {})
-
-
 def main(argv: Optional[list[str]] = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m tools.seeds", description=__doc__.split("\n\n")[0])
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    ap.add_argument("--config", type=Path, help="a configuration whose keys go on top of params.yaml "
-                    "(configs/fashion.yaml); -S wins over it")
-    ap.add_argument("-S", "--set", action="append", default=[], help="key=value on top of params.yaml")
-    ap.add_argument("--label", default="", help="suffix of the experiment names (for -S variants)")
-    ap.add_argument("--collect-only", action="store_true", help="only read finished experiments")
+    exps.add_variant_arguments(ap, "suffix of the experiment names (for -S variants)")
     ap.add_argument("--rerun", action="store_true", help="re-run seeds whose results exist")
-    exps.add_baseline_argument(ap)
     ap.add_argument("--out", type=Path, default=Path("reports"))
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s seeds %(message)s", stream=sys.stderr)
     try:
-        overrides = {**config_overrides(args.config), **parse_sets(args.set)}
+        overrides = exps.overrides(args)
         variants = {variant_name(s, args.label): {**overrides, "seed": s} for s in args.seeds}
         if not args.collect_only:
             exps.run_all(variants, rerun=args.rerun)
         runs = exps.mlflow_parent_runs(variants)
         rows, settings = [], {}
         for name, overrides_s in variants.items():
-            comparison = exps.experiment_file(name)
-            if comparison is None:
-                raise exps.ExperimentError(f"experiment '{name}' has no {exps.REPORT} on this commit: run it first")
+            comparison = exps.report(name, "run it first")
             settings = common_settings(comparison["settings"], exps.experiment_params(name))
             rows.append(seed_row(overrides_s["seed"], comparison, runs.get(name, [])))
         result = summarise(rows, {**settings, "overrides": overrides})
     except DtmError as exc:
         print(f"error: seeds: {exc}", file=sys.stderr)
         return 2
-    suffix = f"-{args.label}" if args.label else ""
-    write_json(args.out / f"seeds{suffix}.json", result)
-    with atomic_file(args.out / f"seeds{suffix}.md") as handle:
-        handle.write(render(result))
-    print(render(result))
+    exps.write_report(args.out / f"seeds{f'-{args.label}' if args.label else ''}.json", result, render(result))
     return 0
-
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -38,7 +38,7 @@ import yaml
 
 from dtm_core import distances
 from dtm_core.errors import DtmError
-from dtm_core.io import atomic_file, write_json
+from dtm_core.io import write_json
 from tools import exps
 
 SEEDS = (0, 1, 2)
@@ -212,14 +212,9 @@ def row_result(row: Row, all_rows: list[Row], reference: np.ndarray, rounds: int
     fd_values, kid_values, loss_values, deltas, relative, loss_relative, per_seed = [], [], [], [], [], [], []
     for seed in row.seeds:
         name = experiment_name(row, seed, all_rows)
-        report = exps.experiment_file(name)
         baseline_name = f"study-default-s{seed}"
-        if report is None:
-            raise exps.ExperimentError(f"experiment '{name}' has no {exps.REPORT} on this commit: run the study")
-        m = report["models"][row.model]
-        baseline = exps.experiment_file(baseline_name)
-        if baseline is None:
-            raise exps.ExperimentError(f"experiment '{baseline_name}' (the shared baseline) has no {exps.REPORT}")
+        m = exps.report(name, "run the study")["models"][row.model]
+        baseline = exps.report(baseline_name, "the shared baseline: run the study")
         loss_relative.append(_percent(m["heldout_loss"], baseline["models"]["shared"]["heldout_loss"]))
         fd_values.append(m["fd"])
         kid_values.append(m["kid"])
@@ -370,14 +365,10 @@ def main(argv: Optional[list[str]] = None) -> int:
               # each experiment once (rows share experiments), as its newest pipeline run in MLflow took
               "experiment_minutes": {name: minutes.get(name) for name in todo},
               "experiment_minutes_total": sum(m for m in minutes.values() if m)}
-    write_json(args.out / "study.json", result)
     plot(result, args.out / "study.png")
     if args.results:
         write_json(args.results, results_rows(result))
-    text = render(result)
-    with atomic_file(args.out / "study.md") as handle:
-        handle.write(text)
-    print(text)
+    exps.write_report(args.out / "study.json", result, render(result))
     return 0
 
 

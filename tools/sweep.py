@@ -25,9 +25,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from dtm_core.errors import DtmError
-from dtm_core.io import atomic_file, write_json
 from tools import exps
-from tools.seeds import config_overrides, parse_sets
 
 METHODS = ("shared", "merged", "ensemble")
 
@@ -58,40 +56,26 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m tools.sweep", description=__doc__.split("\n\n")[0])
     ap.add_argument("key", help="the params.yaml key to sweep, e.g. finetune.lr")
     ap.add_argument("values", nargs="+")
-    ap.add_argument("-S", "--set", action="append", default=[], help="key=value fixed for every value")
-    ap.add_argument("--config", type=Path, help="a configuration under the -S keys (configs/fashion.yaml)")
-    ap.add_argument("--label", default="", help="a prefix of the experiment and report names")
-    ap.add_argument("--collect-only", action="store_true")
-    exps.add_baseline_argument(ap)
+    exps.add_variant_arguments(ap, "a prefix of the experiment and report names")
     ap.add_argument("--out", type=Path, default=Path("reports"))
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s sweep %(message)s", stream=sys.stderr)
     stem = "sweep-" + (f"{args.label}-" if args.label else "") + args.key.replace(".", "-")
     try:
-        fixed = {**config_overrides(args.config), **parse_sets(args.set)}
-        values = [parse_sets([f"v={v}"])["v"] for v in args.values]
+        fixed = exps.overrides(args)
+        values = [exps.parse_sets([f"v={v}"])["v"] for v in args.values]
         variants = {f"{stem}-{v}": {**fixed, args.key: v} for v in values}
         if not args.collect_only:
             exps.run_all(variants)
-        rows = []
-        for (name, _), value in zip(variants.items(), values):
-            comparison = exps.experiment_file(name)
-            if comparison is None:
-                raise exps.ExperimentError(f"experiment '{name}' has no {exps.REPORT} on this commit")
-            rows.append(row(value, comparison))
+        rows = [row(value, exps.report(name, "run the sweep")) for name, value in zip(variants, values)]
     except DtmError as exc:
         print(f"error: sweep: {exc}", file=sys.stderr)
         return 2
     best = {m: min(rows, key=lambda r: r["models"][m]["fd"])["value"] for m in METHODS}
     result = {"key": args.key, "fixed": fixed, "rows": rows, "best_by_fd": best,
               "runs": exps.mlflow_parent_runs(variants)}
-    write_json(args.out / f"{stem}.json", result)
-    text = render(args.key, rows, fixed, best)
-    with atomic_file(args.out / f"{stem}.md") as handle:
-        handle.write(text)
-    print(text)
+    exps.write_report(args.out / f"{stem}.json", result, render(args.key, rows, fixed, best))
     return 0
-
 
 if __name__ == "__main__":
     sys.exit(main())
