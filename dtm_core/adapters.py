@@ -79,8 +79,23 @@ def is_adapter_dir(path: str | Path) -> bool:
 
 
 def save_adapter(model, tmp: Path) -> None:
-    """Write ``model``'s adapter weights (no base weights) into the directory ``tmp``."""
+    """Write ``model``'s adapter weights (no base weights) into the directory ``tmp``.
+
+    PEFT holds ``target_modules`` as a set and writes it into the file's metadata in the process's string-hash
+    order; the metadata is rewritten sorted, so that equal runs write equal bytes (DVC hashes the file).
+    """
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
     model.save_lora_adapter(str(tmp), weight_name=ADAPTER_WEIGHTS)
+    path = str(Path(tmp) / ADAPTER_WEIGHTS)
+    with safe_open(path, "pt") as handle:
+        metadata = handle.metadata() or {}
+    key = "lora_adapter_metadata"
+    if key in metadata:
+        config = json.loads(metadata[key])
+        config = {k: sorted(v) if k == "target_modules" and isinstance(v, list) else v for k, v in config.items()}
+        save_file(load_file(path), path, metadata={**metadata, key: json.dumps(config, indent=2, sort_keys=True)})
 
 
 def _info(path: Path) -> dict:
