@@ -568,6 +568,7 @@ def test_the_fashion_verdict_follows_the_preregistered_rules():
     result = decide(wide)
     assert result["verdict"] == "inconclusive" and result["half_widths"][0] == pytest.approx(0.2)
     assert decide([_fashion_seed()] * 2)["verdict"] == "pending"  # the rules need three seeds
+    assert decide([_fashion_seed()] * 4)["verdict"] == "undefined"  # ... and were written for three
     # the soup's floor-subtracted FD uses the comparison's floor
     assert _fashion_seed()["models"]["soup"]["fd_minus_floor"] == pytest.approx(0.6)
 

@@ -72,6 +72,8 @@ def decide(seeds: list[dict]) -> dict:
     seeds have run."""
     if len(seeds) < len(SEEDS):  # every rule reads three seeds: fewer decide nothing yet
         return {"verdict": "pending", "rule": f"{len(seeds)} of the {len(SEEDS)} verdict seeds have run"}
+    if len(seeds) > len(SEEDS):  # the rules were fixed for three seeds, not for a larger count chosen later
+        return {"verdict": "undefined", "rule": f"the rules read {len(SEEDS)} seeds, {len(seeds)} were given"}
     ci = lambda s, key: s["contrasts"][key]["fd_ci"]  # noqa: E731
     ms, mp = "merged_minus_shared", "merged_minus_pretrained"
     soup, scaled = "merged_minus_soup", "merged_scaled_minus_shared_scaled"
