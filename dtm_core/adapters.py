@@ -79,23 +79,35 @@ def is_adapter_dir(path: str | Path) -> bool:
 
 
 def save_adapter(model, tmp: Path) -> None:
-    """Write ``model``'s adapter weights (no base weights) into the directory ``tmp``.
-
-    PEFT holds ``target_modules`` as a set and writes it into the file's metadata in the process's string-hash
-    order; the metadata is rewritten sorted, so that equal runs write equal bytes (DVC hashes the file).
-    """
-    from safetensors import safe_open
-    from safetensors.torch import load_file, save_file
-
+    """Write ``model``'s adapter weights (no base weights) into the directory ``tmp``, in a canonical header."""
     model.save_lora_adapter(str(tmp), weight_name=ADAPTER_WEIGHTS)
-    path = str(Path(tmp) / ADAPTER_WEIGHTS)
-    with safe_open(path, "pt") as handle:
-        metadata = handle.metadata() or {}
-    key = "lora_adapter_metadata"
-    if key in metadata:
-        config = json.loads(metadata[key])
-        config = {k: sorted(v) if k == "target_modules" and isinstance(v, list) else v for k, v in config.items()}
-        save_file(load_file(path), path, metadata={**metadata, key: json.dumps(config, indent=2, sort_keys=True)})
+    canonical_header(Path(tmp) / ADAPTER_WEIGHTS)
+
+
+def canonical_header(path: Path) -> None:
+    """Rewrite a safetensors file's header so that equal contents give equal bytes (DVC hashes the file).
+
+    safetensors keeps the metadata in a hash map whose order changes from process to process, and PEFT writes
+    ``target_modules`` (a set) into diffusers' adapter metadata in the process's string-hash order: both are
+    sorted here. The tensors' entries and bytes stay as they are; the header keeps its length.
+    """
+    with open(path, "r+b") as handle:
+        size = int.from_bytes(handle.read(8), "little")
+        header = json.loads(handle.read(size))
+        meta = header.pop("__metadata__", None)
+        if not meta:
+            return
+        if "lora_adapter_metadata" in meta:
+            config = json.loads(meta["lora_adapter_metadata"])
+            if isinstance(config.get("target_modules"), list):
+                config["target_modules"] = sorted(config["target_modules"])
+            meta["lora_adapter_metadata"] = json.dumps(config, indent=2, sort_keys=True)
+        text = json.dumps({"__metadata__": dict(sorted(meta.items())), **header}, separators=(",", ":"),
+                          ensure_ascii=False).encode()
+        if len(text) > size:  # the same content re-serialised: never longer than safetensors' own
+            raise ModelLoadError(f"'{path}': its header cannot be rewritten in place ({len(text)} > {size} bytes)")
+        handle.seek(8)
+        handle.write(text.ljust(size, b" "))
 
 
 def _info(path: Path) -> dict:

@@ -98,6 +98,40 @@ def test_a_saved_adapter_holds_only_the_adapter_and_loads_as_the_folded_model(ba
         assert torch.allclose(loaded(x, t).sample, expected, atol=1e-5)
 
 
+def _with_header(path, metadata: list, targets: list) -> None:
+    """Write a small safetensors file whose metadata keys and target list come in the given orders."""
+    from safetensors.torch import save_file
+
+    save_file({"b.weight": torch.ones(2, 3), "a.weight": torch.arange(4.0)}, str(path))
+    raw = path.read_bytes()
+    size = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8:8 + size])
+    config = json.dumps({"r": 4, "target_modules": targets}, indent=2, sort_keys=True)
+    values = {"format": "pt", "lora_adapter_metadata": config}
+    text = json.dumps({"__metadata__": {k: values[k] for k in metadata}, **header}, separators=(",", ":")).encode()
+    path.write_bytes(len(text).to_bytes(8, "little") + text + raw[8 + size:])
+
+
+def test_a_canonical_header_makes_equal_contents_equal_bytes(tmp_path):
+    """safetensors' metadata map and PEFT's target set come out in an order that changes between processes."""
+    from safetensors.torch import load_file
+
+    a, b = tmp_path / "a.safetensors", tmp_path / "b.safetensors"
+    _with_header(a, ["format", "lora_adapter_metadata"], ["conv1", "to_q", "conv2"])
+    _with_header(b, ["lora_adapter_metadata", "format"], ["to_q", "conv2", "conv1"])
+    assert a.read_bytes() != b.read_bytes()
+    adapters.canonical_header(a)
+    adapters.canonical_header(b)
+    assert a.read_bytes() == b.read_bytes()
+    loaded = load_file(str(a))
+    assert torch.equal(loaded["b.weight"], torch.ones(2, 3)) and torch.equal(loaded["a.weight"], torch.arange(4.0))
+    from safetensors import safe_open
+
+    with safe_open(str(a), "pt") as handle:
+        meta = handle.metadata()
+    assert json.loads(meta["lora_adapter_metadata"])["target_modules"] == ["conv1", "conv2", "to_q"]
+
+
 def test_an_adapter_without_its_base_says_which_directory_is_missing(base, tmp_path):
     _save(_trained_adapter(base, seed=0), tmp_path / "range", tmp_path / "nowhere")
     with pytest.raises(ModelLoadError, match="nowhere"):
