@@ -220,7 +220,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     try:
         if args.pilot is not None:
             name = variant_name(args.pilot, "fashion")
-            hint = f"python -m tools.seeds --config configs/fashion.yaml --label fashion --seeds {args.pilot}"
+            hint = f"run python -m tools.seeds --config configs/fashion.yaml --label fashion --seeds {args.pilot}"
             size = {"pilot": name, **pilot_size(exps.report(name, hint))}
             write_json(args.out, size)
             print(f"evaluate.num_samples: {size['num_samples']} ({args.out})")
@@ -243,6 +243,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     result = {"rules": "docs/FASHION.md", "seeds": rows, **decide(rows)}
     exps.write_report(args.out, result, render(result))
     return 0
+
 
 if __name__ == "__main__":
     sys.exit(main())

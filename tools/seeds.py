@@ -140,5 +140,6 @@ def main(argv: Optional[list[str]] = None) -> int:
     exps.write_report(args.out / f"seeds{f'-{args.label}' if args.label else ''}.json", result, render(result))
     return 0
 
+
 if __name__ == "__main__":
     sys.exit(main())

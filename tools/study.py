@@ -365,10 +365,10 @@ def main(argv: Optional[list[str]] = None) -> int:
               # each experiment once (rows share experiments), as its newest pipeline run in MLflow took
               "experiment_minutes": {name: minutes.get(name) for name in todo},
               "experiment_minutes_total": sum(m for m in minutes.values() if m)}
+    exps.write_report(args.out / "study.json", result, render(result))
     plot(result, args.out / "study.png")
     if args.results:
         write_json(args.results, results_rows(result))
-    exps.write_report(args.out / "study.json", result, render(result))
     return 0
 
 

@@ -77,5 +77,6 @@ def main(argv: Optional[list[str]] = None) -> int:
     exps.write_report(args.out / f"{stem}.json", result, render(args.key, rows, fixed, best))
     return 0
 
+
 if __name__ == "__main__":
     sys.exit(main())
