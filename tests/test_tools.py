@@ -569,6 +569,18 @@ def test_the_fashion_verdict_follows_the_preregistered_rules():
     assert result["verdict"] == "inconclusive" and result["half_widths"][0] == pytest.approx(0.2)
     assert decide([_fashion_seed()] * 2)["verdict"] == "pending"  # the rules need three seeds
     assert decide([_fashion_seed()] * 4)["verdict"] == "undefined"  # ... and were written for three
+
+
+def test_the_fashion_headline_counts_the_seeds_and_says_when_refutation_is_out_of_reach():
+    from tools.fashion import decide, headline
+
+    seeds = [_fashion_seed(merged=1.0, ms=(-0.2, 0.2), soup=(-0.1, 0.1))] * 2 + [_fashion_seed(ms=(-0.3, -0.1))]
+    text = headline({"seeds": seeds, **decide(seeds)})
+    assert "**inconclusive**" in text
+    assert "ties in 2 of 3 seeds and is below zero in 1 of 3" in text and "merged ties the soup in 2 of 3" in text
+    assert "no refutation is possible" in text  # half-widths 0.1-0.2 against a limit of 5% of 1.0
+    narrow = [_fashion_seed(merged=1.0, ms=(-0.02, 0.02))] * 3
+    assert "no refutation is possible" not in headline({"seeds": narrow, **decide(narrow)})
     # the soup's floor-subtracted FD uses the comparison's floor
     assert _fashion_seed()["models"]["soup"]["fd_minus_floor"] == pytest.approx(0.6)
 

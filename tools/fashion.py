@@ -100,6 +100,36 @@ COLUMNS = (("fd", 4), ("fd_minus_floor", 4), ("fd_train", 4), ("kid", 5), ("held
            ("memorised_fraction", 4))  # the model table's keys and decimals
 
 
+def headline(result: dict) -> str:
+    """The verdict in one plain paragraph, counted from the seeds: the README's headline."""
+    seeds = result["seeds"]
+    k = len(seeds)
+
+    tie, low = "not distinguishable", "lower"
+
+    def count(key: str, word: str) -> str:
+        n = sum(verdict(s["contrasts"][key]["fd_ci"]) == word for s in seeds if key in s["contrasts"])
+        return f"{n} of {k}"
+
+    ms = [s["contrasts"]["merged_minus_shared"] for s in seeds]
+    widths = [(c["fd_ci"][1] - c["fd_ci"][0]) / 2 for c in ms]
+    limits = [HALF_WIDTH * s["f_shared"] for s in seeds]
+    mean = lambda key: sum(s["models"][key]["fd"] for s in seeds) / k  # noqa: E731
+    return (
+        f"Fashion-MNIST, training seeds {', '.join(str(s['seed']) for s in seeds)}: the preregistered verdict is "
+        f"**{result['verdict']}** ({result['rule']}). Merged − shared FD ties in {count('merged_minus_shared', tie)}"
+        f" seeds and is below zero in {count('merged_minus_shared', low)}; merged is below the base in "
+        f"{count('merged_minus_pretrained', low)}; merged ties the soup in {count('merged_minus_soup', tie)}"
+        f" and the scaled merge ties the scaled-back shared fine-tune in "
+        f"{count('merged_scaled_minus_shared_scaled', tie)}. Mean FD over the seeds: base "
+        f"{mean('pretrained'):.4f}, shared {mean('shared'):.4f}, merged {mean('merged'):.4f} (floor "
+        f"{sum(s['floor']['fd_at_n'] for s in seeds) / k:.4f}). Merged − shared's half-widths "
+        f"{min(widths):.4f}–{max(widths):.4f} against the refutation's limit of 5% of F(shared) "
+        f"({min(limits):.4f}–{max(limits):.4f})"
+        + (": at this sample count no refutation is possible." if min(widths) > max(limits) else ".")
+    )
+
+
 def render(result: dict) -> str:
     """fashion.json as the tables of docs/FASHION.md: per seed every model, then every contrast, then the verdict."""
     lines = ["| seed | model | FD | FD − floor | FD vs train | KID | held-out loss | memorised |", "|---" * 8 + "|"]
@@ -127,7 +157,8 @@ def render(result: dict) -> str:
         grad = " → ".join(f"{g[m]['mean_cosine_between_bins']:.3f}" for m in ("pretrained", "merged") if m in g) or "–"
         lines.append(f"| {s['seed']} | {norms} | {'–' if off is None else f'{off:.3f}'} | {grad} | "
                      f"{loss_at_one(a.get('loss_along_tau')) or '–'} |")
-    return "\n".join(lines + ["", f"Verdict: **{result['verdict']}** ({result['rule']}).", ""])
+    verdict_line = result.get("headline") or f"Verdict: **{result['verdict']}** ({result['rule']})."
+    return "\n".join(lines + ["", verdict_line, ""])
 
 
 def loss_at_one(summary: Optional[dict]) -> str:
@@ -241,6 +272,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         print(f"error: fashion: {exc}", file=sys.stderr)
         return 2
     result = {"rules": "docs/FASHION.md", "seeds": rows, **decide(rows)}
+    result["headline"] = headline(result)
     exps.write_report(args.out, result, render(result))
     return 0
 
