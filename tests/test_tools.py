@@ -580,6 +580,16 @@ def test_the_fashion_headline_counts_the_seeds_and_says_when_refutation_is_out_o
     assert "ties in 2 of 3 seeds and is below zero in 1 of 3" in text and "merged ties the soup in 2 of 3" in text
     assert "no refutation is possible" in text  # half-widths 0.1-0.2 against a limit of 5% of 1.0
     narrow = [_fashion_seed(merged=1.0, ms=(-0.02, 0.02))] * 3
+    # pending: what the missing seeds could still bring about
+    from tools.fashion import reachable
+
+    assert reachable([_fashion_seed(ms=(-0.3, -0.1))]) == ["inconclusive", "partial", "reproduces"]  # too wide
+    assert reachable([_fashion_seed(merged=1.0, ms=(-0.2, 0.2))]) == ["inconclusive"]  # a tie: no "every seed"
+    assert reachable([_fashion_seed(merged=1.0, ms=(-0.02, 0.02))]) == ["inconclusive", "refutes"]
+    assert reachable([_fashion_seed()] * 3) == ["reproduces"]  # all three have run: what they decided
+    pending = [_fashion_seed(merged=1.0, ms=(-0.2, 0.2))]
+    assert "Still possible by the rules once every seed has run: inconclusive." in headline(
+        {"seeds": pending, **decide(pending)})
     assert "no refutation is possible" not in headline({"seeds": narrow, **decide(narrow)})
     # the soup's floor-subtracted FD uses the comparison's floor
     assert _fashion_seed()["models"]["soup"]["fd_minus_floor"] == pytest.approx(0.6)
