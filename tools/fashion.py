@@ -67,6 +67,13 @@ def seed_summary(seed: int, comparison: dict, controls: dict, analysis: Optional
     }
 
 
+def half_widths(seeds: list[dict]) -> tuple[list[float], list[float]]:
+    """Per seed, merged - shared's interval half-width and the refutation's limit, 5% of F(shared)."""
+    widths = [(s["contrasts"]["merged_minus_shared"]["fd_ci"][1] - s["contrasts"]["merged_minus_shared"]["fd_ci"][0])
+              / 2 for s in seeds]
+    return widths, [HALF_WIDTH * s["f_shared"] for s in seeds]
+
+
 def decide(seeds: list[dict]) -> dict:
     """Reproduces / Partial / Refutes / Inconclusive, exactly as docs/FASHION.md words them; pending before three
     seeds have run."""
@@ -87,13 +94,12 @@ def decide(seeds: list[dict]) -> dict:
             sum(ties(ci(s, soup)) for s in seeds) >= 2 or sum(ties(ci(s, scaled)) for s in seeds) >= 2):
         return {"verdict": "partial", "rule": "merged below shared in every seed, but it ties the soup or the "
                                               "scaled-back shared fine-tune in at least 2 seeds: averaging"}
-    widths = [(ci(s, ms)[1] - ci(s, ms)[0]) / 2 for s in seeds]
-    if all(w <= HALF_WIDTH * s["f_shared"] for w, s in zip(widths, seeds)) and \
-            sum(not below(ci(s, ms)) for s in seeds) >= 2:
+    widths, limits = half_widths(seeds)
+    if all(w <= limit for w, limit in zip(widths, limits)) and sum(not below(ci(s, ms)) for s in seeds) >= 2:
         return {"verdict": "refutes", "rule": "half-widths within 5% of shared's floor-subtracted FD, and merged - "
                                               "shared contains zero or lies above it in at least 2 seeds"}
     return {"verdict": "inconclusive", "rule": "none of the three rules holds",
-            "half_widths": widths, "half_width_limits": [HALF_WIDTH * s["f_shared"] for s in seeds]}
+            "half_widths": widths, "half_width_limits": limits}
 
 
 def reachable(seeds: list[dict]) -> list[str]:
@@ -122,15 +128,13 @@ def headline(result: dict) -> str:
     seeds = result["seeds"]
     k = len(seeds)
 
-    tie, low = "not distinguishable", "lower"
+    tie, low = ties, below
 
-    def count(key: str, word: str) -> str:
-        n = sum(verdict(s["contrasts"][key]["fd_ci"]) == word for s in seeds if key in s["contrasts"])
+    def count(key: str, test) -> str:
+        n = sum(test(s["contrasts"][key]["fd_ci"]) for s in seeds if key in s["contrasts"])
         return f"{n} of {k}"
 
-    ms = [s["contrasts"]["merged_minus_shared"] for s in seeds]
-    widths = [(c["fd_ci"][1] - c["fd_ci"][0]) / 2 for c in ms]
-    limits = [HALF_WIDTH * s["f_shared"] for s in seeds]
+    widths, limits = half_widths(seeds)
     mean = lambda key: sum(s["models"][key]["fd"] for s in seeds) / k  # noqa: E731
     return (
         f"Fashion-MNIST, training seeds {', '.join(str(s['seed']) for s in seeds)}: the preregistered verdict is "
