@@ -9,7 +9,7 @@ export PATH := $(BIN):$(PATH)
 
 FASHION_DIR := /usr/share/datasets/fashion-mnist
 
-.PHONY: setup repro test lint bench ui regress seeds study base base-fashion fashion fashion-lrs fashion-pilot fashion-seeds fashion-data clean
+.PHONY: setup repro test lint bench ui regress seeds study base base-fashion fashion fashion-lrs fashion-pilot fashion-seeds fashion-data profile clean
 
 setup: $(STAMP) fashion-data
 
@@ -79,6 +79,12 @@ base-fashion: setup
 
 bench: setup
 	python benchmarks/step_overhead.py
+
+# where the default run's time goes, per stage and phase: a py-spy profile of a forced `dvc repro`
+profile: setup
+	python -m pip install --quiet 'py-spy>=0.3.14'
+	mkdir -p .dtm && py-spy record --format raw --rate 20 --subprocesses -o .dtm/profile.txt -- dvc repro -f
+	python benchmarks/profile_run.py .dtm/profile.txt --rate 20 --out docs/results/profile_default.json
 
 ui: setup
 	python -m tools.ui
