@@ -84,7 +84,7 @@ bench: setup
 profile: setup
 	python -m pip install --quiet 'py-spy>=0.3.14'
 	mkdir -p .dtm && py-spy record --format raw --rate 20 --subprocesses -o .dtm/profile.txt -- dvc repro -f
-	python benchmarks/profile_run.py .dtm/profile.txt --rate 20 --out docs/results/profile_default.json
+	python benchmarks/profile_run.py .dtm/profile.txt --rate 20 --timings timings --out docs/results/profile_default.json
 
 ui: setup
 	python -m tools.ui

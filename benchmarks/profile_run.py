@@ -6,7 +6,8 @@
 A stage is a ``python -m stages.<name>`` process (``evaluate@merged``, ``finetune@2``). A phase is the
 outermost project function a sample was inside (``dtm_core.sampling.sample``), or ``import`` for
 module loading (start-up, and lazy imports later), or the stage's own code when no library function was.
-Seconds are the main thread's samples over the sampling rate: time on the CPU, not waiting.
+Seconds are samples over the sampling rate, summed over a process's Python threads (inference runs one
+worker thread per core): thread time on the CPU, not wall time.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from pathlib import Path
 
 from machine import cpu_model
 
+DISPATCH = "dtm_core.distributed."  # runs other functions on worker threads or processes: not a phase
 FRAME = re.compile(r"^(?P<func>.*) \((?P<file>[^()]*):\d+\)$")
 
 
@@ -48,8 +50,9 @@ def phase(frames: list[str]) -> str:
         return "import"
     names = [project_name(f["file"], f["func"]) for f in parsed]
     library = [n for n in names if n and n.startswith("dtm_core.")]
-    if library:
-        return library[0]
+    work = [n for n in library if not n.startswith(DISPATCH)]  # a worker thread's task, not its dispatcher
+    if work or library:
+        return (work or library)[0]
     own = [n for n in names if n]
     return own[-1] if own else "interpreter and other"
 
@@ -76,12 +79,21 @@ def summarise(lines: list[str], rate: float) -> dict:
             "phases": {p: round(n / rate, 1) for p, n in totals.most_common()}}
 
 
+def add_wall_seconds(result: dict, timings: Path) -> None:
+    """Each stage's wall seconds inside its run (``timings/<stage>.json``, imports excluded), where recorded."""
+    for stage, row in result["stages"].items():
+        path = timings / f"{stage}.json"
+        if path.is_file():
+            row["wall_seconds"] = round(json.loads(path.read_text())["stage_seconds"], 1)
+
+
 def render(result: dict, top: int = 3) -> str:
-    lines = ["| stage | CPU s | largest phases (s) |", "|---|---:|---|"]
+    lines = ["| stage | wall s (run) | thread s | largest phases (thread s) |", "|---|---:|---:|---|"]
     for stage, row in result["stages"].items():
         largest = ", ".join(f"{p} {s:.0f}" for p, s in list(row["phases"].items())[:top])
-        lines.append(f"| {stage} | {row['seconds']:.0f} | {largest} |")
-    lines.append(f"| all | {result['total_seconds']:.0f} | "
+        wall = f"{row['wall_seconds']:.0f}" if "wall_seconds" in row else ""
+        lines.append(f"| {stage} | {wall} | {row['seconds']:.0f} | {largest} |")
+    lines.append(f"| all | | {result['total_seconds']:.0f} | "
                  + ", ".join(f"{p} {s:.0f}" for p, s in list(result["phases"].items())[:top + 2]) + " |")
     return "\n".join(lines)
 
@@ -91,10 +103,12 @@ def main() -> None:
     parser.add_argument("profile", type=Path, help="py-spy's --format raw output")
     parser.add_argument("--rate", type=float, required=True, help="py-spy's --rate (samples per second)")
     parser.add_argument("--command", default="py-spy record --format raw --rate 20 --subprocesses -- dvc repro -f")
+    parser.add_argument("--timings", type=Path, default=Path("timings"), help="the run's stage seconds")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     result = {"cpu": cpu_model(), "command": args.command, "rate": args.rate,
               **summarise(args.profile.read_text().splitlines(), args.rate)}
+    add_wall_seconds(result, args.timings)
     print(render(result))
     if args.out:
         tmp = args.out.with_suffix(".tmp")

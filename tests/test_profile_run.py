@@ -5,7 +5,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
-from profile_run import phase, stage_name, summarise  # noqa: E402
+from profile_run import add_wall_seconds, phase, render, stage_name, summarise  # noqa: E402
 
 EVAL = 'process 11:"python -m stages.evaluate --model merged"'
 TUNE = 'process 12:"python -m stages.finetune --range 2"'
@@ -26,6 +26,10 @@ def test_a_phase_is_the_outermost_library_function_else_import_else_the_stage():
     assert phase(["<module> (/repo/stages/evaluate.py:3)", "_find_and_load (<frozen importlib._bootstrap>:1)",
                   unet]) == "import"
     assert phase([RUN]) == "stages.evaluate.run"
+    worker = ["_bootstrap (/usr/lib/python3.12/threading.py:1)", "run (/repo/dtm_core/distributed.py:130)",
+              "batch (/repo/dtm_core/sampling.py:100)", unet]
+    assert phase(worker) == "dtm_core.sampling.batch"  # the worker's task, not the dispatcher that ran it
+    assert phase(worker[:2]) == "dtm_core.distributed.run"
     assert phase(["main (/venv/dvc/cli.py:1)"]) == "interpreter and other"
 
 
@@ -42,3 +46,13 @@ def test_summarise_adds_samples_per_stage_and_phase_in_seconds():
     assert list(result["stages"]) == ["evaluate@merged", "finetune@2"]  # largest first
     assert result["total_seconds"] == 7.0
     assert result["phases"]["dtm_core.sampling.sample"] == 4.0
+
+
+def test_wall_seconds_come_from_the_runs_timings_where_recorded(tmp_path):
+    (tmp_path / "finetune@2.json").write_text('{"stage": "finetune@2", "stage_seconds": 31.26}')
+    result = summarise([f"{TUNE};run (/repo/stages/finetune.py:50);train (/repo/dtm_core/train.py:200) 20",
+                        f"{EVAL};{RUN} 10"], rate=10.0)
+    add_wall_seconds(result, tmp_path)
+    assert result["stages"]["finetune@2"]["wall_seconds"] == 31.3
+    assert "wall_seconds" not in result["stages"]["evaluate@merged"]
+    assert "| finetune@2 | 31 | 2 | dtm_core.train.train 2 |" in render(result)
