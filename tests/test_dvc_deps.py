@@ -115,3 +115,15 @@ def test_the_closure_follows_relative_and_lazy_imports():
     assert {"dtm_core/__init__.py", "stages/__init__.py", "stages/common.py"} <= finetune
     # dtm_core/errors.py reaches every stage through config; light stages do not import diffusers
     assert "dtm_core/model.py" not in report  # the report stage never imports diffusers
+
+
+def test_the_base_directorys_documentation_is_not_a_pipeline_input():
+    """pretrain depends on all of base/: its README must be ignored, or a docs edit re-runs the pipeline."""
+    import subprocess
+    import sys
+
+    def ignored(path: str) -> bool:
+        return subprocess.run([sys.executable, "-m", "dvc", "check-ignore", "-q", path], cwd=ROOT).returncode == 0
+
+    assert ignored("base/README.md") and ignored("base/fashion-unet.state/plateau.json")
+    assert not ignored("base/digits-unet/config.json")
