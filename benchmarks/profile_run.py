@@ -21,6 +21,8 @@ from pathlib import Path
 
 from machine import cpu_model
 
+from dtm_core.io import atomic_file
+
 DISPATCH = "dtm_core.distributed."  # runs other functions on worker threads or processes: not a phase
 FRAME = re.compile(r"^(?P<func>.*) \((?P<file>[^()]*):\d+\)$")
 
@@ -110,10 +112,9 @@ def main() -> None:
               **summarise(args.profile.read_text().splitlines(), args.rate)}
     add_wall_seconds(result, args.timings)
     print(render(result))
-    if args.out:
-        tmp = args.out.with_suffix(".tmp")
-        tmp.write_text(json.dumps(result, indent=2) + "\n")
-        tmp.replace(args.out)
+    if args.out:  # not write_json: it sorts keys, and these are ordered largest first
+        with atomic_file(args.out) as handle:
+            handle.write(json.dumps(result, indent=2) + "\n")
 
 
 if __name__ == "__main__":

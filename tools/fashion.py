@@ -128,7 +128,6 @@ def headline(result: dict) -> str:
     seeds = result["seeds"]
     k = len(seeds)
 
-    tie, low = ties, below
 
     def count(key: str, test) -> str:
         n = sum(test(s["contrasts"][key]["fd_ci"]) for s in seeds if key in s["contrasts"])
@@ -138,11 +137,11 @@ def headline(result: dict) -> str:
     mean = lambda key: sum(s["models"][key]["fd"] for s in seeds) / k  # noqa: E731
     return (
         f"Fashion-MNIST, training seeds {', '.join(str(s['seed']) for s in seeds)}: the preregistered verdict is "
-        f"**{result['verdict']}** ({result['rule']}). Merged − shared FD ties in {count('merged_minus_shared', tie)}"
-        f" seeds and is below zero in {count('merged_minus_shared', low)}; merged is below the base in "
-        f"{count('merged_minus_pretrained', low)}; merged ties the soup in {count('merged_minus_soup', tie)}"
+        f"**{result['verdict']}** ({result['rule']}). Merged − shared FD ties in {count('merged_minus_shared', ties)}"
+        f" seeds and is below zero in {count('merged_minus_shared', below)}; merged is below the base in "
+        f"{count('merged_minus_pretrained', below)}; merged ties the soup in {count('merged_minus_soup', ties)}"
         f" and the scaled merge ties the scaled-back shared fine-tune in "
-        f"{count('merged_scaled_minus_shared_scaled', tie)}. Mean FD over the seeds: base "
+        f"{count('merged_scaled_minus_shared_scaled', ties)}. Mean FD over the seeds: base "
         f"{mean('pretrained'):.4f}, shared {mean('shared'):.4f}, merged {mean('merged'):.4f} (floor "
         f"{sum(s['floor']['fd_at_n'] for s in seeds) / k:.4f}). Merged − shared's half-widths "
         f"{min(widths):.4f}–{max(widths):.4f} against the refutation's limit of 5% of F(shared) "
