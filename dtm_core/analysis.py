@@ -15,10 +15,8 @@ from typing import Any, Optional, Sequence
 import torch
 
 from .io import write_json
-from .plots import plot_cosine, plot_layer_heatmap, plot_norms, range_labels
+from .plots import Range, plot_cosine, plot_layer_heatmap, plot_norms, range_labels
 from .task_vector import open_task_vectors, stacked
-
-Range = Sequence[int]
 
 
 def layer_of(key: str) -> str:

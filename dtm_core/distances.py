@@ -140,16 +140,8 @@ def kernel_distance(feats_a: np.ndarray, feats_b: np.ndarray, num_subsets: int, 
     return float(total / num_subsets / m)
 
 
-def bootstrap_ci(
-    feats: np.ndarray,
-    reference: np.ndarray,
-    statistic: Statistic,
-    rounds: int,
-    seed: int,
-    estimate: float,
-    paired_with: Optional[np.ndarray] = None,
-    level: float = 0.95,
-) -> tuple[float, float]:
+def bootstrap_ci(feats: np.ndarray, reference: np.ndarray, statistic: Statistic, rounds: int, seed: int,
+                 estimate: float, level: float = 0.95) -> tuple[float, float]:
     """Bootstrap interval of ``statistic(feats, reference)`` over the generated samples.
 
     Resampling with replacement duplicates samples, which inflates FD and
@@ -159,18 +151,8 @@ def bootstrap_ci(
     reported ``estimate``: ``estimate + quantiles(boot - mean(boot))``. The
     statistic inside the bootstrap may be a cheaper variant of the reported
     one (KID on fewer subsets); the interval still surrounds what is reported.
-
-    With ``paired_with`` (features of another model sampled from the same
-    noise) the statistic is the difference ``stat(feats) - stat(paired_with)``
-    and both sets are resampled with the same indices: common random numbers
-    carry into the interval.
     """
-    if paired_with is not None and len(paired_with) != len(feats):
-        raise ValueError(f"paired bootstrap over {len(feats)} and {len(paired_with)} samples")
-    boot = bootstrap_replicates(feats, reference, statistic, rounds, seed)
-    if paired_with is not None:
-        boot = boot - bootstrap_replicates(paired_with, reference, statistic, rounds, seed)
-    return centred_percentile_ci(boot, estimate, level)
+    return centred_percentile_ci(bootstrap_replicates(feats, reference, statistic, rounds, seed), estimate, level)
 
 
 def bootstrap_workers() -> int:
@@ -253,9 +235,8 @@ def fd_contrast(a: dict, b: dict, reference: np.ndarray, rounds: int, seed: int)
     """FD(a) - FD(b) with a paired bootstrap interval (same noise, same resampled indices).
 
     ``a`` and ``b`` hold their samples' ``features``; each model's bootstrap FDs
-    are drawn once per (rounds, seed) and reused by every contrast it enters,
-    which gives exactly bootstrap_ci(..., paired_with=...) at the cost of one
-    bootstrap per model instead of two per contrast.
+    are drawn once per (rounds, seed) and reused by every contrast it enters:
+    one bootstrap per model instead of two per contrast.
     """
     delta = frechet_distance(a["features"], reference) - frechet_distance(b["features"], reference)
     boot = _fd_replicates(a, reference, rounds, seed) - _fd_replicates(b, reference, rounds, seed)

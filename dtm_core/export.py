@@ -5,30 +5,21 @@
     python -m dtm_core.export models/merged exported/merged-stock --stock
 
 The output is a standard diffusers pipeline directory (model_index.json,
-unet/, scheduler/): by default a ``DDPMPipeline`` holding the scheduler the
-pipeline's evaluation samples with (DPM-Solver++ of order 2 over the whole
-of [0, T), ``evaluate.sampler: dpmsolver``), so
+unet/, scheduler/): by default a ``DDPMPipeline`` holding the evaluation's
+scheduler (DPM-Solver++ of order 2 over the whole of [0, T)), so
 ``pipe(num_inference_steps=20)`` draws what every reported FD measured;
 ``--sampler ddim`` writes a ``DDIMPipeline``. A prompt-conditioned model
-exports as a :class:`PromptPipeline` (its prompt encoder and vocabulary live
-in its unet/), sampled as ``pipe("a photo of a sandal", guidance_scale=4.0)``.
-A model with channel
-projections keeps them: its unet/ holds a
-:class:`~dtm_core.model.DeMeUNet2DModel`, which ``DiffusionPipeline.from_pretrained``
-loads once ``dtm_core.model`` is imported (diffusers only loads classes from
-modules the caller imported). Models without projections export as stock
-``UNet2DModel``.
+exports as a :class:`PromptPipeline`. A model with channel projections keeps
+them as a :class:`~dtm_core.model.DeMeUNet2DModel`, which
+``DiffusionPipeline.from_pretrained`` loads once ``dtm_core.model`` is imported.
 
-``--stock`` writes a stock ``UNet2DModel`` for a model with projections: a
-projection folds exactly into a neighbouring convolution only where the
-block's output is that convolution's output and nothing else reads it
-before the projection. In a diffusers UNet2DModel that holds for up blocks
-with an upsampler (the projection folds into ``upsamplers.0.conv``). After a
-down block the same tensor is also kept as a skip connection (unprojected),
-and the mid block and the last up block end in a residual sum followed by a
-GroupNorm, so those projections cannot fold; ``--stock`` drops them and
-reports the largest change of the UNet's output this causes on random
-inputs (``dtm_export.json``), so the user can judge.
+``--stock`` writes a stock ``UNet2DModel`` instead. A projection folds exactly
+into a convolution only where that convolution's output is the block's output
+and nothing reads it before the projection: the upsampler of an up block.
+After a down block the tensor is also kept (unprojected) as a skip connection,
+and the mid block and last up block end in a residual sum and a GroupNorm, so
+those projections are dropped, and the largest change of the UNet's output on
+random inputs is reported (``dtm_export.json``).
 """
 
 from __future__ import annotations

@@ -5,8 +5,8 @@ parameter (stacked along dim 0) and their weights, ``MergeFn(task_tensors,
 weights) -> Tensor``; knobs such as ``density`` are bound with
 :func:`get_method`. Besides :func:`task_arithmetic` (Eq. 8 of the paper) they are
 TIES, DARE and magnitude pruning as PEFT's ``peft.utils.merge_utils`` defines
-them (the same numbers, bit for bit, checked against peft 0.21 when this
-module stopped importing it: importing peft cost every stage ~2 s).
+them (the same numbers, bit for bit; written out because importing peft costs
+every stage ~2 s).
 
 :func:`merge_files` streams tensor by tensor from the saved task-vector files,
 so peak memory is the merged model plus N copies of a single tensor, whatever
@@ -72,9 +72,7 @@ def _elect_and_average(task_tensors: torch.Tensor, weights: torch.Tensor) -> tor
     return (weighted * agree).sum(dim=0) / torch.clamp(agree.sum(dim=0), min=1.0)
 
 
-def ties(
-    task_tensors: torch.Tensor, weights: torch.Tensor, *, density: float = 0.5
-) -> torch.Tensor:
+def ties(task_tensors: torch.Tensor, weights: torch.Tensor, *, density: float = 0.5) -> torch.Tensor:
     """TIES: keep each tau_i's top-``density`` entries by magnitude, elect a sign per
     entry (sign of the summed trimmed taus), average the weighted entries that agree."""
     return _elect_and_average(_each(task_tensors, _trim, density), weights)
@@ -85,9 +83,7 @@ def dare_linear(task_tensors: torch.Tensor, weights: torch.Tensor, *, density: f
     return task_arithmetic(_each(task_tensors, _drop, density), weights)
 
 
-def dare_ties(
-    task_tensors: torch.Tensor, weights: torch.Tensor, *, density: float = 0.5
-) -> torch.Tensor:
+def dare_ties(task_tensors: torch.Tensor, weights: torch.Tensor, *, density: float = 0.5) -> torch.Tensor:
     """DARE's random drop and rescale, then TIES' sign election and disjoint mean."""
     return _elect_and_average(_each(task_tensors, _drop, density), weights)
 
@@ -114,21 +110,10 @@ STOCHASTIC = frozenset({"dare_linear", "dare_ties"})
 
 
 def get_method(name: str, density: float = 0.5) -> MergeFn:
-    """The merge function called ``name`` with ``density`` bound where it takes one."""
-    try:
-        fn = METHODS[name]
-    except KeyError:
-        raise ConfigError(f"merge.method '{name}' is unknown; choose one of {sorted(METHODS)}") from None
-    if name not in USES_DENSITY:
-        return fn
-    if not 0.0 < density <= 1.0:
-        raise ConfigError(f"merge.density must lie in (0, 1] for method '{name}' (got {density})")
-    return functools.partial(fn, density=density)
-
-
-def merge_seed(seed: int, key: str) -> int:
-    """The seed of tensor ``key``'s random draws in a merge seeded with ``seed``."""
-    return derive_seed(seed, f"merge:{key}")
+    """The merge function called ``name`` (merge.method, checked by the config) with ``density`` bound where it
+    takes one."""
+    fn = METHODS[name]
+    return functools.partial(fn, density=density) if name in USES_DENSITY else fn
 
 
 def merge_tensor(
@@ -151,7 +136,7 @@ def merge_tensor(
         return fn(task_tensors, weights)
     device = task_tensors.device
     with torch.random.fork_rng(devices=[]):
-        torch.random.default_generator.manual_seed(merge_seed(seed, key))
+        torch.random.default_generator.manual_seed(derive_seed(seed, f"merge:{key}"))
         return fn(task_tensors.cpu(), weights.cpu()).to(device)
 
 
@@ -181,11 +166,8 @@ def merge_files(
     N weights, :func:`block_of`) overrides ``weights`` for the tensors of the
     blocks it names.
     """
-    if len(weights) != len(task_vector_files):
-        raise ValueError(f"{len(weights)} merge weights for {len(task_vector_files)} task vectors")
     if not math.isfinite(scale):
         raise ConfigError(f"merge.scale must be a finite number (got {scale})")
-    get_method(method, density)  # fail on a bad method or density before reading anything
     w = torch.tensor(list(weights), dtype=torch.float32)
     merged = {k: v.clone() for k, v in base.items()}
     with open_task_vectors(task_vector_files) as (handles, keys):

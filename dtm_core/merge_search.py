@@ -47,21 +47,15 @@ class SearchResult:
 
     def to_rows(self) -> list[dict]:
         """One flat row per candidate: index, w0..w{N-1}, score, full (1 for a full-size score)."""
-        rows = []
-        for c in self.candidates:
-            row: dict = {"index": c["index"]}
-            row.update({f"w{i}": w for i, w in enumerate(c["weights"])})
-            row["score"] = c["score"]
-            row["full"] = int(c.get("fidelity", "full") == "full")
-            rows.append(row)
-        return rows
+        return [{"index": c["index"], **{f"w{i}": w for i, w in enumerate(c["weights"])}, "score": c["score"],
+                 "full": int(c.get("fidelity", "full") == "full")} for c in self.candidates]
 
 
 def _rank(score: float) -> float:
     return score if math.isfinite(score) else math.inf
 
 
-def _best(candidates: list[dict]) -> dict | None:
+def best_candidate(candidates: list[dict]) -> dict | None:
     """The lowest-scoring candidate; among equals, the one scored first."""
     return min(candidates, key=lambda c: (_rank(c["score"]), c["index"]), default=None)
 
@@ -89,17 +83,6 @@ class _Scorer:
         self.candidates.append({"index": len(self.candidates), "weights": list(key), "score": value})
         self.memo[key] = _rank(value)
         return self.memo[key]
-
-
-def _grid(n: int, scorer: _Scorer, cfg: SearchConfig) -> None:
-    size = len(cfg.values) ** n
-    if size > cfg.max_evaluations:
-        raise ConfigError(
-            f"a grid of {len(cfg.values)} values over N={n} ranges is {size} merges, more than "
-            f"merge.search.max_evaluations ({cfg.max_evaluations}); raise it or set merge.search.strategy: coordinate"
-        )
-    for weights in itertools.product(cfg.values, repeat=n):
-        scorer(weights)
 
 
 def _coordinate(scorer: _Scorer, cfg: SearchConfig, start: list[float]) -> None:
@@ -143,32 +126,27 @@ def _cmaes(scorer: _Scorer, cfg: SearchConfig, start: list[float], seed: int) ->
         es.tell(xs, ranks)
 
 
-STRATEGIES = ("grid", "coordinate", "cmaes")
-
-
 def search_weights(n: int, score: ScoreFn, cfg: SearchConfig, start: Sequence[float],
                    cheap_score: ScoreFn | None = None, seed: int = 0) -> SearchResult:
     """Search merge weights for ``n`` ranges; ``score`` is lower-is-better.
 
     ``start`` (where coordinate descent and CMA-ES begin; merge.weights or
-    uniform 1/N) must have ``n`` values; the grid ignores it. With
+    uniform 1/N, one per range) is ignored by the grid, which the config keeps within
+    ``max_evaluations``. With
     ``cheap_score`` (successive halving) the strategy runs on cheap scores,
     the best ``cfg.rescore_top`` candidates are re-scored with ``score``, and
     the best re-scored one wins; re-scores are recorded with fidelity "full".
     """
-    if n < 1:
-        raise ValueError(f"need at least one range to search weights for (got n={n})")
-    if len(start) != n:
-        raise ValueError(f"the search start has {len(start)} weights for N={n} ranges (merge.weights)")
     scorer = _Scorer(cheap_score or score, cfg.max_evaluations)
     if cfg.strategy == "grid":
-        _grid(n, scorer, cfg)
+        for weights in itertools.product(cfg.values, repeat=n):
+            scorer(weights)
     elif cfg.strategy == "coordinate":
         _coordinate(scorer, cfg, [float(w) for w in start])
     elif cfg.strategy == "cmaes":
         _cmaes(scorer, cfg, [float(w) for w in start], seed)
     else:
-        raise ConfigError(f"merge.search.strategy '{cfg.strategy}' is unknown; choose one of {STRATEGIES}")
+        raise ConfigError(f"merge.search.strategy '{cfg.strategy}' is unknown; choose one of grid, coordinate, cmaes")
     fidelity = "cheap" if cheap_score is not None else "full"
     candidates = [{**c, "fidelity": fidelity} for c in scorer.candidates]
     finalists = candidates
@@ -179,7 +157,7 @@ def search_weights(n: int, score: ScoreFn, cfg: SearchConfig, start: Sequence[fl
             finalists.append({"index": len(candidates), "weights": c["weights"], "score": float(score(c["weights"])),
                               "fidelity": "full"})
             candidates.append(finalists[-1])
-    best = _best(finalists)
+    best = best_candidate(finalists)
     assert best is not None  # the start or the first grid point is always scored
     return SearchResult(
         strategy=cfg.strategy,

@@ -42,16 +42,9 @@ PROJECTION_ATTR = "channel_projection"
 
 
 def compute_layout(model: torch.nn.Module) -> torch.nn.Module:
-    """Hold ``model``'s 4-d weights channels-last, the layout its convolutions run fastest in.
-
-    oneDNN's convolutions on these CPUs take 17-27% less time per UNet call
-    with channels-last weights (docs/results/conv_layout.json); the input needs no
-    conversion (the first convolution's output follows the weight). The
-    numbers change at float-rounding level only (other kernels), and state
-    dicts taken from such a model are not contiguous: safetensors refuses to
-    write them, so a model goes back to :func:`storage_layout` before it is
-    saved (``save_model`` does so itself).
-    """
+    """Hold ``model``'s 4-d weights channels-last: 17-27% faster convolutions on CPU
+    (docs/results/conv_layout.json), other rounding. Such state dicts are not contiguous and safetensors
+    refuses them, so a model goes back to :func:`storage_layout` before it is saved (``save_model`` does so)."""
     return model.to(memory_format=torch.channels_last)
 
 
@@ -172,17 +165,10 @@ _publish_signature(PromptUNet2DModel, UNet2DConditionModel, {"prompts": (), "cha
 
 def build_unet(cfg: ModelConfig, sample_size: int, channels: int) -> UNet2DModel:
     n = len(cfg.block_out_channels)
-    down = ("DownBlock2D",) * n
-    up = ("UpBlock2D",) * n
     return UNet2DModel(
-        sample_size=sample_size,
-        in_channels=channels,
-        out_channels=channels,
-        block_out_channels=tuple(cfg.block_out_channels),
-        layers_per_block=cfg.layers_per_block,
-        down_block_types=down,
-        up_block_types=up,
-        norm_num_groups=cfg.norm_num_groups,
+        sample_size=sample_size, in_channels=channels, out_channels=channels,
+        block_out_channels=tuple(cfg.block_out_channels), layers_per_block=cfg.layers_per_block,
+        down_block_types=("DownBlock2D",) * n, up_block_types=("UpBlock2D",) * n, norm_num_groups=cfg.norm_num_groups,
     )
 
 
@@ -200,14 +186,8 @@ def build_prompt_unet(cfg: ModelConfig, sample_size: int, channels: int, prompts
 
 
 def build_scheduler(cfg: ModelConfig) -> DDPMScheduler:
-    return DDPMScheduler(
-        num_train_timesteps=cfg.num_train_timesteps,
-        beta_schedule=cfg.beta_schedule,
-        beta_start=cfg.beta_start,
-        beta_end=cfg.beta_end,
-        prediction_type="epsilon",
-        clip_sample=True,
-    )
+    return DDPMScheduler(num_train_timesteps=cfg.num_train_timesteps, beta_schedule=cfg.beta_schedule,
+                         beta_start=cfg.beta_start, beta_end=cfg.beta_end, prediction_type="epsilon", clip_sample=True)
 
 
 def with_projection(unet: UNet2DModel, enabled: bool = True) -> UNet2DModel:
@@ -239,20 +219,18 @@ def save_model(unet: UNet2DModel, scheduler: DDPMScheduler, path: str | Path, ex
     then name its ``base`` directory (:mod:`dtm_core.adapters`).
     """
     storage_layout(unet)
-    if adapters.has_adapter(unet):
-        if not extra or "base" not in extra:
-            raise ValueError("saving an adapter needs extra['base']: the directory of the model it adapts")
-        with atomic_dir(path) as tmp:
-            adapters.save_adapter(unet, tmp)
-            scheduler.save_pretrained(tmp)
-            (tmp / "dtm_info.json").write_text(json.dumps(extra, indent=2, sort_keys=True) + "\n")
-        return
-    if isinstance(unet, DeMeUNet2DModel) and not has_projection(unet):
+    adapter = adapters.has_adapter(unet)
+    if adapter and (not extra or "base" not in extra):
+        raise ValueError("saving an adapter needs extra['base']: the directory of the model it adapts")
+    if isinstance(unet, DeMeUNet2DModel) and not has_projection(unet) and not adapter:
         plain = UNet2DModel.from_config({k: v for k, v in unet.config.items() if k != PROJECTION_ATTR})
         plain.load_state_dict(unet.state_dict())
         unet = plain
     with atomic_dir(path) as tmp:
-        unet.save_pretrained(tmp, safe_serialization=True)
+        if adapter:
+            adapters.save_adapter(unet, tmp)
+        else:
+            unet.save_pretrained(tmp, safe_serialization=True)
         scheduler.save_pretrained(tmp)
         if extra:
             (tmp / "dtm_info.json").write_text(json.dumps(extra, indent=2, sort_keys=True) + "\n")

@@ -28,14 +28,14 @@ def range_labels(n: int, ranges: Optional[Sequence[Range]] = None) -> list[str]:
     return [f"[{lo}, {hi})" for lo, hi in ranges]
 
 
-def new_figure(width: float, height: float):
-    """A matplotlib Figure on an Agg canvas and its single Axes."""
+def new_figure(width: float, height: float, columns: int = 1):
+    """A matplotlib Figure on an Agg canvas and its single Axes (or a row of ``columns`` Axes)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
     fig = Figure(figsize=(width, height))
     FigureCanvasAgg(fig)
-    return fig, fig.add_subplot()
+    return fig, fig.add_subplot() if columns == 1 else fig.subplots(1, columns)
 
 
 def save_figure(fig, path: str | Path, dpi: int = 120) -> None:
@@ -123,15 +123,10 @@ def plot_heldout_loss(curves: dict, ranges: Sequence[Range], path: str | Path) -
     ``range_models`` (one curve per range model over all t, drawn thin and
     dashed: how each range model does outside its own range).
     """
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
     t = curves["timesteps"]
     names = [k for k in curves if k not in ("timesteps", "range_models")]
     colors = {name: f"C{i}" for i, name in enumerate(names)}
-    fig = Figure(figsize=(11.0, 4.0))
-    FigureCanvasAgg(fig)
-    ax_abs, ax_rel = fig.subplots(1, 2)
+    fig, (ax_abs, ax_rel) = new_figure(11.0, 4.0, columns=2)
     base = curves.get("pretrained")
     for name in names:
         ax_abs.plot(t, curves[name], label=name, color=colors[name], linewidth=1.4)

@@ -61,10 +61,6 @@ def sampling_scheduler(train_scheduler: DDPMScheduler, steps: int, sampler: str 
     return scheduler
 
 
-def _pick_device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
 def sample(
     models: Sequence[UNet2DModel],
     train_scheduler: DDPMScheduler,
@@ -83,15 +79,13 @@ def sample(
 
     With one model it is used at every step. With several, ``ranges`` must be
     given and model i denoises the steps whose t lies in range i (the paper's
-    ensemble-before-merge, Eq. 7). ``labels`` (one per noise row) prompt a
-    prompt-conditioned model, with classifier-free guidance at
+    ensemble-before-merge, Eq. 7). ``eta`` > 0 (DDIM's noise) is for ``ddim`` alone (the config checks it).
+    ``labels`` (one per noise row) prompt a prompt-conditioned model, with classifier-free guidance at
     ``guidance_scale`` (:func:`dtm_core.conditioning.guided_eps`).
     """
     if len(models) > 1 and (ranges is None or len(ranges) != len(models)):
         raise ValueError("ensemble sampling needs one range per model")
-    if eta > 0 and sampler != "ddim":
-        raise ValueError(f"eta > 0 is DDIM's stochastic sampling; sampler '{sampler}' is deterministic: set eta 0")
-    device = _pick_device()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     models = [m.to(device).eval() for m in models]
     starts = range(0, len(noise), batch_size)
     bar = tqdm(total=len(starts) * steps, desc=desc, file=sys.stderr, mininterval=2.0, disable=None)
@@ -108,13 +102,11 @@ def sample(
             else:
                 eps = guided_eps(model, x, t.to(device), labels[start : start + batch_size].to(device),
                                  guidance_scale)
+            ddim = {}
             if sampler == "ddim":
-                variance_noise = None
-                if eta > 0:
-                    variance_noise = torch.randn(x.shape, generator=generator).to(device)
-                x = scheduler.step(eps, t, x, eta=eta, variance_noise=variance_noise).prev_sample
-            else:
-                x = scheduler.step(eps, t, x).prev_sample
+                noise_t = torch.randn(x.shape, generator=generator).to(device) if eta > 0 else None
+                ddim = {"eta": eta, "variance_noise": noise_t}
+            x = scheduler.step(eps, t, x, **ddim).prev_sample
             bar.update(1)
         return x.clamp(-1, 1).float().cpu()
 

@@ -68,12 +68,6 @@ class TaskVector:
             raise TaskVectorError(f"base model lacks tensors of the task vector: {sorted(missing)[:3]}")
         return out
 
-    def norms(self) -> dict[str, float]:
-        return {k: float(v.norm()) for k, v in self.vector.items()}
-
-    def total_norm(self) -> float:
-        return float(torch.sqrt(sum((v.double() ** 2).sum() for v in self.vector.values())))
-
     def save(self, path: str | Path) -> None:
         with atomic_path(path) as tmp:
             save_file({k: v.contiguous() for k, v in self.vector.items()}, str(tmp))

@@ -53,13 +53,6 @@ log = logging.getLogger(__name__)
 TimestepSampler = Callable[[int, torch.Generator], torch.Tensor]
 
 
-def uniform_timesteps(T: int) -> TimestepSampler:
-    def draw(batch_size: int, generator: torch.Generator) -> torch.Tensor:
-        return torch.randint(0, T, (batch_size,), generator=generator)
-
-    return draw
-
-
 @dataclass
 class TrainResult:
     model: UNet2DModel  # EMA weights, on the CPU, in eval mode
@@ -136,7 +129,6 @@ def train(
     loss_weights: Optional[torch.Tensor] = None,
     checkpoint_dir: Optional[Path] = None,
     checkpoint_every: int = 0,
-    stop_after: Optional[int] = None,
     snapshot_every: int = 0,
     on_snapshot: Optional[Callable[[int, UNet2DModel], None]] = None,
     desc: str = "train",
@@ -148,8 +140,6 @@ def train(
 
     ``loss_weights`` (length T) weights each sample's eps-MSE by its
     timestep (the loss-reweighting baselines, :mod:`dtm_core.weighting`).
-    ``stop_after`` ends the loop early after that many total steps, without
-    producing a result (used by tests to simulate an interrupted run).
     ``channels_last`` holds the weights of ``model`` and ``teacher`` in that
     layout while training (:func:`dtm_core.model.compute_layout`: faster
     convolutions, other rounding); off, the run is the one this project's
@@ -165,7 +155,7 @@ def train(
     """
     steps = cfg.steps if steps is None else steps
     T = scheduler.config.num_train_timesteps
-    timestep_sampler = timestep_sampler or uniform_timesteps(T)
+    timestep_sampler = timestep_sampler or (lambda batch_size, g: torch.randint(0, T, (batch_size,), generator=g))
     use_teacher = teacher is not None and consistency_weight > 0
 
     torch.manual_seed(seed)
@@ -211,11 +201,6 @@ def train(
     bar = tqdm(total=steps, initial=state.step, desc=desc, file=sys.stderr, mininterval=2.0,
                disable=None if accelerator.is_main_process else True)
     while state.step < steps:
-        if stop_after is not None and state.step >= stop_after:
-            bar.close()
-            if use_teacher:
-                storage_layout(teacher)
-            return TrainResult(model=storage_layout(accelerator.unwrap_model(model)), steps=state.step)
         for group in optimizer.param_groups:  # a function of the step alone, so a resumed run continues it exactly
             group["lr"] = cfg.lr * lr_factor(state.step, steps, cfg.lr_schedule, cfg.warmup_steps)
         idx = state.sampler.next_indices()

@@ -19,7 +19,14 @@ from typing import Optional
 import torch
 
 DEFAULT_GAMMA = {"min_snr": 5.0, "p2": 1.0}
-WEIGHTINGS = ("none", "snr_plus_one", "trunc_snr", "min_snr", "p2")
+# w(SNR, gamma) by finetune.weighting (the config checks the name)
+WEIGHTINGS = {
+    "none": lambda s, g: torch.ones_like(s),
+    "snr_plus_one": lambda s, g: (s + 1.0) / s,
+    "trunc_snr": lambda s, g: torch.clamp(s, min=1.0) / s,
+    "min_snr": lambda s, g: torch.clamp(s, max=g) / s,
+    "p2": lambda s, g: 1.0 / (1.0 + s) ** g,
+}
 
 
 def snr(alphas_cumprod: torch.Tensor) -> torch.Tensor:
@@ -29,19 +36,7 @@ def snr(alphas_cumprod: torch.Tensor) -> torch.Tensor:
 
 def raw_weights(name: str, alphas_cumprod: torch.Tensor, gamma: Optional[float] = None) -> torch.Tensor:
     """w(t) for every t in [0, T), before normalisation (float64)."""
-    s = snr(alphas_cumprod)
-    g = DEFAULT_GAMMA.get(name) if gamma is None else gamma
-    if name == "none":
-        return torch.ones_like(s)
-    if name == "snr_plus_one":
-        return (s + 1.0) / s
-    if name == "trunc_snr":
-        return torch.clamp(s, min=1.0) / s
-    if name == "min_snr":
-        return torch.clamp(s, max=g) / s
-    if name == "p2":
-        return 1.0 / (1.0 + s) ** g
-    raise ValueError(f"unknown weighting '{name}'; choose one of {WEIGHTINGS}")
+    return WEIGHTINGS[name](snr(alphas_cumprod), DEFAULT_GAMMA.get(name) if gamma is None else gamma)
 
 
 def timestep_weights(name: str, alphas_cumprod: torch.Tensor, gamma: Optional[float] = None) -> torch.Tensor:

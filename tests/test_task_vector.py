@@ -22,14 +22,6 @@ def test_roundtrip_theta_plus_tau_is_theta_i():
     assert "steps" not in tv.vector and torch.equal(rebuilt["steps"], base["steps"])
 
 
-def test_norms():
-    base = _state(0)
-    ft = {k: (v + 1 if v.is_floating_point() else v) for k, v in base.items()}
-    tv = TaskVector.from_states(base, ft)
-    assert tv.norms()["a.weight"] == pytest.approx(12**0.5)
-    assert tv.total_norm() == pytest.approx((12 + 5) ** 0.5)
-
-
 def test_shape_mismatch_names_tensor():
     base = _state(0)
     other = _state(1, {"a.weight": (4, 4), "b.bias": (5,)})

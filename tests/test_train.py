@@ -90,9 +90,14 @@ def test_resume_after_interruption_matches_uninterrupted(images, tmp_path):
     ft = _ft(steps=8, checkpoint_every=3)
     full = train(with_projection(_base(), True), build_scheduler(CFG), images, ft, seed=2)
     ck = tmp_path / "ck"
-    partial = train(with_projection(_base(), True), build_scheduler(CFG), images, ft, seed=2,
-                    checkpoint_dir=ck, checkpoint_every=3, stop_after=5)
-    assert partial.steps == 5 and (ck / "step-3" / "COMPLETE").is_file()
+
+    def interrupt(step, _):  # the run is killed after step 5: its newest checkpoint is step 3
+        raise KeyboardInterrupt(step)
+
+    with pytest.raises(KeyboardInterrupt):
+        train(with_projection(_base(), True), build_scheduler(CFG), images, ft, seed=2,
+              checkpoint_dir=ck, checkpoint_every=3, snapshot_every=5, on_snapshot=interrupt)
+    assert (ck / "step-3" / "COMPLETE").is_file() and not (ck / "step-6").exists()
     resumed = train(with_projection(_base(), True), build_scheduler(CFG), images, ft, seed=2,
                     checkpoint_dir=ck, checkpoint_every=3)
     assert resumed.resumed_from == 3
