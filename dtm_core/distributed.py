@@ -1,25 +1,18 @@
-"""Processes and threads: multi-process training under ``accelerate launch``, and each worker's thread share.
+"""Processes and threads: multi-process training under a launcher, and each worker's thread share.
 
-Two environment variables, read by every stage (so they reach ``dvc repro``,
-``dvc exp run`` and ``dvc queue start -j N`` workers unchanged):
+Two environment variables, read by every stage (so they reach ``dvc repro``, ``dvc exp run`` and
+``dvc queue start -j N`` workers unchanged):
 
-- ``DTM_NUM_PROCESSES=<P>``: a training stage re-launches itself as P local
-  processes with ``torchrun --standalone`` (one per GPU over NCCL, or P CPU
-  processes over gloo; Accelerate reads the launch from the environment, and
-  ``accelerate launch --cpu`` would start one process only, without an MPI
-  host file). Every process draws the same
-  global batch from the same seeded streams and trains on its 1/P slice;
-  DDP averages the gradients, so the result is the one-process run's up to
-  floating-point rounding. Only the main process saves and logs; the others
-  stop with :class:`WorkerDone` once training ends. Launching by hand
-  (``torchrun --nproc_per_node 2 -m stages.finetune --range 0``, or
-  ``accelerate launch --multi_gpu ...`` on GPUs, multi-node included) works
-  the same way.
-- ``DTM_THREADS=<k>``: torch's intra-op threads for this process. Set it to
-  cores / workers when several stages run at once (parallel range
-  fine-tunes, ``dvc queue start -j N``): two torch processes with a full
-  share each on two cores run 10-20 times slower than one. Without it, a
-  process of a P-process CPU launch takes cores / P.
+- ``DTM_NUM_PROCESSES=<P>``: a training stage re-launches itself as P local processes with
+  ``torchrun --standalone`` (one per GPU over NCCL, or P CPU processes over gloo; ``accelerate launch
+  --cpu`` would start one process only). Every process draws the same global batch from the same seeded
+  streams and trains on its 1/P slice; DDP averages the gradients, so the result is the one-process run's
+  up to floating-point rounding. Only the main process saves and logs; the others stop with
+  :class:`WorkerDone`. Launching by hand (``torchrun --nproc_per_node 2 -m stages.finetune --range 0``,
+  or ``accelerate launch --multi_gpu ...``, multi-node included) works the same way.
+- ``DTM_THREADS=<k>``: torch's intra-op threads for this process. Set it to cores / workers when several
+  stages run at once: two torch processes with a full share each on two cores run 10-20 times slower
+  than one. Without it, a process of a P-process CPU launch takes cores / P.
 """
 
 from __future__ import annotations
@@ -60,10 +53,6 @@ def _env_int(name: str) -> Optional[int]:
 def rank() -> int:
     """This process's rank in a launch (0 outside one)."""
     return int(os.environ.get("RANK", "0"))
-
-
-def world_size() -> int:
-    return int(os.environ.get("WORLD_SIZE", "1"))
 
 
 def launched() -> bool:
@@ -110,7 +99,7 @@ def launch_env() -> dict[str, str]:
 
 def shard(batch_size: int) -> slice:
     """This process's slice of a global batch (rank::world); the batch must divide evenly."""
-    world = world_size()
+    world = int(os.environ.get("WORLD_SIZE", "1"))
     if batch_size % world:
         raise ConfigError(
             f"batch_size {batch_size} does not split evenly over {world} processes ({PROCESSES_ENV}); "
@@ -122,14 +111,11 @@ def shard(batch_size: int) -> slice:
 def inference_map(fn: Callable[[T], R], items: Sequence[T], device: torch.device) -> list[R]:
     """``[fn(x) for x in items]`` under ``torch.inference_mode``; on CPU one item per core at a time.
 
-    On CPU every item runs with ONE intra-op thread, in as many Python
-    threads as torch's thread share (torch releases the GIL inside its
-    kernels). The pipeline's small UNet on 8x8 images keeps two cores busier
-    as two streams of batches than as one batch split over two threads
-    (docs/RESULTS.md, "Sampling"), and an item's bits no longer depend on the
-    thread count: one core or sixteen give the same samples. On a GPU the
-    items run in order on the calling thread. ``fn`` must not share mutable
-    state between items (each sampling batch has its own scheduler).
+    On CPU every item runs with ONE intra-op thread, in as many Python threads as torch's thread share
+    (torch releases the GIL inside its kernels): the small UNet keeps two cores busier as two streams of
+    batches than as one batch on two threads (docs/RESULTS.md, "Sampling"), and an item's bits do not
+    depend on the thread count. On a GPU the items run in order on the calling thread. ``fn`` must not
+    share mutable state between items (each sampling batch has its own scheduler).
     """
     items = list(items)
 

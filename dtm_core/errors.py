@@ -1,16 +1,9 @@
 """The project's error family: problems a user can fix, reported as one line.
 
-Every error that a user's input, a missing upstream output or an unreachable
-service can cause is a :class:`DtmError`, raised at the place that validates
-it with a message naming the key or file and what would fix it. The stage
-runner (:func:`stages.common.main`) turns exactly these into a one-line
-message and exit status 2. Anything else (``ValueError``, ``KeyError``,
-``RuntimeError`` ... from a bug in the library or a dependency) is not caught
-there: it propagates with its traceback, so a bug never looks like a user's
-mistake.
-
-The classes live in this small module, not beside the code that raises them,
-so that the stage runner can catch them without importing the whole library.
+A :class:`DtmError` is raised where a user's input, a missing upstream output or an unreachable service is
+detected, its message naming the key or file and the fix. The stage runner (:func:`stages.common.main`) prints
+exactly these as one line with exit status 2; anything else (``ValueError``, ``KeyError`` ...) is a bug and
+keeps its traceback. The classes live here so that the runner can catch them without importing the library.
 """
 
 

@@ -1,34 +1,25 @@
 """MLflow tracking: one parent run per pipeline execution, one child run per stage.
 
-DVC runs every stage as its own process, so the parent run is found through
-the pipeline execution that started the stage:
+DVC runs every stage as its own process. The parent is named by ``DTM_PARENT_RUN_ID``
+(a wrapper or CI job that manages its own run), or else belongs to the execution of the
+nearest ``dvc`` ancestor process (pid + start time), which ``.dtm/pipeline_run.json``
+maps to its run: a new ``dvc repro`` gets a new parent; a stage run by hand, its own.
 
-- ``DTM_PARENT_RUN_ID`` in the environment names a parent explicitly (a
-  wrapper or CI job that manages its own run);
-- otherwise the execution is identified by the nearest ``dvc`` ancestor
-  process (pid + start time). ``.dtm/pipeline_run.json`` in the working tree
-  remembers which parent run belongs to it. The first stage of an execution
-  creates the parent; later stages of the same execution reuse it; a new
-  ``dvc repro`` gets a new one. A stage run by hand (no dvc ancestor) gets
-  a parent of its own.
+The parent is RUNNING while one of its stages runs and FINISHED between them; a failing
+stage marks its child and the parent FAILED; runs a SIGKILLed stage left RUNNING are
+marked KILLED by the next execution. Tracking URI: ``MLFLOW_TRACKING_URI``, else
+``tracking.tracking_uri``, else ``sqlite:///<repo root>/mlflow.db``.
 
-The parent is RUNNING while one of its stages runs and FINISHED between
-them; a failing stage marks its child and the parent FAILED. A stage killed
-outright (SIGKILL) cannot mark anything: the next execution marks the runs it
-left RUNNING as KILLED. Tracking URI: ``MLFLOW_TRACKING_URI`` if set, else
-``tracking.tracking_uri`` from params, else ``sqlite:///<repo root>/mlflow.db``.
-
-Several pipelines may share one SQLite store (``dvc queue start -j 2``, or
-clones pointing at one file): creating the store and the experiment is
-serialised with a file lock beside the database, and every client call is
-retried while SQLite reports ``database is locked``. An unreachable tracking
-server fails the stage at once with a clear message (no silent fallback to
-another store, which would scatter runs).
+Several pipelines may share one SQLite store (``dvc queue start -j 2``): creating the
+store and the experiment is serialised with a file lock beside the database, and every
+client call is retried while SQLite reports ``database is locked``. An unreachable
+server fails the stage at once (no silent fallback to another store, which would scatter runs).
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import logging
 import os
@@ -39,6 +30,7 @@ from typing import Any, Iterable, Iterator, Optional, Sequence
 
 from .config import Params, flatten, select
 from .errors import TrackingError
+from .io import write_json
 
 log = logging.getLogger(__name__)
 
@@ -64,16 +56,8 @@ def repo_root(start: Optional[Path] = None) -> Path:
 
 
 def tracking_uri(params: Optional[Params] = None) -> str:
-    env = os.environ.get("MLFLOW_TRACKING_URI")
-    if env:
-        return env
-    if params is not None and params.tracking.tracking_uri:
-        return params.tracking.tracking_uri
-    return f"sqlite:///{repo_root() / 'mlflow.db'}"
-
-
-def _is_local(uri: str) -> bool:
-    return uri.startswith("sqlite:") or uri.startswith("file:") or "://" not in uri
+    configured = params.tracking.tracking_uri if params is not None else None
+    return os.environ.get("MLFLOW_TRACKING_URI") or configured or f"sqlite:///{repo_root() / 'mlflow.db'}"
 
 
 def git_commit(root: Optional[Path] = None) -> str:
@@ -88,8 +72,6 @@ def git_commit(root: Optional[Path] = None) -> str:
 
 def params_digest(params: Params) -> str:
     """A short digest of the full, validated params: equal for runs of the same configuration."""
-    import hashlib
-
     return hashlib.sha256(json.dumps(flatten(params), sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -148,26 +130,22 @@ def _store_lock(uri: str) -> Iterator[None]:
     import fcntl
 
     db.parent.mkdir(parents=True, exist_ok=True)
-    with open(db.with_name(db.name + ".lock"), "w") as handle:
+    with open(db.with_name(db.name + ".lock"), "w") as handle:  # closing it releases the lock
         fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+        yield
 
 
-def _client(params: Optional[Params]):
+def _client(uri: str):
     import mlflow
     from mlflow.tracking import MlflowClient
 
-    uri = tracking_uri(params)
     if uri.startswith(("http://", "https://")):
         # fail within seconds, not after minutes of back-off, when the server is down
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")
     mlflow.set_tracking_uri(uri)
-    return _RetryingClient(MlflowClient(tracking_uri=uri)), uri
+    return _RetryingClient(MlflowClient(tracking_uri=uri))
 
 
 def _experiment_id(client, name: str, uri: str) -> str:
@@ -176,9 +154,8 @@ def _experiment_id(client, name: str, uri: str) -> str:
         if exp.lifecycle_stage == "deleted":
             client.restore_experiment(exp.experiment_id)
         return exp.experiment_id
-    artifact_location = None
-    if _is_local(uri):
-        artifact_location = (repo_root() / "mlartifacts" / name).as_uri()
+    local = sqlite_path(uri) is not None or uri.startswith("file:") or "://" not in uri
+    artifact_location = (repo_root() / "mlartifacts" / name).as_uri() if local else None
     try:
         return client.create_experiment(name, artifact_location=artifact_location)
     except Exception:  # created concurrently by another stage process
@@ -193,13 +170,6 @@ def _read_state() -> dict:
         return json.loads(STATE_FILE.read_text())
     except (OSError, json.JSONDecodeError):
         return {}
-
-
-def _write_state(state: dict) -> None:
-    STATE_FILE.parent.mkdir(parents=True, exist_ok=True)
-    tmp = STATE_FILE.with_suffix(".tmp")
-    tmp.write_text(json.dumps(state))
-    os.replace(tmp, STATE_FILE)
 
 
 def _parent_run(client, exp_id: str, params: Params) -> tuple[str, bool]:
@@ -219,18 +189,16 @@ def _parent_run(client, exp_id: str, params: Params) -> tuple[str, bool]:
     elif state.get("run_id"):
         _mark_killed(client, exp_id, state["run_id"])
     name = os.environ.get("DVC_EXP_NAME") or time.strftime("pipeline-%Y%m%d-%H%M%S")
-    tags = {
-        "dtm.kind": "pipeline",
-        "mlflow.source.git.commit": git_commit(),
-        "mlflow.source.type": "LOCAL",
-        "mlflow.source.name": "dvc.yaml",
-        "dtm.pipeline_key": key,
-        "dtm.params_digest": params_digest(params),
-    }
+    tags = {"dtm.kind": "pipeline", **_source_tags("dvc.yaml"), "dtm.pipeline_key": key,
+            "dtm.params_digest": params_digest(params)}
     run = client.create_run(exp_id, run_name=name, tags=tags)
     _log_params(client, run.info.run_id, flatten(params))
-    _write_state({"key": key, "run_id": run.info.run_id})
+    write_json(STATE_FILE, {"key": key, "run_id": run.info.run_id})
     return run.info.run_id, True
+
+
+def _source_tags(name: str) -> dict[str, str]:
+    return {"mlflow.source.git.commit": git_commit(), "mlflow.source.type": "LOCAL", "mlflow.source.name": name}
 
 
 def _mark_killed(client, exp_id: str, parent_id: str) -> None:
@@ -250,9 +218,18 @@ def _mark_killed(client, exp_id: str, parent_id: str) -> None:
 def _log_params(client, run_id: str, values: dict[str, Any]) -> None:
     from mlflow.entities import Param
 
-    items = [Param(k, json.dumps(v) if isinstance(v, (list, dict)) else str(v)) for k, v in sorted(values.items())]
-    for i in range(0, len(items), 100):
-        client.log_batch(run_id, params=items[i : i + 100])
+    # log_batch splits a long list into the store's batch limits itself
+    client.log_batch(run_id, params=[Param(k, json.dumps(v) if isinstance(v, (list, dict)) else str(v))
+                                     for k, v in sorted(values.items())])
+
+
+def _metrics(values: dict[str, float], step: int = 0, model_id: Optional[str] = None) -> list:
+    """``values`` as MLflow metrics, NaN and non-numbers left out."""
+    from mlflow.entities import Metric
+
+    now = int(time.time() * 1000)
+    return [Metric(k, float(v), now, step, model_id=model_id) for k, v in sorted(values.items())
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and v == v]
 
 
 class NullRun:
@@ -317,32 +294,22 @@ class StageRun(NullRun):
         _log_params(self.client, self.run_id, values)
 
     def log_metrics(self, values: dict[str, float], step: int = 0, run_id: Optional[str] = None) -> None:
-        from mlflow.entities import Metric
-
-        now = int(time.time() * 1000)
-        items = [
-            Metric(k, float(v), now, step)
-            for k, v in sorted(values.items())
-            if isinstance(v, (int, float)) and not isinstance(v, bool) and v == v  # skip NaN
-        ]
-        for i in range(0, len(items), 500):
-            self.client.log_batch(run_id or self.run_id, metrics=items[i : i + 500])
+        self.client.log_batch(run_id or self.run_id, metrics=_metrics(values, step))
 
     def log_curve(self, name: str, points: Iterable[tuple[int, float]]) -> None:
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
-        items = [Metric(name, float(v), now, int(s)) for s, v in points]
-        for i in range(0, len(items), 500):
-            self.client.log_batch(self.run_id, metrics=items[i : i + 500])
+        self.client.log_batch(self.run_id, metrics=[Metric(name, float(v), now, int(s)) for s, v in points])
 
     def log_artifact(self, path: str | Path, artifact_path: Optional[str] = None, run_id: Optional[str] = None) -> None:
         _require_file(path)
         self.client.log_artifact(run_id or self.run_id, str(path), artifact_path)
 
     def set_tags(self, tags: dict[str, Any], run_id: Optional[str] = None) -> None:
-        for k, v in tags.items():
-            self.client.set_tag(run_id or self.run_id, k, str(v))
+        from mlflow.entities import RunTag
+
+        self.client.log_batch(run_id or self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
 
     # The parent's summary (filled by the report stage from stage outputs).
     def log_parent_metrics(self, values: dict[str, float]) -> None:
@@ -361,17 +328,13 @@ class StageRun(NullRun):
         experiment's Models tab rank the pipeline's models by FD.
         """
         import mlflow
-        from mlflow.entities import Metric
 
         model = mlflow.create_external_model(
             name=name, source_run_id=self.run_id, experiment_id=self.experiment_id, model_type="diffusers-unet",
             tags={"dvc.path": str(path), "dtm.content_digest": digest},
             params={k: str(v) for k, v in (params or {}).items()},
         )
-        now = int(time.time() * 1000)
-        items = [Metric(k, float(v), now, 0, model_id=model.model_id) for k, v in sorted(metrics.items())
-                 if isinstance(v, (int, float)) and v == v]
-        self.client.log_batch(self.run_id, metrics=items)
+        self.client.log_batch(self.run_id, metrics=_metrics(metrics, model_id=model.model_id))
         return model.model_id
 
     def register_model(self, name: str, model_id: str, tags: dict[str, Any]) -> None:
@@ -380,8 +343,8 @@ class StageRun(NullRun):
 
         try:
             self.client.create_registered_model(name)
-        except MlflowException as exc:  # it exists already
-            if "already exists" not in str(exc).lower() and "RESOURCE_ALREADY_EXISTS" not in str(exc):
+        except MlflowException as exc:
+            if exc.error_code != "RESOURCE_ALREADY_EXISTS":
                 raise
         self.client.create_model_version(name, source=f"models:/{model_id}", run_id=self.run_id,
                                          tags={k: str(v) for k, v in tags.items()}, model_id=model_id)
@@ -398,12 +361,7 @@ class StageRun(NullRun):
 
 
 @contextlib.contextmanager
-def stage_run(
-    params: Params,
-    run_name: str,
-    dvc_stage: str,
-    keys: Sequence[str],
-) -> Iterator[StageRun]:
+def stage_run(params: Params, run_name: str, dvc_stage: str, keys: Sequence[str]) -> Iterator[StageRun]:
     """A child run under the pipeline's parent, logging the params ``keys`` the stage reads.
 
     On an exception the child and its parent are marked FAILED (nothing is
@@ -411,10 +369,8 @@ def stage_run(
     """
     uri = tracking_uri(params)
     try:
-        # the first use of a fresh SQLite store creates and migrates its tables:
-        # one process at a time
-        with _store_lock(uri):
-            client, uri = _client(params)
+        with _store_lock(uri):  # the first use of a fresh SQLite store creates its tables: one process at a time
+            client = _client(uri)
             exp_id = _experiment_id(client, params.tracking.experiment_name, uri)
     except Exception as exc:
         raise TrackingError(
@@ -425,14 +381,8 @@ def stage_run(
     parent_id, manage_parent = _parent_run(client, exp_id, params)
     if manage_parent:
         client.update_run(parent_id, status="RUNNING")
-    tags = {
-        "mlflow.parentRunId": parent_id,
-        "dvc.stage": dvc_stage,
-        "dtm.kind": "stage",
-        "mlflow.source.git.commit": git_commit(),
-        "mlflow.source.type": "LOCAL",
-        "mlflow.source.name": f"stages/{dvc_stage.split('@')[0]}.py",
-    }
+    tags = {"mlflow.parentRunId": parent_id, "dvc.stage": dvc_stage, "dtm.kind": "stage",
+            **_source_tags(f"stages/{dvc_stage.split('@')[0]}.py")}
     child = client.create_run(exp_id, run_name=run_name, tags=tags)
     run = StageRun(client, child.info.run_id, parent_id, exp_id)
     run.log_params(select(params, keys))

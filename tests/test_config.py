@@ -59,11 +59,15 @@ def test_load_params_bad_yaml(tmp_path):
         ("partition", {"ranges": [1, 2, 3]}, "partition.ranges"),
         ("partition", {"ranges": []}, "partition.ranges"),
         ("data", {"source": "cifar"}, "data.source"),
-        ("evaluate", {"num_samples": 10}, "evaluate"),
+        ("evaluate", {"num_samples": 10}, "evaluate.num_samples"),
         ("evaluate", {"sampler": "euler"}, "evaluate.sampler"),
         ("evaluate", {"sampler": "dpmsolver", "eta": 0.5}, "evaluate.eta"),
         ("report", {"bootstrap_rounds": 5}, "report.bootstrap_rounds"),
         ("tracking", {"experiment_name": ""}, "tracking.experiment_name"),
+        ("finetune", {"adapter": "qlora"}, "finetune.adapter"),
+        ("merge", {"peft_combination": "cat"}, "merge.peft_combination"),  # merges adapters; the fine-tunes are full
+        ("model", {"conditioning": "text"}, "model.conditioning"),
+        ("merge", {"weights": [0.5, float("nan"), 0.1, 0.1]}, "merge.weights"),
     ],
 )
 def test_bad_values_name_the_key(default_params_dict, section, values, key):
