@@ -28,10 +28,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from machine import cpu_model
-
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from machine import ROOT, cpu_model, deme_train, timing_recipe
 
 
 def _params(config: Path | None):
@@ -47,11 +44,10 @@ def one(variant: str, config: Path | None, steps: int) -> dict:
     from dtm_core import adapters
     from dtm_core.data import load_digits_source
     from dtm_core.model import build_scheduler, build_unet, save_model
-    from dtm_core.partition import sample_timesteps
     from stages.finetune import trainee
 
     params = _params(config)
-    ft = params.finetune.model_copy(update={"adapter": variant, "checkpoint_every": 0, "log_every": 1000})
+    ft = timing_recipe(params, adapter=variant)
     torch.manual_seed(0)
     if params.data.source == "digits":
         images = torch.as_tensor(load_digits_source().images)
@@ -65,15 +61,8 @@ def one(variant: str, config: Path | None, steps: int) -> dict:
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-    def draw(b, g):
-        return sample_timesteps(b, T // 4, T // 2, T, ft.p, g)[0]
-
-    from dtm_core.train import train
-
     start = time.perf_counter()
-    res = train(model, scheduler, images, ft, seed=0, steps=steps, timestep_sampler=draw, teacher=base,
-                consistency_weight=ft.consistency_weight, desc=variant)
+    res = deme_train(model, base, scheduler, images, ft, steps, T // 4, T // 2, ft.consistency_weight, desc=variant)
     seconds = time.perf_counter() - start
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     with tempfile.TemporaryDirectory() as tmp:

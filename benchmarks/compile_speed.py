@@ -22,18 +22,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from machine import cpu_model
+from machine import ROOT, cpu_model, deme_train, timing_recipe
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from dtm_core.config import load_params  # noqa: E402
-from dtm_core.data import load_digits_source  # noqa: E402
-from dtm_core.io import write_json  # noqa: E402
-from dtm_core.model import load_scheduler, load_unet, with_projection  # noqa: E402
-from dtm_core.partition import sample_timesteps  # noqa: E402
-from dtm_core.sampling import initial_noise, sample  # noqa: E402
-from dtm_core.train import train  # noqa: E402
+from dtm_core.config import load_params
+from dtm_core.data import load_digits_source
+from dtm_core.io import write_json
+from dtm_core.model import load_scheduler, load_unet, with_projection
+from dtm_core.sampling import initial_noise, sample
 
 BASE = ROOT / "base" / "digits-unet"
 
@@ -60,7 +55,7 @@ def main() -> int:
     ap.add_argument("--out", type=Path)
     args = ap.parse_args()
     params = load_params(ROOT / "params.yaml")
-    ev, ft = params.evaluate, params.finetune.model_copy(update={"checkpoint_every": 0, "log_every": 1000})
+    ev, ft = params.evaluate, timing_recipe(params)
     scheduler = load_scheduler(BASE)
     noise = initial_noise(0, args.samples, (1, 8, 8))
 
@@ -76,20 +71,13 @@ def main() -> int:
     t_comp = best(sampler(compiled_unet), args.repeats)
 
     images = torch.as_tensor(load_digits_source().images)
-    T = params.model.num_train_timesteps
 
     def step(compile_it: bool):
         base = load_unet(BASE, what="base").eval()
         student = with_projection(base, True)
         if compile_it:
             compiled(student)
-
-        def draw(b, g):
-            return sample_timesteps(b, 250, 500, T, ft.p, g)[0]
-
-        # the loop's own seconds (train's result), not the set-up around it
-        return train(student, scheduler, images, ft, seed=0, steps=args.steps, timestep_sampler=draw,
-                     teacher=base, consistency_weight=1.0).seconds
+        return deme_train(student, base, scheduler, images, ft, args.steps).seconds  # the loop's own seconds
 
     step(False), step(True)  # warm-up, compiling
     s_eager = min(step(False) for _ in range(args.repeats)) / args.steps

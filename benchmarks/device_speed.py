@@ -16,20 +16,15 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from pathlib import Path
 
 import torch
+from machine import ROOT, deme_train, timing_recipe
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from dtm_core.config import load_params  # noqa: E402
-from dtm_core.data import load_digits_source  # noqa: E402
-from dtm_core.distributed import apply_thread_share  # noqa: E402
-from dtm_core.model import build_scheduler, build_unet, with_projection  # noqa: E402
-from dtm_core.partition import sample_timesteps  # noqa: E402
-from dtm_core.sampling import initial_noise, sample  # noqa: E402
-from dtm_core.train import train  # noqa: E402
+from dtm_core.config import load_params
+from dtm_core.data import load_digits_source
+from dtm_core.distributed import apply_thread_share
+from dtm_core.model import build_scheduler, build_unet, with_projection
+from dtm_core.sampling import initial_noise, sample
 
 
 def main() -> int:
@@ -44,18 +39,14 @@ def main() -> int:
     apply_thread_share()
     params = load_params(ROOT / "params.yaml")
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    ft = params.finetune.model_copy(update={"checkpoint_every": 0, "log_every": 1000,
-                                            "mixed_precision": args.mixed_precision})
+    ft = timing_recipe(params, mixed_precision=args.mixed_precision)
     images = torch.as_tensor(load_digits_source().images)
     scheduler = build_scheduler(params.model)
     torch.manual_seed(0)
     base = build_unet(params.model, 8, 1).eval()
 
-    def draw(b, g):
-        return sample_timesteps(b, 250, 500, params.model.num_train_timesteps, ft.p, g)[0]
-
-    run = lambda steps: train(with_projection(base, True), scheduler, images, ft, seed=0, steps=steps,  # noqa: E731
-                              timestep_sampler=draw, teacher=base, consistency_weight=1.0)
+    def run(steps: int):
+        return deme_train(with_projection(base, True), base, scheduler, images, ft, steps)
     run(10)  # warm-up: kernels, allocator
     res = run(args.steps)
     name = torch.cuda.get_device_name(0) if device == "cuda" else f"cpu x {torch.get_num_threads()} threads"

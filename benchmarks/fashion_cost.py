@@ -31,18 +31,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from machine import cpu_model
+from machine import ROOT, cpu_model, deme_train, timing_recipe
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from dtm_core.config import load_params  # noqa: E402
-from dtm_core.denoising import heldout_losses  # noqa: E402
-from dtm_core.io import write_json  # noqa: E402
-from dtm_core.model import load_scheduler, load_unet, with_projection  # noqa: E402
-from dtm_core.partition import sample_timesteps  # noqa: E402
-from dtm_core.sampling import initial_noise, sample  # noqa: E402
-from dtm_core.train import train  # noqa: E402
+from dtm_core.config import load_params
+from dtm_core.denoising import heldout_losses
+from dtm_core.io import write_json
+from dtm_core.model import load_scheduler, load_unet, with_projection
+from dtm_core.sampling import initial_noise, sample
+from dtm_core.train import train
 
 BASE = ROOT / "base" / "fashion-unet"
 
@@ -56,7 +52,7 @@ def main() -> int:
     ap.add_argument("--out", type=Path)
     args = ap.parse_args()
     p = load_params(ROOT / "params.yaml", ROOT / "configs" / "fashion.yaml")
-    ev, ft, n = p.evaluate, p.finetune.model_copy(update={"checkpoint_every": 0, "log_every": 1000}), p.num_ranges
+    ev, ft, n = p.evaluate, timing_recipe(p), p.num_ranges
     base, scheduler = load_unet(BASE, what="base"), load_scheduler(BASE)
     size = p.data.image_size
 
@@ -75,12 +71,14 @@ def main() -> int:
     T = p.model.num_train_timesteps
 
     def seconds_per_step(deme: bool) -> float:
-        model = with_projection(base, enabled=deme)
-        extra = dict(timestep_sampler=lambda b, g: sample_timesteps(b, 0, T // n, T, ft.p, g)[0], teacher=base,
-                     consistency_weight=ft.consistency_weight) if deme else {}
-        train(model, scheduler, batch, ft, seed=0, steps=2, **extra)  # warm-up
-        return train(with_projection(base, enabled=deme), scheduler, batch, ft, seed=0, steps=args.steps,
-                     **extra).seconds / args.steps
+        def run(steps: int):
+            if deme:
+                return deme_train(with_projection(base, True), base, scheduler, batch, ft, steps, 0, T // n,
+                                  ft.consistency_weight)
+            return train(with_projection(base, False), scheduler, batch, ft, seed=0, steps=steps)
+
+        run(2)  # warm-up
+        return run(args.steps).seconds / args.steps
 
     deme_step, plain_step = seconds_per_step(True), seconds_per_step(False)
 

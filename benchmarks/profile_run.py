@@ -74,9 +74,7 @@ def summarise(lines: list[str], rate: float) -> dict:
     for stage, phases in sorted(samples.items(), key=lambda kv: -sum(kv[1].values())):
         stages[stage] = {"seconds": round(sum(phases.values()) / rate, 1),
                          "phases": {p: round(n / rate, 1) for p, n in phases.most_common()}}
-    totals: Counter = Counter()
-    for phases in samples.values():
-        totals.update(phases)
+    totals = sum(samples.values(), Counter())
     return {"total_seconds": round(sum(totals.values()) / rate, 1), "stages": stages,
             "phases": {p: round(n / rate, 1) for p, n in totals.most_common()}}
 

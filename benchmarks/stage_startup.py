@@ -33,13 +33,11 @@ import time
 from pathlib import Path
 
 import numpy as np
+from machine import ROOT
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from dtm_core import distances  # noqa: E402
-from dtm_core.io import write_json  # noqa: E402
-from stages.common import STAGES  # noqa: E402
+from dtm_core import distances
+from dtm_core.io import write_json
+from stages.common import STAGES
 
 
 def _seconds(code: str, repeats: int) -> float:

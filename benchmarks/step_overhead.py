@@ -11,11 +11,11 @@ from __future__ import annotations
 import argparse
 
 import torch
+from machine import deme_train, timing_recipe
 
 from dtm_core.config import load_params
 from dtm_core.data import load_digits_source
 from dtm_core.model import build_scheduler, build_unet, with_projection
-from dtm_core.partition import sample_timesteps
 from dtm_core.train import train
 
 
@@ -25,22 +25,17 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     args = ap.parse_args()
     params = load_params()
-    ft = params.finetune.model_copy(update={"checkpoint_every": 0, "log_every": 1000})
+    ft = timing_recipe(params)
     images = torch.as_tensor(load_digits_source().images)
     scheduler = build_scheduler(params.model)
     torch.manual_seed(0)
     base = build_unet(params.model, 8, 1).eval()
-    T = params.model.num_train_timesteps
-
-    def draw(b, g):
-        return sample_timesteps(b, 250, 500, T, ft.p, g)[0]
 
     def plain() -> float:
         return train(with_projection(base, False), scheduler, images, ft, seed=0, steps=args.steps).seconds
 
     def deme() -> float:
-        return train(with_projection(base, True), scheduler, images, ft, seed=0, steps=args.steps,
-                     timestep_sampler=draw, teacher=base, consistency_weight=1.0).seconds
+        return deme_train(with_projection(base, True), base, scheduler, images, ft, args.steps).seconds
 
     plain(), deme()  # warm-up
     t_plain = min(plain() for _ in range(args.repeats)) / args.steps

@@ -1,13 +1,9 @@
 """What the stages share: where outs land, what each stage reads and writes, and the runner.
 
-``dvc.yaml`` is the one declaration of the pipeline's shape: :data:`STAGES`
-reads from it, for every stage, the params it reads (logged to its MLflow run
-and hashed into its resumable-checkpoint fingerprint), the files it reads and
-the metrics file it writes.
-
-A stage script (``stages/<name>.py``) holds that stage's glue: it reads its
-params, calls ``dtm_core``, writes its outs and logs to MLflow, through
-:func:`main`. ``dtm_core`` itself knows no pipeline paths.
+:data:`STAGES` reads from ``dvc.yaml``, the one declaration of the pipeline's shape, each stage's params (logged
+to its MLflow run, hashed into its checkpoints), the files it reads and the metrics file it writes. A stage script
+(``stages/<name>.py``) is glue run by :func:`main`: it reads params, calls ``dtm_core`` (which knows no pipeline
+paths), writes its outs and logs to MLflow.
 """
 
 from __future__ import annotations
@@ -36,7 +32,6 @@ EXIT_USER_ERROR = 2
 DATA_DIR = Path("data/prepared")
 CLASSIFIER_DIR = Path("models/classifier")
 REFERENCE_FILE = CLASSIFIER_DIR / "reference_features.npz"  # features of the real data, per data version
-BASE_DIR = Path("base")  # the shipped, pre-converged base checkpoint(s): see base/README.md
 PRETRAINED_DIR = Path("models/pretrained")
 RANGES_DIR = Path("models/ranges")
 SHARED_DIR = Path("models/shared")
@@ -120,12 +115,8 @@ def paths(template: str, item: Any = None) -> Path:
 
 # --------------------------------------------------------------- shared glue
 def checkpoint_dir(name: str, params: Params, item: Any = None) -> Path:
-    """Where a training stage keeps resumable state, keyed by what it trains from.
-
-    The key hashes exactly the params the stage declares and the content of
-    the files it reads, so a checkpoint is resumed only by the same training
-    run; checkpoints of other settings are dropped.
-    """
+    """Where a training stage keeps resumable state, keyed by a hash of the params it declares and the files it
+    reads, so only the same training run resumes it; checkpoints of other settings are dropped."""
     spec = STAGES[name]
     h = hashlib.sha256(json.dumps(select(params, spec.params), sort_keys=True, default=str).encode())
     for template in spec.deps:
@@ -163,14 +154,17 @@ def reference_split(ref: dict) -> str:
     return "test" if "test" in ref else "train"
 
 
-def data_version() -> tuple[str, str]:
-    """The prepared data's version: DVC's digest of data/prepared from dvc.lock, or a content digest.
+def read_npz(path: Path) -> dict:
+    """Every array of an .npz file, read into memory."""
+    import numpy as np
 
-    Inside ``dvc repro`` the lock file already holds the prepare stage's out
-    (DVC writes it when the stage finishes), so MLflow's Dataset column shows
-    the same digest as ``dvc.lock``; a stage run by hand falls back to the
-    sha256 of the files.
-    """
+    with np.load(path) as npz:
+        return {k: npz[k] for k in npz.files}
+
+
+def data_version() -> tuple[str, str]:
+    """The prepared data's version: DVC's digest of data/prepared from dvc.lock (written when prepare
+    finished, so MLflow shows the digest dvc.lock does), or, for a stage run by hand, the files' sha256."""
     import yaml
 
     lock = Path("dvc.lock")
@@ -200,18 +194,12 @@ def main(name: str, fn: Callable[..., dict], argv: Optional[Sequence[str]] = Non
          trains: Optional[Callable[[Params], bool]] = None) -> int:
     """Run stage ``name``: ``fn(params, run)`` (or ``fn(params, run, item)``) returns its metrics.
 
-    Params are validated up front; the stage gets an MLflow child run logging
-    the params it declares; the returned metrics land in its DVC metrics file
-    (if it declares one) and in MLflow; its seconds go to MLflow and
-    ``timings/``. A :class:`~dtm_core.errors.DtmError` (bad params, missing or
-    corrupt input, unreachable tracking store) prints one line and exits 2,
-    with the MLflow runs marked FAILED and no out half-written; any other
-    exception is a bug and shows its traceback.
-
-    ``trains(params)`` says whether this run trains: then ``DTM_NUM_PROCESSES``
-    > 1 re-launches the stage under ``accelerate launch`` and, inside a launch,
-    only the main process opens an MLflow run and writes outs
-    (:mod:`dtm_core.distributed`).
+    Params are validated up front. The stage's MLflow child run logs the params it declares, the metrics (also
+    written to its DVC metrics file, if it declares one) and its seconds (also in ``timings/``). A
+    :class:`~dtm_core.errors.DtmError` (bad params, missing or corrupt input, unreachable tracking store) prints
+    one line and exits 2, the MLflow runs marked FAILED and no out half-written; any other exception is a bug and
+    shows its traceback. When ``trains(params)``, ``DTM_NUM_PROCESSES`` > 1 re-launches the stage under
+    ``accelerate launch``, where only the main process opens an MLflow run and writes outs.
     """
     spec = STAGES[name]
     parser = argparse.ArgumentParser(prog=f"python -m stages.{name}", description=f"DVC stage '{name}'")

@@ -44,6 +44,7 @@ from stages.common import (
     WEIGHTS_FILE,
     load_reference,
     main,
+    read_npz,
     reference_split,
 )
 from stages.evaluate import score_models
@@ -88,10 +89,10 @@ def validation_fd(params: Params, template, scheduler, score_images):
                         params.evaluate.batch_size, score_images)
 
 
-def choose_scale(score, state_at, scales: list[float]) -> tuple[float, list[dict]]:
+def choose_scale(score, state_at, scales: list[float]) -> dict:
     """The scale of lowest validation FD (the first on a tie) and every candidate's score."""
     rows = [{"scale": s, "validation_fd": score(state_at(s))} for s in scales]
-    return min(rows, key=lambda r: r["validation_fd"])["scale"], rows
+    return {"chosen": min(rows, key=lambda r: r["validation_fd"])["scale"], "candidates": rows}
 
 
 def controls(params: Params, run=NullRun()) -> dict:
@@ -125,11 +126,10 @@ def build_and_evaluate(params: Params, run, names, ranges, T: int, out: Path) ->
     template, theta, files = merge_inputs(len(ranges))
     weights = read_json(WEIGHTS_FILE, "merge weights")["weights"]
     if "soup" in names:
-        members = train_soup(params, images, base, scheduler, T)
         soup_files = []
-        for i, member in enumerate(members):
+        (out / "task_vectors").mkdir(parents=True, exist_ok=True)
+        for i, member in enumerate(train_soup(params, images, base, scheduler, T)):
             soup_files.append(out / "task_vectors" / f"soup-{i}.safetensors")
-            soup_files[-1].parent.mkdir(parents=True, exist_ok=True)
             TaskVector.from_states(theta, float_state(member), what=f"soup member {i}").save(soup_files[-1])
         models["soup"] = _with_state(template, merged_state(params, theta, soup_files, weights))
     if "merged_scaled" in names:
@@ -140,9 +140,8 @@ def build_and_evaluate(params: Params, run, names, ranges, T: int, out: Path) ->
             return merged_state(params.model_copy(update={"merge": mc.model_copy(update={"scale": s})}), theta,
                                 files, weights)
 
-        best, rows = choose_scale(score, merged_at, params.controls.scales)
-        scales["merged_scaled"] = {"chosen": best, "candidates": rows}
-        models["merged_scaled"] = _with_state(template, merged_at(best))
+        scales["merged_scaled"] = choose_scale(score, merged_at, params.controls.scales)
+        models["merged_scaled"] = _with_state(template, merged_at(scales["merged_scaled"]["chosen"]))
     if "shared_scaled" in names:
         shared = load_unet(SHARED_DIR, what="shared model")
         theta_plain = float_state(load_unet(PRETRAINED_DIR, what="pretrained model"))
@@ -152,20 +151,19 @@ def build_and_evaluate(params: Params, run, names, ranges, T: int, out: Path) ->
         def shared_at(lam: float) -> dict:
             return tau.apply_to(theta_plain, scale=lam)
 
-        best, rows = choose_scale(score, shared_at, params.controls.scales)
-        scales["shared_scaled"] = {"chosen": best, "candidates": rows}
-        models["shared_scaled"] = _with_state(shared, shared_at(best))
+        scales["shared_scaled"] = choose_scale(score, shared_at, params.controls.scales)
+        models["shared_scaled"] = _with_state(shared, shared_at(scales["shared_scaled"]["chosen"]))
 
     reference = ref[reference_split(ref)]
     # one dict per model: fd_contrast keeps each model's bootstrap FDs in it for the other contrasts it enters
-    feats = {"merged": {"features": _features(SAMPLES_DIR / "merged.npz")}}
+    feats = {"merged": {"features": read_npz(SAMPLES_DIR / "merged.npz")["features"]}}
     metrics = {}
     for name in names:
         model = models[name]
         save_model(model, scheduler, out / "models" / name, {"control": name, **scales.get(name, {})})
         headline, _ = score_models(params, run, name, [model], None, scheduler, out / "samples", out / "evaluation")
         metrics[name] = headline
-        feats[name] = {"features": _features(out / "samples" / f"{name}.npz")}
+        feats[name] = {"features": read_npz(out / "samples" / f"{name}.npz")["features"]}
     rounds = params.report.bootstrap_rounds
     contrasts = {
         f"{a}_minus_{b}": distances.fd_contrast(feats[a], feats[b], reference, rounds,
@@ -182,13 +180,6 @@ def _with_state(model, state: dict):
     copy = type(model).from_config(model.config)
     copy.load_state_dict(full)
     return copy.eval()
-
-
-def _features(path: Path):
-    import numpy as np
-
-    with np.load(path) as npz:
-        return npz["features"]
 
 
 def render(record: dict) -> str:

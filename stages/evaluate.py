@@ -23,12 +23,12 @@ from dtm_core import distances, features
 from dtm_core.conditioning import prompt_labels
 from dtm_core.config import Params
 from dtm_core.denoising import heldout_losses
-from dtm_core.io import atomic_path, write_json
+from dtm_core.io import atomic_file, dir_digest, write_json
 from dtm_core.model import PromptUNet2DModel, load_scheduler, load_unet
 from dtm_core.partition import load_partition, range_columns
 from dtm_core.sampling import initial_noise, sample, save_grid
 from dtm_core.seeding import derive_seed
-from dtm_core.tracking import NullRun
+from dtm_core.tracking import NullRun, git_commit, params_digest
 from stages.common import (
     CLASSIFIER_DIR,
     DATA_DIR,
@@ -90,13 +90,12 @@ def score_models(params: Params, run, name: str, models, ranges, scheduler, samp
                              desc=f"sample {name} (noise {s})", **guide))
         seconds += time.perf_counter() - start
         per_seed.append(extract(images[-1]))
-    kid_seed = derive_seed(ev.seed, "kid")
     against = reference_split(ref)
     fds = [distances.frechet_distance(f, ref[against]) for f in per_seed]
     images, feats = np.concatenate(images), np.concatenate(per_seed)
     # FD and KID over the pooled samples of every noise seed, interval included
     scores = distances.distances(feats, ref[against], ev.kid_subsets, ev.kid_subset_size, ev.bootstrap_rounds,
-                                 kid_seed)
+                                 derive_seed(ev.seed, "kid"))
     held = data_mod.load_split(DATA_DIR, "heldout")
     train_images = data_mod.load_split(DATA_DIR, "train").images
     start = time.perf_counter()
@@ -111,9 +110,8 @@ def score_models(params: Params, run, name: str, models, ranges, scheduler, samp
     n_floor = len(ref["heldout"])
 
     save_grid(images, samples_dir / f"{name}.png", nrow=ev.grid_size)
-    with atomic_path(samples_dir / f"{name}.npz") as tmp:
-        with open(tmp, "wb") as handle:
-            np.savez(handle, features=feats, **losses)
+    with atomic_file(samples_dir / f"{name}.npz", "wb") as handle:
+        np.savez(handle, features=feats, **losses)
     headline = {
         "fd": scores["fd"],
         "kid": scores["kid"],
@@ -189,9 +187,6 @@ def guidance_curve(params: Params, models, ranges, scheduler, shape, labels, clf
 
 def log_models(params: Params, run, name: str, headline: dict, losses: dict, ranges) -> None:
     """The evaluated model (and, for the ensemble, each range model) as MLflow logged models with their metrics."""
-    from dtm_core.io import dir_digest
-    from dtm_core.tracking import git_commit, params_digest
-
     path = eval_model_dir(name)
     model_id = run.log_model(name, path, dir_digest(path), headline, {"dvc_stage": f"evaluate@{name}"})
     if name == "merged" and model_id and params.tracking.register_model:

@@ -25,15 +25,7 @@ from dtm_core.model import (
 from dtm_core.partition import load_partition
 from dtm_core.seeding import derive_seed
 from dtm_core.tracking import NullRun
-from stages.common import (
-    MERGED_DIR,
-    PARTITION_FILE,
-    PRETRAINED_DIR,
-    TASK_VECTOR_DIR,
-    WEIGHTS_FILE,
-    main,
-    range_dir,
-)
+from stages.common import MERGED_DIR, PARTITION_FILE, PRETRAINED_DIR, TASK_VECTOR_DIR, WEIGHTS_FILE, main, range_dir
 
 
 def merge_inputs(n: int):

@@ -17,14 +17,7 @@ import numpy as np
 from dtm_core import data as data_mod
 from dtm_core.config import Params
 from dtm_core.io import atomic_dir, write_json
-from dtm_core.partition import (
-    bin_edges_to_ranges,
-    partition_score,
-    ranges_from_params,
-    save_partition,
-    snr_ranges,
-    uniform_ranges,
-)
+from dtm_core.partition import ranges_from_params, save_partition, snr_ranges, uniform_ranges
 from dtm_core.seeding import derive_seed
 from dtm_core.tracking import NullRun
 from stages.common import DATA_DIR, PARTITION_ANALYSIS_DIR, PARTITION_FILE, PRETRAINED_DIR, main
@@ -34,7 +27,7 @@ def affinity_partition(params: Params, out_dir, run) -> list:
     """Gradient-affinity interval clustering of the pretrained model; writes the matrix and its plot."""
     from dtm_core.affinity import gradient_affinity
     from dtm_core.model import load_scheduler, load_unet
-    from dtm_core.partition import best_intervals
+    from dtm_core.partition import best_intervals, bin_edges_to_ranges, partition_score
     from dtm_core.plots import plot_affinity
 
     pc, T = params.partition, params.model.num_train_timesteps

@@ -12,7 +12,6 @@ bootstrap held-out images (every model saw the same images and noise).
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
 import numpy as np
 
@@ -36,6 +35,7 @@ from stages.common import (
     WEIGHTS_FILE,
     load_reference,
     main,
+    read_npz,
     reference_split,
 )
 
@@ -43,11 +43,11 @@ FIGURES_DIR = REPORT_DIR / "figures"
 # (model, baseline) pairs the report contrasts
 CONTRASTS = (("merged", "shared"), ("ensemble", "shared"), ("pretrained", "shared"), ("merged", "pretrained"),
              ("ensemble", "pretrained"))
-
-
-def _load(name: str) -> dict:
-    with np.load(SAMPLES_DIR / f"{name}.npz") as npz:
-        return {k: npz[k] for k in npz.files}
+# evaluate's details that the report carries into each model's row
+DETAILS = ("fd_ci", "kid_ci", "fd_at_floor_n", "fd_per_noise_seed", "class_tv_distance", "class_kl_divergence",
+           "mean_confidence")
+TV_FIGURES = (("tv_norms.png", "norm by range"), ("tv_layer_heatmap.png", "per-layer norms"),
+              ("tv_cosine.png", "cosine similarity"))
 
 
 def sampler_label(settings: dict) -> str:
@@ -75,7 +75,7 @@ def report(params: Params, run=NullRun()) -> dict:
     ref = load_reference()
     against = reference_split(ref)
     reference = ref[against]
-    data = {m: _load(m) for m in EVAL_MODELS}
+    data = {m: read_npz(SAMPLES_DIR / f"{m}.npz") for m in EVAL_MODELS}
     grid = data["shared"]["timesteps"]
     cols_by_range = range_columns(grid, ranges)
     all_cols = np.arange(len(grid))
@@ -94,22 +94,15 @@ def report(params: Params, run=NullRun()) -> dict:
             ],
         }
     # does range model i beat the base (and the shared model) on its own range?
-    range_losses = data["ensemble"]["range_losses"]
+    own = data["ensemble"]["range_losses"]
     specialisation = [
-        {"range": list(ranges[i]),
-         "vs_pretrained": loss_contrast(range_losses[i], data["pretrained"]["losses"], cols, rounds,
-                                        derive_seed(ev.seed, f"special-{i}")),
-         "vs_shared": loss_contrast(range_losses[i], data["shared"]["losses"], cols, rounds,
-                                    derive_seed(ev.seed, f"special-shared-{i}"))}
-        for i, cols in enumerate(cols_by_range)
-    ]
-    models = {
-        m: {**headline[m], **{k: details[m][k] for k in (
-            "fd_ci", "kid_ci", "fd_at_floor_n", "fd_per_noise_seed", "class_tv_distance", "class_kl_divergence",
-            "mean_confidence")},
-            "heldout_loss_by_range": [float(data[m]["losses"][:, c].mean()) for c in cols_by_range]}
-        for m in EVAL_MODELS
-    }
+        {"range": list(ranges[i]), **{
+            f"vs_{b}": loss_contrast(own[i], data[b]["losses"], cols, rounds, derive_seed(ev.seed, f"{tag}-{i}"))
+            for b, tag in (("pretrained", "special"), ("shared", "special-shared"))}}
+        for i, cols in enumerate(cols_by_range)]
+    models = {m: {**headline[m], **{k: details[m][k] for k in DETAILS},
+                  "heldout_loss_by_range": [float(data[m]["losses"][:, c].mean()) for c in cols_by_range]}
+              for m in EVAL_MODELS}
     floor = {"fd": clf["floor_fd"], "num_samples": clf["floor_num_samples"]}
     if against == "test":
         floor.update(test_floor(ref, len(data["shared"]["features"]), derive_seed(ev.seed, "floor")))
@@ -169,7 +162,7 @@ def report(params: Params, run=NullRun()) -> dict:
         run.log_parent_artifact(path, "report")
     for m in EVAL_MODELS:
         run.log_parent_artifact(SAMPLES_DIR / f"{m}.png", "samples")
-    for plot in sorted(Path(TASK_VECTOR_DIR).glob("*.png")):
+    for plot in sorted(TASK_VECTOR_DIR.glob("*.png")):
         run.log_parent_artifact(plot, "task_vectors")
     if (PARTITION_ANALYSIS_DIR / "affinity.png").exists():
         run.log_parent_artifact(PARTITION_ANALYSIS_DIR / "affinity.png", "partition")
@@ -191,6 +184,10 @@ def test_floor(ref: dict, n: int, seed: int) -> dict:
 
 def _ci(ci: list[float], d: int = 4) -> str:
     return f"[{ci[0]:+.{d}f}, {ci[1]:+.{d}f}]"
+
+
+def _loss_delta(x: dict) -> str:
+    return f"{x['delta']:+.6f} {_ci(x['ci'], 6)}"
 
 
 def compute_label(s: dict) -> str:
@@ -268,7 +265,7 @@ def render_markdown(c: dict) -> str:
     for key, v in c["contrasts"].items():
         h = v["heldout_loss"]
         lines.append(f"| {key.replace('_minus_', ' − ')} | {v['fd']:+.4f} {_ci(v['fd_ci'])} | {v['verdict']} "
-                     f"| {h['delta']:+.6f} {_ci(h['ci'], 6)} | {100 * h['relative']:+.2f}% | {h['verdict']} |")
+                     f"| {_loss_delta(h)} | {100 * h['relative']:+.2f}% | {h['verdict']} |")
     if "guidance_curves" in c:
         lines += ["", "## Guidance (prompt-conditioned models)", "",
                   f"Sample i was prompted with class i mod C at guidance scale {s['guidance_scale']:g}. Conditional "
@@ -286,13 +283,10 @@ def render_markdown(c: dict) -> str:
               "|---|" + "---|" * (len(c["models"]) + 3)]
     for i, r in enumerate(c["range_models"]):
         ms = c["contrasts"]["merged_minus_shared"]["heldout_loss_by_range"][i]
-        vp, vs = r["vs_pretrained"], r["vs_shared"]
-        lines.append(
-            f"| [{r['range'][0]}, {r['range'][1]}) | "
-            + " | ".join(f"{models[m]['heldout_loss_by_range'][i]:.5f}" for m in c["models"])
-            + f" | {ms['delta']:+.6f} {_ci(ms['ci'], 6)} | {vp['delta']:+.6f} {_ci(vp['ci'], 6)} ({vp['verdict']}) "
-            f"| {vs['delta']:+.6f} {_ci(vs['ci'], 6)} ({vs['verdict']}) |"
-        )
+        own = " | ".join(f"{_loss_delta(r[k])} ({r[k]['verdict']})" for k in ("vs_pretrained", "vs_shared"))
+        lines.append(f"| [{r['range'][0]}, {r['range'][1]}) | "
+                     + " | ".join(f"{models[m]['heldout_loss_by_range'][i]:.5f}" for m in c["models"])
+                     + f" | {_loss_delta(ms)} | {own} |")
     w = c["merge"]
     lines += ["", "![held-out loss by timestep](figures/heldout_loss.png)", "", "## Partition", "",
               f"Method `{s['partition_method']}`: ranges "
@@ -305,10 +299,7 @@ def render_markdown(c: dict) -> str:
         lines.append(f"The search scored {w['search']['evaluations']} candidates by FD on "
                      f"{w['search']['num_samples']} validation samples from their own noise seed; best validation "
                      f"FD {w['search']['best_score']:.4f}. Candidates: `merge/search/search.tsv`.")
-    lines += ["", "## Task vectors", ""]
-    for png, title in (("tv_norms.png", "norm by range"), ("tv_layer_heatmap.png", "per-layer norms"),
-                       ("tv_cosine.png", "cosine similarity")):
-        lines.append(f"![{title}](../{TASK_VECTOR_DIR}/{png})")
+    lines += ["", "## Task vectors", ""] + [f"![{title}](../{TASK_VECTOR_DIR}/{png})" for png, title in TV_FIGURES]
     lines += ["", "## Samples (same initial noise)", "", "| " + " | ".join(c["models"]) + " |",
               "|" + "---|" * len(c["models"]),
               "| " + " | ".join(f"![{n}](../{SAMPLES_DIR}/{n}.png)" for n in c["models"]) + " |", ""]

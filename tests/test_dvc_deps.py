@@ -74,20 +74,9 @@ def library_closure(script: Path) -> set[str]:
     return files
 
 
-def _stages() -> list[tuple[str, dict]]:
-    stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
-    out = []
-    for name, stage in stages.items():
-        body = stage.get("do", stage)  # foreach ... do:
-        out.append((name, body))
-    return out
-
-
-STAGES = _stages()
-
-
-def _is_code(dep: str) -> bool:
-    return dep.endswith(".py") or dep in PACKAGES
+# (name, body) of every stage; a foreach stage's body is its `do:`
+STAGES = [(name, stage.get("do", stage))
+          for name, stage in yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"].items()]
 
 
 @pytest.mark.parametrize("name,stage", STAGES, ids=[n for n, _ in STAGES])
@@ -96,7 +85,7 @@ def test_stage_depends_on_exactly_the_code_it_imports(name, stage):
     assert stage["cmd"].split()[:2] == ["python", "-m"] and module == f"stages.{name}", stage["cmd"]
     script = f"stages/{name}.py"
     assert script in stage["deps"], f"{name}: the stage script itself must be a dep"
-    listed = {d for d in stage["deps"] if _is_code(d)} - {script}
+    listed = {d for d in stage["deps"] if d.endswith(".py") or d in PACKAGES} - {script}
     assert not listed & set(PACKAGES), f"{name}: list the files it runs, not a whole package"
     needed = library_closure(ROOT / script)
     assert not needed - listed, f"{name}: dvc.yaml misses deps {sorted(needed - listed)}"

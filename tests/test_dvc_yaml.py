@@ -64,7 +64,7 @@ def test_path_constants_are_the_declared_ones():
                 for p in _paths(_body(name).get(kind))}
     for const in ("DATA_DIR", "CLASSIFIER_DIR", "PRETRAINED_DIR", "SHARED_DIR", "MERGED_DIR", "PARTITION_FILE",
                   "TASK_VECTOR_DIR", "WEIGHTS_FILE", "SEARCH_DIR", "HELDOUT_LOSS_TSV", "TASK_VECTOR_NORMS_TSV",
-                  "BASE_DIR", "RANGES_DIR"):
+                  "RANGES_DIR"):
         assert str(getattr(common, const)) in declared, const
     assert str(common.range_dir(3)) == "models/ranges/range-{item}".format(item=3)
     assert "models/ranges/range-{item}" in declared

@@ -30,7 +30,8 @@ def test_a_single_range_lora_pipeline_on_a_test_split(tmp_path_factory):
     assert len(ensemble["range_model_heldout_loss_curves"]) == 1  # the one range model, over every t
     report = json.loads((proj / "reports" / "comparison.json").read_text())
     clf = json.loads((proj / "metrics" / "classifier.json").read_text())
-    assert report["settings"]["reference"] == "test" and 0 <= clf["test_accuracy"] <= 1
+    assert report["settings"]["reference"] == "test"
+    assert report["settings"]["classifier_test_accuracy"] == clf["test_accuracy"]
     floor = report["floor"]
     assert floor["n"] == 80  # the models' sample count, drawn from the 160 train images
     for name, m in report["models"].items():

@@ -3,7 +3,7 @@
 import json
 
 import pytest
-from stagehelp import built_project, run_stage
+from stagehelp import built_project, run_stage, write_params
 
 
 @pytest.fixture(scope="module")
@@ -12,8 +12,6 @@ def project(tmp_path_factory):
 
 
 def _run(proj, params, monkeypatch, **partition):
-    from stagehelp import write_params
-
     monkeypatch.chdir(proj)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{proj / 'mlflow.db'}")
     write_params(proj, {**params, "partition": {**params["partition"], **partition}})

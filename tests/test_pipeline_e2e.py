@@ -98,7 +98,7 @@ def test_dvc_repro_end_to_end_then_experiments(tmp_path):
     for name in ("pretrained", "shared", "merged", "ensemble"):
         m = report["models"][name]
         # the memorised fraction counts samples: a multiple of 1 / num_samples (80 in the tiny profile)
-        assert m["fd"] > 0 and m["heldout_loss"] > 0 and (80 * m["memorised_fraction"]).is_integer()
+        assert (80 * m["memorised_fraction"]).is_integer()
         assert m["fd_ci"][0] <= m["fd"] <= m["fd_ci"][1] and m["kid_ci"][0] <= m["kid"] <= m["kid_ci"][1]
         assert json.loads((proj / "metrics" / f"{name}.json").read_text())["fd"] == m["fd"]
     c = report["contrasts"]["merged_minus_shared"]
