@@ -1,13 +1,22 @@
-"""The regression gate and the seed summary (tools/)."""
+"""The tools: the regression gate and its tolerances, the experiments they run and read, seeds, sweeps, the study
+and the Fashion verdict."""
 
+import argparse
 import json
+import os
 import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 
-from tools import exps, regress, seeds
+from dtm_core import distances
+from dtm_core.errors import ConfigError
+from tools import exps, fashion, regress, seeds, study, sweep, tolerances
+from tools.exps import config_overrides, set_args
+from tools.fashion import decide, headline, pilot_size, reachable, render, seed_summary
 
 
 def _comparison(scale=1.0, merged_fd=5.8):
@@ -22,8 +31,7 @@ def _comparison(scale=1.0, merged_fd=5.8):
             "range_models": [{"vs_pretrained": {"delta": -0.001}}], "settings": {"num_ranges": 4}}
 
 
-@pytest.fixture
-def gate(tmp_path):
+def test_gate_passes_the_same_run_fails_a_worse_one_with_a_readable_table_and_tolerates_improvements(tmp_path, capsys):
     cur, ref, tol = tmp_path / "comparison.json", tmp_path / "reference.json", tmp_path / "tolerances.json"
     cur.write_text(json.dumps(_comparison()))
     ref.write_text(json.dumps(_comparison()))
@@ -31,27 +39,15 @@ def gate(tmp_path):
                                "heldout_loss": {"abs": 0.001},
                                "contrasts.merged_minus_shared.fd": {"abs": 0.02},
                                "contrasts.merged_minus_shared.heldout_loss": {"abs": 0.001}}))
-    return cur, ["--current", str(cur), "--reference", str(ref), "--tolerances", str(tol)]
-
-
-def test_gate_passes_on_the_same_run(gate, capsys):
-    _, args = gate
+    args = ["--current", str(cur), "--reference", str(ref), "--tolerances", str(tol)]
     assert regress.main(args) == 0
     assert "no regression" in capsys.readouterr().out
-
-
-def test_gate_fails_on_a_worse_run_with_a_readable_table(gate, capsys):
-    cur, args = gate
     cur.write_text(json.dumps(_comparison(merged_fd=6.5)))  # +0.7 FD
     assert regress.main(args) == 1
     out = capsys.readouterr().out
     assert "models.merged.fd" in out and "REGRESSED" in out and "REGRESSION in 2 metric(s)" in out
     row = next(line for line in out.splitlines() if line.startswith("models.merged.fd"))
     assert "+0.70000" in row
-
-
-def test_gate_reports_improvements_without_failing(gate, capsys):
-    cur, args = gate
     cur.write_text(json.dumps(_comparison(scale=0.5)))
     assert regress.main(args) == 0
     assert "improved" in capsys.readouterr().out
@@ -113,8 +109,6 @@ def test_seed_summary_means_stds_and_contrast_counts():
 
 
 def test_seed_settings_drop_the_last_seed_and_name_each_fine_tunes_learning_rate():
-    import yaml
-
     params = yaml.safe_load((Path(__file__).resolve().parents[1] / "params.yaml").read_text())
     params["finetune"].update(lr=5e-5, shared_lr=None)
     settings = seeds.common_settings({"seed": 2, "num_ranges": 4}, params)
@@ -125,8 +119,6 @@ def test_seed_settings_drop_the_last_seed_and_name_each_fine_tunes_learning_rate
 
 
 def test_set_arguments_are_yaml():
-    from tools.exps import set_args
-
     assert set_args({"seed": 2, "partition.ranges": [0, 1], "finetune.weighting": "min_snr", "x": None}) == [
         "-S", "seed=2", "-S", "partition.ranges=[0, 1]", "-S", 'finetune.weighting="min_snr"', "-S", "x=null"]
     assert exps.parse_sets(["finetune.lr=1e-4", "partition.ranges=[0,1]"]) == {
@@ -135,8 +127,6 @@ def test_set_arguments_are_yaml():
 
 @pytest.mark.parametrize("tool", ["seeds", "sweep"])
 def test_a_set_argument_without_a_value_is_refused_before_any_experiment(tool, monkeypatch, capsys):
-    from tools import sweep
-
     monkeypatch.setattr(exps, "_dvc", lambda *a, **kw: pytest.fail("dvc was called"))
     main, argv = (seeds.main, []) if tool == "seeds" else (sweep.main, ["finetune.lr", "1e-4"])
     assert main([*argv, "-S", "finetune.steps"]) == 2
@@ -144,7 +134,7 @@ def test_a_set_argument_without_a_value_is_refused_before_any_experiment(tool, m
     assert "'finetune.steps'" in err and "key=value" in err and "Traceback" not in err
 
 
-def test_run_variants_skips_finished_replaces_stale_and_never_forces(monkeypatch):
+def test_run_all_skips_finished_replaces_stale_and_never_forces(monkeypatch):
     calls, runs = [], []
     monkeypatch.setattr(exps, "_dvc", lambda *args, **kw: calls.append(args) or "")
     monkeypatch.setattr(exps, "experiment_refs", lambda: {"done": "refs/exps/x/done", "stale": "refs/exps/x/stale"})
@@ -160,22 +150,19 @@ def test_run_variants_skips_finished_replaces_stale_and_never_forces(monkeypatch
         return subprocess.CompletedProcess(cmd, 0 if name == "stale" else 1)
 
     monkeypatch.setattr(exps.subprocess, "run", run)
-    status = exps.run_variants({"done": {"seed": 0}, "stale": {"seed": 1}, "new": {"seed": 2}})
-    assert status == {"done": "done", "stale": "Success", "new": "Failed"}
+    with pytest.raises(exps.ExperimentError, match=r"\['new'\] failed"):  # "done" is skipped, "stale" succeeds
+        exps.run_all({"done": {"seed": 0}, "stale": {"seed": 1}, "new": {"seed": 2}})
     assert ("exp", "remove", "refs/exps/x/stale") in calls and ("exp", "remove", "new") not in calls
     assert [c[c.index("-n") + 1] for c in runs] == ["stale", "new"]
     assert all(c[c.index("exp"):c.index("exp") + 3] == ["exp", "run", "--temp"] for c in runs)
     assert not any("-f" in c or "--force" in c for c in runs)  # forcing would bypass DVC's run-cache
-    with pytest.raises(exps.ExperimentError, match="new"):
-        exps.run_all({"new": {"seed": 2}})
+    exps.run_all({"done": {"seed": 0}, "stale": {"seed": 1}})  # both finished: nothing runs, nothing fails
+    assert len(runs) == 2
 
 
 def test_experiments_get_an_absolute_python_when_it_was_found_through_a_relative_path():
     # PATH=.venv/bin:... makes sys.executable relative; experiments run in .dvc/tmp/exps/<dir>, where
     # a relative python is not found and the stages fell back to a python without torch
-    import os
-    import sys
-
     venv_bin = Path(sys.executable).parent
     relative = os.path.relpath(venv_bin)
     env = {**os.environ, "PATH": os.pathsep.join([relative, os.environ.get("PATH", "")])}
@@ -188,19 +175,7 @@ def test_experiments_get_an_absolute_python_when_it_was_found_through_a_relative
     assert out[2].split(os.pathsep)[0] == str(venv_bin)
 
 
-def test_baseline_argument_points_the_tools_at_an_older_commit(monkeypatch):
-    import argparse
-
-    monkeypatch.setattr(exps, "BASELINE", ["HEAD"])
-    ap = argparse.ArgumentParser()
-    exps.add_baseline_argument(ap)
-    ap.parse_args(["--baseline", "abc123", "def456"])
-    assert exps.BASELINE == ["abc123", "def456"]
-
-
 def test_baselines_whose_pipeline_code_differs_are_named(tmp_path, monkeypatch, caplog):
-    import argparse
-
     monkeypatch.chdir(tmp_path)
     _git("init", "-q")
     (tmp_path / "stages").mkdir()
@@ -222,7 +197,7 @@ def test_baselines_whose_pipeline_code_differs_are_named(tmp_path, monkeypatch, 
     exps.add_baseline_argument(ap)
     with caplog.at_level("WARNING", logger="dtm.exps"):
         ap.parse_args(["--baseline", "docs", "one"])
-    assert not caplog.records
+    assert not caplog.records and exps.BASELINE == ["docs", "one"]
     with caplog.at_level("WARNING", logger="dtm.exps"):
         ap.parse_args(["--baseline", "HEAD", "one"])
     assert "HEAD and one run different pipeline code (stages/fit.py)" in caplog.text
@@ -242,7 +217,7 @@ def test_experiments_of_several_commits_are_read_first_commit_first(monkeypatch)
 
     monkeypatch.setattr(exps.subprocess, "run", git)
     monkeypatch.setattr(exps, "BASELINE", ["new", "old"])
-    monkeypatch.setattr(exps, "_PINNED", {})
+    exps._pinned.cache_clear()
     found = exps.experiment_refs()
     assert set(found) == {"x", "y", "z"} and shas["new"][2:] in found["y"]  # y from the first commit
     assert exps.experiment_commit("z") == shas["old"] and exps.experiment_commit("missing") is None
@@ -254,8 +229,6 @@ def test_experiments_of_several_commits_are_read_first_commit_first(monkeypatch)
 
 
 def test_study_rows_keep_the_compute_and_seeds_the_issue_asks_for():
-    from tools import study
-
     total = 800
     rows = study.rows(total)
     names = {r.name for r in rows}
@@ -280,8 +253,6 @@ def test_study_rows_keep_the_compute_and_seeds_the_issue_asks_for():
 
 
 def test_study_select_adds_the_paired_row_and_cuts_to_the_seeds_asked_for():
-    from tools import study
-
     rows = study.rows(800)
     picked = study.select(rows, beyond=True, only=["deme-n4-snr"], seeds=[1, 2])
     assert [(r.name, r.seeds) for r in picked] == [("deme-n4-snr", (1, 2)), ("deme-n4", (1, 2))]
@@ -293,15 +264,11 @@ def test_study_select_adds_the_paired_row_and_cuts_to_the_seeds_asked_for():
 
 
 def test_study_refuses_seeds_no_row_has(capsys):
-    from tools import study
-
     assert study.main(["--seeds", "7", "--list"]) == 2
     assert "--seeds 7" in capsys.readouterr().err
 
 
 def test_a_partition_row_is_paired_with_the_uniform_merged_model_of_each_seed(monkeypatch):
-    from tools import study
-
     rng = np.random.default_rng(1)
     reference = rng.normal(size=(400, 4))
     feats, reports = {}, {}
@@ -334,8 +301,6 @@ def test_a_partition_row_is_paired_with_the_uniform_merged_model_of_each_seed(mo
 
 
 def test_study_row_results_pair_each_seed_with_its_shared_baseline(monkeypatch):
-    from tools import study
-
     rng = np.random.default_rng(0)
     reference = rng.normal(size=(400, 4))
     feats = {("study-default-s0", "shared"): rng.normal(size=(300, 4)) + 0.2,
@@ -365,8 +330,6 @@ def test_study_row_results_pair_each_seed_with_its_shared_baseline(monkeypatch):
 
 
 def test_same_params_reads_both_sides_as_the_stages_do(monkeypatch, tmp_path):
-    import yaml
-
     root = Path(__file__).resolve().parents[1]
     monkeypatch.chdir(root)
     committed = yaml.safe_load((root / "params.yaml").read_text())
@@ -378,7 +341,6 @@ def test_same_params_reads_both_sides_as_the_stages_do(monkeypatch, tmp_path):
 
 
 def test_an_experiment_restored_whole_from_the_run_cache_points_at_the_runs_with_its_params(monkeypatch, tmp_path):
-    import yaml
     from mlflow.tracking import MlflowClient
 
     from dtm_core.config import parse_params
@@ -415,8 +377,6 @@ def _report(shift: float = 0.0, contrast_shift: float = 0.0) -> dict:
 
 
 def test_tolerances_are_twice_the_largest_shift_of_a_perturbed_run_per_key():
-    from tools import tolerances
-
     assert tolerances.round_up(0.00123) == pytest.approx(0.0013)
     assert tolerances.round_up(0.0029) == pytest.approx(0.0029) and tolerances.round_up(0.0) == 0.0
     name = next(iter(tolerances.PERTURBATIONS))
@@ -446,8 +406,6 @@ def test_tolerances_are_twice_the_largest_shift_of_a_perturbed_run_per_key():
 
 
 def test_the_tolerances_command_writes_both_files_and_names_a_report_that_lacks_a_metric(tmp_path, monkeypatch, capsys):
-    from tools import tolerances
-
     monkeypatch.setattr(tolerances, "committed", lambda path, rev: _report())
     tol = tmp_path / "tolerances.json"
     tol.write_text(json.dumps({"fd": {"abs": 1}, "kid": {"abs": 1}, "heldout_loss": {"abs": 1},
@@ -466,8 +424,6 @@ def test_the_tolerances_command_writes_both_files_and_names_a_report_that_lacks_
 
 
 def test_a_partial_study_reports_each_row_on_its_finished_seeds(monkeypatch):
-    from tools import study
-
     finished = {"study-default-s0", "study-default-s1", "study-deme-n4-snr-s0"}
     monkeypatch.setattr(study.exps, "experiment_file",
                         lambda name, path=study.exps.REPORT: {"models": {}} if name in finished else None)
@@ -478,30 +434,7 @@ def test_a_partial_study_reports_each_row_on_its_finished_seeds(monkeypatch):
     assert "study-deme-n4-snr-s0" not in missing
 
 
-def test_study_paired_fd_is_the_reports_contrast(monkeypatch):
-    import numpy as np
-
-    from dtm_core import distances
-    from tools import study
-
-    rng = np.random.default_rng(0)
-    feats = {("e1", "merged"): rng.normal(size=(200, 4)), ("e2", "shared"): rng.normal(0.1, 1.0, size=(200, 4))}
-    ref = rng.normal(size=(150, 4))
-    monkeypatch.setattr(study, "_features", lambda name, model: feats[name, model])
-    delta, ci, fd_b = study._paired_fd(("e1", "merged"), ("e2", "shared"), ref, rounds=30, seed=5)
-    fd = distances.frechet_distance
-    assert fd_b == fd(feats["e2", "shared"], ref)
-    assert delta == fd(feats["e1", "merged"], ref) - fd_b
-    assert ci == list(distances.bootstrap_ci(feats["e1", "merged"], ref, fd, 30, seed=5, estimate=delta,
-                                             paired_with=feats["e2", "shared"]))
-
-
 def test_study_draws_each_models_bootstrap_once_while_its_features_stay_the_same(monkeypatch):
-    import numpy as np
-
-    from dtm_core import distances
-    from tools import study
-
     rng = np.random.default_rng(1)
     feats = {(e, m): rng.normal(size=(120, 3)) for e, m in [("a", "merged"), ("b", "merged"), ("base", "shared")]}
     ref = rng.normal(size=(100, 3))
@@ -514,10 +447,12 @@ def test_study_draws_each_models_bootstrap_once_while_its_features_stay_the_same
     second = study._paired_fd(("b", "merged"), ("base", "shared"), ref, rounds=20, seed=3)
     assert len(calls) == 3  # a, base, b: the shared baseline's bootstrap is reused by the second contrast
     fd = distances.frechet_distance
-    for name, (delta, ci, _) in zip(["a", "b"], [first, second]):
-        assert ci == list(distances.bootstrap_ci(feats[name, "merged"], ref, fd, 20, seed=3, estimate=delta,
-                                                 paired_with=feats["base", "shared"]))
-    calls.clear()  # (bootstrap_ci draws its own)
+    assert first[2] == fd(feats["base", "shared"], ref)  # FD(b), and FD(a) - FD(b): the report's own contrast
+    assert first[0] == fd(feats["a", "merged"], ref) - first[2]
+    for name, (delta, ci, _) in zip(["a", "b"], [first, second]):  # paired: resampled with the same indices
+        boot = real(feats[name, "merged"], ref, fd, 20, 3) - real(feats["base", "shared"], ref, fd, 20, 3)
+        assert ci == list(distances.centred_percentile_ci(boot, delta))
+    calls.clear()
     feats["base", "shared"] = feats["base", "shared"] + 0.5  # another experiment under the same name
     third = study._paired_fd(("a", "merged"), ("base", "shared"), ref, rounds=20, seed=3)
     assert len(calls) == 1 and third[0] != first[0]  # redrawn for the new features, a's reused
@@ -526,9 +461,6 @@ def test_study_draws_each_models_bootstrap_once_while_its_features_stay_the_same
 
 
 def test_a_config_file_becomes_dotted_overrides_under_the_command_lines(tmp_path):
-    from dtm_core.errors import ConfigError
-    from tools.exps import config_overrides
-
     over = config_overrides(Path(__file__).resolve().parents[1] / "configs" / "fashion.yaml")
     assert over["data.source"] == "idx" and over["model.block_out_channels"] == [32, 64, 128]
     assert over["controls.models"] == ["shared_consistency", "soup", "shared_scaled", "merged_scaled"]
@@ -538,8 +470,6 @@ def test_a_config_file_becomes_dotted_overrides_under_the_command_lines(tmp_path
 
 
 def _fashion_seed(merged=0.5, shared=1.0, pretrained=1.0, ms=(-0.2, -0.1), soup=(-0.2, -0.1), scaled=(-0.2, -0.1)):
-    from tools.fashion import seed_summary
-
     floor = 0.1
     models = {m: {"fd": f + floor, "fd_minus_floor": f, "kid": 0.0, "heldout_loss": 0.1}
               for m, f in (("merged", merged), ("shared", shared), ("pretrained", pretrained), ("ensemble", 1.0))}
@@ -553,8 +483,6 @@ def _fashion_seed(merged=0.5, shared=1.0, pretrained=1.0, ms=(-0.2, -0.1), soup=
 
 
 def test_the_fashion_verdict_follows_the_preregistered_rules():
-    from tools.fashion import decide
-
     assert decide([_fashion_seed()] * 3)["verdict"] == "reproduces"
     # a ratio above 0.85 in one seed is not a reproduction; a tie with the soup in two seeds is averaging
     assert decide([_fashion_seed(merged=0.9)] + [_fashion_seed()] * 2)["verdict"] != "reproduces"
@@ -572,8 +500,6 @@ def test_the_fashion_verdict_follows_the_preregistered_rules():
 
 
 def test_the_fashion_headline_counts_the_seeds_and_says_when_refutation_is_out_of_reach():
-    from tools.fashion import decide, headline
-
     seeds = [_fashion_seed(merged=1.0, ms=(-0.2, 0.2), soup=(-0.1, 0.1))] * 2 + [_fashion_seed(ms=(-0.3, -0.1))]
     text = headline({"seeds": seeds, **decide(seeds)})
     assert "**inconclusive**" in text
@@ -581,8 +507,6 @@ def test_the_fashion_headline_counts_the_seeds_and_says_when_refutation_is_out_o
     assert "no refutation is possible" in text  # half-widths 0.1-0.2 against a limit of 5% of 1.0
     narrow = [_fashion_seed(merged=1.0, ms=(-0.02, 0.02))] * 3
     # pending: what the missing seeds could still bring about
-    from tools.fashion import reachable
-
     assert reachable([_fashion_seed(ms=(-0.3, -0.1))]) == ["inconclusive", "partial", "reproduces"]  # too wide
     assert reachable([_fashion_seed(merged=1.0, ms=(-0.2, 0.2))]) == ["inconclusive"]  # a tie: no "every seed"
     assert reachable([_fashion_seed(merged=1.0, ms=(-0.02, 0.02))]) == ["inconclusive", "refutes"]
@@ -596,8 +520,6 @@ def test_the_fashion_headline_counts_the_seeds_and_says_when_refutation_is_out_o
 
 
 def test_the_fashion_tables_show_every_model_contrast_and_the_verdict():
-    from tools.fashion import decide, render
-
     seeds = [_fashion_seed(), _fashion_seed(soup=(-0.1, 0.1))]
     text = render({"seeds": seeds, **decide(seeds)})
     assert "| 0 | merged | 0.6000 | 0.5000 | – |" in text  # FD, FD - floor; no train FD given: a dash
@@ -619,8 +541,6 @@ def test_the_fashion_tables_show_every_model_contrast_and_the_verdict():
 def test_the_fashion_figures_draw_the_loss_along_tau_and_copy_what_the_seed_drew(tmp_path, monkeypatch):
     from PIL import Image
 
-    from tools import fashion
-
     drawn = {"analysis/gradient_conflict_merged.png": b"conflict", "task_vectors/tv_norms.png": b"norms"}
 
     def read(name, path):
@@ -640,8 +560,6 @@ def test_the_fashion_figures_draw_the_loss_along_tau_and_copy_what_the_seed_drew
 
 
 def test_a_sweep_on_a_configuration_names_its_experiments_apart_and_lets_set_win(tmp_path, monkeypatch):
-    from tools import sweep
-
     config = tmp_path / "fashion.yaml"
     config.write_text("data:\n  source: idx\nevaluate:\n  reference: test\n  num_samples: 10000\n")
     ran = {}
@@ -664,9 +582,6 @@ def test_a_sweep_on_a_configuration_names_its_experiments_apart_and_lets_set_win
 
 
 def test_the_pilot_sizes_the_sample_count_from_the_half_width_alone():
-    from tools import fashion
-    from tools.fashion import pilot_size
-
     def pilot(ci, f_shared=0.2):
         return {"settings": {"num_samples": 1000, "noise_seeds": 1},
                 "models": {"shared": {"fd_minus_floor": f_shared}},

@@ -23,11 +23,10 @@ import numpy as np
 
 from dtm_core import distances
 from dtm_core.config import load_params
-from dtm_core.errors import DtmError
 from dtm_core.io import read_json, write_json
 from dtm_core.seeding import derive_seed
 from stages.common import REPORT_DIR, SAMPLES_DIR, load_reference, reference_split
-from tools import exps
+from tools import command, exps
 
 WORKSPACE = "workspace"
 # what must match for two runs' samples to share their noise and their scoring
@@ -76,17 +75,14 @@ def contrast(a: str, b: str) -> dict:
     }
 
 
+@command("contrast")
 def main(argv: Optional[list[str]] = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m tools.contrast", description=__doc__.split("\n\n")[0])
     ap.add_argument("a", help="EXPERIMENT:MODEL (or workspace:MODEL)")
     ap.add_argument("b", help="EXPERIMENT:MODEL (or workspace:MODEL)")
     ap.add_argument("--out", type=Path, help="write the contrast as JSON here")
     args = ap.parse_args(argv)
-    try:
-        result = contrast(args.a, args.b)
-    except DtmError as exc:
-        print(f"error: contrast: {exc}", file=sys.stderr)
-        return 2
+    result = contrast(args.a, args.b)
     if args.out:
         write_json(args.out, result)
     print(json.dumps({k: result[k] for k in ("fd", "fd_ci", "fd_verdict", "heldout_loss", "heldout_loss_ci",

@@ -12,6 +12,7 @@ sweep resumes by running only what is missing.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
 import os
@@ -52,12 +53,13 @@ def _dvc(*args: str, timeout: float = 600) -> str:
     return proc.stdout
 
 
+def _git(*args: str, text: bool = True) -> subprocess.CompletedProcess:
+    return subprocess.run(["git", *args], capture_output=True, text=text)
+
+
 def set_args(overrides: dict[str, Any]) -> list[str]:
     """``-S key=value`` arguments; values in YAML flow syntax (lists, strings, null)."""
-    out = []
-    for key, value in overrides.items():
-        out += ["-S", f"{key}={json.dumps(value)}"]
-    return out
+    return [arg for key, value in overrides.items() for arg in ("-S", f"{key}={json.dumps(value)}")]
 
 
 def parse_sets(items: list[str]) -> dict[str, Any]:
@@ -111,6 +113,11 @@ def report(name: str, hint: str) -> dict:
     return comparison
 
 
+def with_ci(value: float, ci: list[float], digits: int = 4) -> str:
+    """``+v [+lo, +hi]``: an estimate and its interval as the tables show them."""
+    return f"{value:+.{digits}f} [{ci[0]:+.{digits}f}, {ci[1]:+.{digits}f}]"
+
+
 def write_report(path: Path, result: dict, text: str) -> None:
     """``result`` as JSON at ``path`` and ``text`` beside it as ``.md``; the text is printed too."""
     write_json(path, result)
@@ -120,8 +127,6 @@ def write_report(path: Path, result: dict, text: str) -> None:
 
 
 BASELINE: list[str] = ["HEAD"]  # the commits whose experiments are read, first match wins (``--baseline``)
-
-
 # What the stages run: experiments of commits that differ here measured different pipelines.
 PIPELINE_PATHS = ("dvc.yaml", "stages", "dtm_core", "pyproject.toml")
 
@@ -131,8 +136,7 @@ def pipeline_changes(revs: list[str]) -> dict[str, list[str]]:
     (revs git cannot compare are left out: they have no experiments to read either)."""
     out = {}
     for rev in revs[1:]:
-        proc = subprocess.run(["git", "diff", "--name-only", revs[0], rev, "--", *PIPELINE_PATHS],
-                              capture_output=True, text=True)
+        proc = _git("diff", "--name-only", revs[0], rev, "--", *PIPELINE_PATHS)
         if proc.returncode == 0 and proc.stdout.split():
             out[rev] = proc.stdout.split()
     return out
@@ -149,31 +153,18 @@ class _Baseline(argparse.Action):
 
 
 def add_baseline_argument(parser) -> None:
-    """``--baseline REV [REV ...]`` of the tools: read the experiments run on these commits (sets :data:`BASELINE`).
-
-    With several, an experiment is taken from the first commit that has it: a
-    study whose rows ran on two commits (one re-run after a fix, or seeds run
-    on another day) is read whole. A warning names the pipeline files that
-    differ between the commits (none: the experiments measured the same code).
-    """
+    """``--baseline REV [REV ...]``: read the experiments run on these commits (sets :data:`BASELINE`), each from
+    the first commit that has it, so a study whose rows ran on several commits is read whole; a warning names
+    the pipeline files that differ between the commits."""
     parser.add_argument("--baseline", nargs="+", default=["HEAD"], action=_Baseline, metavar="REV",
                         help="read the experiments run on these commits, first match wins (default HEAD)")
 
 
-_PINNED: dict[tuple[str, str], str] = {}  # (repository, rev) -> the commit the rev named when first read
-
-
-def _rev_parse(rev: str) -> str:
-    return subprocess.run(["git", "rev-parse", rev], capture_output=True, text=True).stdout.strip()
-
-
-def _pinned(rev: str) -> str:
+@functools.lru_cache(maxsize=None)
+def _pinned(repository: str, rev: str) -> str:
     """The commit ``rev`` named the first time this process asked: a commit made while a sweep runs must not hide
     the experiments it already ran."""
-    key = (os.getcwd(), rev)
-    if key not in _PINNED:
-        _PINNED[key] = _rev_parse(rev)
-    return _PINNED[key]
+    return _git("rev-parse", rev).stdout.strip()
 
 
 def experiment_refs() -> dict[str, str]:
@@ -185,70 +176,59 @@ def experiment_refs() -> dict[str, str]:
     The revs are resolved once per process, and HEAD as it is now is read
     last: committing while a sweep runs loses none of its experiments.
     """
-    heads = [_pinned(rev) for rev in BASELINE]
-    live = _rev_parse("HEAD")
+    heads = [_pinned(os.getcwd(), rev) for rev in BASELINE]
+    live = _git("rev-parse", "HEAD").stdout.strip()
     if live not in heads:  # variants run after a commit made while this tool ran keep their experiments there
         heads.append(live)
     out: dict[str, str] = {}
     for head in reversed(heads):  # the first commit's experiments overwrite the later ones'
         prefix = f"refs/exps/{head[:2]}/{head[2:]}/"
-        proc = subprocess.run(["git", "for-each-ref", "--format=%(refname)", prefix], capture_output=True, text=True)
-        out.update({ref[len(prefix):]: ref for ref in proc.stdout.split() if "/" not in ref[len(prefix):]})
+        refs = _git("for-each-ref", "--format=%(refname)", prefix).stdout.split()
+        out.update({ref[len(prefix):]: ref for ref in refs if "/" not in ref[len(prefix):]})
     return out
 
 
 def experiment_commit(name: str) -> Optional[str]:
     """The commit experiment ``name`` started from (None if it is not found)."""
     ref = experiment_refs().get(name)
-    if ref is None:
-        return None
-    _, _, a, b, _ = ref.split("/", 4)
-    return a + b
-
-
-def experiment_file(name: str, path: str = REPORT) -> Optional[dict]:
-    """A JSON file of experiment ``name``, git-tracked or inside a DVC-cached out (None if either is missing)."""
-    import dvc.api
-    from dvc.exceptions import DvcException
-
-    ref = experiment_refs().get(name)
-    if ref is None:
-        return None
-    proc = subprocess.run(["git", "show", f"{ref}:{path}"], capture_output=True, text=True)
-    if proc.returncode == 0:  # git-tracked: no DVC repository to open
-        return json.loads(proc.stdout)
-    try:
-        return json.loads(dvc.api.read(path, rev=ref))
-    except (DvcException, FileNotFoundError):
-        return None
-
-
-def experiment_params(name: str) -> Optional[dict]:
-    """params.yaml as committed by experiment ``name``."""
-    ref = experiment_refs().get(name)
-    if ref is None:
-        return None
-    proc = subprocess.run(["git", "show", f"{ref}:params.yaml"], capture_output=True, text=True)
-    return yaml.safe_load(proc.stdout) if proc.returncode == 0 else None
+    return None if ref is None else "".join(ref.split("/")[2:4])
 
 
 def experiment_bytes(name: str, path: str) -> bytes:
-    """The bytes of ``path`` as experiment ``name`` left it (a DVC-cached out: read from the local cache)."""
+    """The bytes of ``path`` as experiment ``name`` left it, git-tracked (read with git: no DVC repository to
+    open) or inside a DVC-cached out (read from the local cache)."""
     import dvc.api
     from dvc.exceptions import DvcException
 
     ref = experiment_refs().get(name)
     if ref is None:
         raise ExperimentError(f"no experiment '{name}' on this commit")
+    proc = _git("show", f"{ref}:{path}", text=False)
+    if proc.returncode == 0:
+        return proc.stdout
     try:
         return dvc.api.read(path, rev=ref, mode="rb")
     except (DvcException, FileNotFoundError) as exc:
         raise ExperimentError(f"'{path}' of experiment '{name}' cannot be read ({exc})") from exc
 
 
-def run_variants(variants: dict[str, dict[str, Any]], rerun: bool = False) -> dict[str, str]:
-    """Run every variant whose results are missing (all with ``rerun``), one after another; name -> "done"
-    (results present before), "Success" or "Failed".
+def experiment_file(name: str, path: str = REPORT) -> Optional[dict]:
+    """A JSON (or YAML) file of experiment ``name``; None if the experiment or the file is missing."""
+    try:
+        data = experiment_bytes(name, path)
+    except ExperimentError:
+        return None
+    return yaml.safe_load(data) if path.endswith(".yaml") else json.loads(data)
+
+
+def experiment_params(name: str) -> Optional[dict]:
+    """params.yaml as committed by experiment ``name``."""
+    return experiment_file(name, "params.yaml")
+
+
+def run_all(variants: dict[str, dict[str, Any]], rerun: bool = False) -> None:
+    """Run every variant whose results are missing (all with ``rerun``), one after another; an
+    :class:`ExperimentError` names those that failed.
 
     Each runs as ``dvc exp run --temp -n <name> -S ...``: in a temporary copy of the repository, its
     results kept as an experiment of this commit, one at a time (two torch jobs on two cores slow each
@@ -256,27 +236,18 @@ def run_variants(variants: dict[str, dict[str, Any]], rerun: bool = False) -> di
     params an earlier run already had (data, classifier, base, unchanged fine-tunes), so a stopped
     sweep resumes where it ended.
     """
-    status = {}
-    refs = experiment_refs()
+    refs, failed = experiment_refs(), []
     for name, overrides in variants.items():
         if not rerun and experiment_file(name) is not None and _same_params(name, overrides):
-            status[name] = "done"
             continue
         if name in refs:  # a stale or failed one of this name: replace it
             _dvc("exp", "remove", refs[name])  # the full ref: the name may exist on other commits too
         log.info("running %s %s", name, overrides)
         proc = subprocess.run([*DVC, "exp", "run", "--temp", "-n", name, *set_args(overrides)])
-        status[name] = "Success" if proc.returncode == 0 and experiment_file(name) is not None else "Failed"
-    return status
-
-
-def run_all(variants: dict[str, dict[str, Any]], **kw) -> dict[str, str]:
-    """:func:`run_variants`, raising :class:`ExperimentError` when any of them failed."""
-    status = run_variants(variants, **kw)
-    failed = [n for n, st in status.items() if st == "Failed"]
+        if proc.returncode != 0 or experiment_file(name) is None:
+            failed.append(name)
     if failed:
         raise ExperimentError(f"experiments {failed} failed: their logs are above")
-    return status
 
 
 def apply_overrides(params: dict, overrides: dict[str, Any]) -> dict:
@@ -314,23 +285,18 @@ def _parent_runs(names: Iterable[str]) -> dict[str, list]:
     params = load_params("params.yaml")
     client = MlflowClient(tracking_uri(params))
     exp = client.get_experiment_by_name(params.tracking.experiment_name)
+    if exp is None:
+        return {name: [] for name in names}
+    search = lambda where: client.search_runs([exp.experiment_id], where, order_by=["start_time DESC"])  # noqa: E731
     out: dict[str, list] = {}
     for name in names:
-        if exp is None:
-            out[name] = []
-            continue
-        # a name is reused (seeds-1 of an earlier default): only the runs with this experiment's params count
+        # a name is reused (seeds-1 of an earlier default): only the runs with this experiment's params count;
+        # an experiment restored whole from DVC's run-cache started no run: the pipeline runs with the same
+        # params made its outputs (make seeds', the default's)
         committed = experiment_params(name)
         digest = params_digest(parse_params(committed, name)) if committed is not None else None
-        same = f" and tags.`dtm.params_digest` = '{digest}'" if digest else ""
-        out[name] = client.search_runs([exp.experiment_id], filter_string=(
-            f"attributes.run_name = '{name}' and tags.`dtm.kind` = 'pipeline'{same}"), order_by=["start_time DESC"])
-        if not out[name] and digest:
-            # every stage came from DVC's run-cache, so this experiment started no run: the runs that
-            # made its outputs are the pipeline runs with the same params (make seeds', the default's)
-            out[name] = client.search_runs([exp.experiment_id], filter_string=(
-                f"tags.`dtm.params_digest` = '{digest}' and tags.`dtm.kind` = 'pipeline'"),
-                order_by=["start_time DESC"])
+        pipeline = "tags.`dtm.kind` = 'pipeline'" + (f" and tags.`dtm.params_digest` = '{digest}'" if digest else "")
+        out[name] = search(f"attributes.run_name = '{name}' and {pipeline}") or (search(pipeline) if digest else [])
     return out
 
 

@@ -20,9 +20,8 @@ from pathlib import Path
 from typing import Optional
 
 from dtm_core.distances import verdict
-from dtm_core.errors import DtmError
 from dtm_core.io import atomic_file, write_json
-from tools import exps
+from tools import command, exps
 from tools.seeds import variant_name
 
 SEEDS = (0, 1, 2)
@@ -128,7 +127,6 @@ def headline(result: dict) -> str:
     seeds = result["seeds"]
     k = len(seeds)
 
-
     def count(key: str, test) -> str:
         n = sum(test(s["contrasts"][key]["fd_ci"]) for s in seeds if key in s["contrasts"])
         return f"{n} of {k}"
@@ -164,8 +162,7 @@ def render(result: dict) -> str:
     lines += ["", "| seed | contrast | FD difference [95% CI] | verdict |", "|---|---|---|---|"]
     for s in result["seeds"]:
         for key, c in s["contrasts"].items():
-            lo, hi = c["fd_ci"]
-            lines.append(f"| {s['seed']} | {key.replace('_minus_', ' − ')} | {c['fd']:+.4f} [{lo:+.4f}, {hi:+.4f}] | "
+            lines.append(f"| {s['seed']} | {key.replace('_minus_', ' − ')} | {exps.with_ci(c['fd'], c['fd_ci'])} | "
                          f"{verdict(c['fd_ci'])} |")
     lines += ["", "| seed | task-vector norms, range 0 to N−1 (Fig. 6b) | largest cosine between ranges | "
               "gradient cosine between t-bins, base → merged (Fig. 1) | held-out loss at λ = 1 vs the base, "
@@ -260,6 +257,7 @@ def pilot_size(comparison: dict, step: int = 1000) -> dict:
             "rule": f"n0 (h0 / (0.05 F(shared)))^2 over the noise seeds, rounded up, at most {MAX_SAMPLES}"}
 
 
+@command("fashion")
 def main(argv: Optional[list[str]] = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m tools.fashion", description=__doc__.split("\n\n")[0])
     ap.add_argument("--seeds", type=int, nargs="+", default=list(SEEDS))
@@ -270,29 +268,24 @@ def main(argv: Optional[list[str]] = None) -> int:
                     help="also write each seed's figures here (loss along tau, gradient conflict, Fig. 6b)")
     exps.add_baseline_argument(ap)
     args = ap.parse_args(argv)
-    try:
-        if args.pilot is not None:
-            name = variant_name(args.pilot, "fashion")
-            hint = f"run python -m tools.seeds --config configs/fashion.yaml --label fashion --seeds {args.pilot}"
-            size = {"pilot": name, **pilot_size(exps.report(name, hint))}
-            write_json(args.out, size)
-            print(f"evaluate.num_samples: {size['num_samples']} ({args.out})")
-            return 0
-        rows = []
-        for seed in args.seeds:
-            name = variant_name(seed, "fashion")
-            comparison = exps.report(name, "run make fashion-seeds")
-            analysis = exps.experiment_file(name, "analysis/summary.json")
-            rows.append(seed_summary(seed, comparison, exps.experiment_file(name, "controls/controls.json") or {},
-                                     analysis, {"norms": (exps.experiment_file(name, "task_vectors/norms.json")
-                                                          or {}).get("total"),
-                                                "cosine": (exps.experiment_file(name, "task_vectors/cosine.json")
-                                                           or {}).get("cosine")}))
-            if args.figures:
-                rows[-1]["figures"] = write_figures(seed, name, analysis or {}, args.figures)
-    except DtmError as exc:
-        print(f"error: fashion: {exc}", file=sys.stderr)
-        return 2
+    if args.pilot is not None:
+        name = variant_name(args.pilot, "fashion")
+        hint = f"run python -m tools.seeds --config configs/fashion.yaml --label fashion --seeds {args.pilot}"
+        size = {"pilot": name, **pilot_size(exps.report(name, hint))}
+        write_json(args.out, size)
+        print(f"evaluate.num_samples: {size['num_samples']} ({args.out})")
+        return 0
+    rows = []
+    for seed in args.seeds:
+        name = variant_name(seed, "fashion")
+        comparison = exps.report(name, "run make fashion-seeds")
+        read = lambda path, name=name: exps.experiment_file(name, path) or {}  # noqa: E731
+        analysis = read("analysis/summary.json")
+        rows.append(seed_summary(seed, comparison, read("controls/controls.json"), analysis,
+                                 {"norms": read("task_vectors/norms.json").get("total"),
+                                  "cosine": read("task_vectors/cosine.json").get("cosine")}))
+        if args.figures:
+            rows[-1]["figures"] = write_figures(seed, name, analysis, args.figures)
     result = {"rules": "docs/FASHION.md", "seeds": rows, **decide(rows)}
     result["headline"] = headline(result)
     exps.write_report(args.out, result, render(result))

@@ -4,22 +4,18 @@
     python -m tools.make_base --check         # retrain in a scratch dir and compare bit for bit
     python -m tools.make_base --config configs/fashion.yaml --until-plateau   # -> base/fashion-unet/
 
-The recipe is params.yaml (with ``--config``'s keys on top: seed, data, model,
-pretrain) and ``model.pretrained_path: null``.
-
-Without ``--until-plateau`` the command runs ``python -m stages.prepare`` and
-``python -m stages.pretrain`` in a scratch directory exactly as DVC would, and
-copies the trained ``models/pretrained`` into place atomically. Training on
-the CPU is deterministic, so on the same kind of machine the result is
-bit-identical (``--check`` verifies that without touching the shipped copy).
+The recipe is params.yaml (``--config``'s keys on top) with
+``model.pretrained_path: null``. Without ``--until-plateau``, ``stages.prepare``
+and ``stages.pretrain`` run in a scratch directory as DVC would run them, and
+the trained model is copied into place atomically: CPU training is
+deterministic, so on the same kind of machine the result is bit-identical.
 
 With ``--until-plateau`` it trains as DDPM was trained (the recipe's constant
 lr after warm-up, EMA) until the validation loss improves by less than
-``--tolerance`` (0.5%) over ``--every`` (2,000) steps: after every such chunk
-the EMA weights are scored on the validation split (fixed images, timesteps
-and noise), written to ``<out>`` and the curve to ``<out>/plateau.json``. The
-resumable state lives in ``<out>.state/``: a stopped run, or one on a fresh
-machine with that folder committed, continues where it ended.
+``--tolerance`` over ``--every`` steps: after each chunk the EMA weights are
+scored on the validation split (fixed images, timesteps and noise) and
+written to ``<out>``, the curve to ``<out>.state/plateau.json``. The
+resumable state lives in ``<out>.state/``: a stopped run continues there.
 """
 
 from __future__ import annotations
@@ -112,7 +108,11 @@ def train_until_plateau(params: dict, out: Path, every: int, tolerance: float, v
     p = parse_params(params)
     state = Path(f"{out}.state")
     curve_file = state / "plateau.json"
-    rows: list[dict] = read_json(curve_file)["rows"] if curve_file.is_file() else []
+    curve = read_json(curve_file) if curve_file.is_file() else {}
+    rows: list[dict] = curve.get("rows", [])
+    if curve.get("plateau"):
+        print(f"{out} already reached its plateau (step {rows[-1]['step']})")
+        return rows
     train_ds, val = data_mod.split(data_mod.load_source(p.data), p.data.holdout_fraction,
                                    derive_seed(p.data.split_seed, "prepare"))
     val_x = val.images[:val_images]
@@ -137,9 +137,6 @@ def train_until_plateau(params: dict, out: Path, every: int, tolerance: float, v
         if done:
             raise Plateau
 
-    if curve_file.is_file() and read_json(curve_file).get("plateau"):
-        print(f"{out} already reached its plateau (step {rows[-1]['step']})")
-        return rows
     torch.manual_seed(derive_seed(p.seed, "pretrain-init"))
     unet = build_unet(p.model, sample_size=p.data.image_size, channels=p.data.channels)
     try:

@@ -3,17 +3,14 @@
     python -m tools.parallel_ranges -j 2                 # CPU: 2 at a time, cores/2 threads each
     python -m tools.parallel_ranges -j 4 --gpus 0,1,2,3  # one fine-tune per GPU
 
-DVC holds a repository lock while ``dvc repro`` runs, so two ``dvc repro
---single-item finetune@i`` processes in one workspace cannot run at once.
-The fine-tunes are independent, so this tool brings their inputs up to date
-(``dvc repro partition``), runs each ``finetune@i`` command (``python -m
-stages.finetune --range i``) as its own process, at most ``-j`` at a time,
-each with ``DTM_THREADS`` = cores / j (and ``CUDA_VISIBLE_DEVICES`` from
-``--gpus``, round robin), then ``dvc commit``s their outs so DVC treats them
-as run, and finally runs ``dvc repro`` for the rest (``--no-rest`` skips
-that). Each fine-tune is a pure function of its params and seed, so the outs
-equal a sequential run's (tests/test_distributed.py and
-tests/test_pipeline_e2e.py check it).
+``dvc repro`` holds a repository lock, so two ``dvc repro --single-item
+finetune@i`` cannot run at once in one workspace. This tool brings the
+fine-tunes' inputs up to date (``dvc repro partition``), runs each
+``finetune@i`` command as its own process, at most ``-j`` at a time with
+``DTM_THREADS`` = cores / j (and ``CUDA_VISIBLE_DEVICES`` from ``--gpus``,
+round robin), ``dvc commit``s their outs so DVC treats them as run, then
+runs ``dvc repro`` for the rest (not with ``--no-rest``). Each fine-tune is a
+pure function of its params and seed, so the outs equal a sequential run's.
 """
 
 from __future__ import annotations
@@ -25,6 +22,7 @@ import os
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Optional
 
@@ -41,30 +39,25 @@ def _dvc(*args: str) -> None:
 
 
 def run_ranges(indices: list[int], jobs: int, gpus: list[str], threads: int) -> dict[int, float]:
-    """Run ``finetune --range i`` for each index, ``jobs`` at a time; seconds per range. Raises on a failure."""
-    pending, running, seconds, failed = list(indices), {}, {}, []
-    slot = 0
-    while pending or running:
-        while pending and len(running) < jobs:
-            i = pending.pop(0)
-            env = {**os.environ, THREADS_ENV: str(threads)}
-            if gpus:
-                env["CUDA_VISIBLE_DEVICES"] = gpus[slot % len(gpus)]
-            slot += 1
-            cmd = [sys.executable, "-m", "stages.finetune", "--range", str(i)]
-            log.info("finetune@%d: %s (%s=%d%s)", i, " ".join(cmd[1:]), THREADS_ENV, threads,
-                     f", CUDA_VISIBLE_DEVICES={env['CUDA_VISIBLE_DEVICES']}" if gpus else "")
-            running[i] = (subprocess.Popen(cmd, env=env), time.perf_counter())
-        time.sleep(0.5)
-        for i, (proc, start) in list(running.items()):
-            if proc.poll() is not None:
-                del running[i]
-                seconds[i] = time.perf_counter() - start
-                if proc.returncode:
-                    failed.append((i, proc.returncode))
+    """Run ``finetune --range i`` for each index, ``jobs`` at a time (the k-th started gets GPU k mod len(gpus));
+    seconds per range. Raises on a failure."""
+    def run(slot: int, i: int) -> tuple[float, int]:
+        env = {**os.environ, THREADS_ENV: str(threads)}
+        if gpus:
+            env["CUDA_VISIBLE_DEVICES"] = gpus[slot % len(gpus)]
+        cmd = [sys.executable, "-m", "stages.finetune", "--range", str(i)]
+        log.info("finetune@%d: %s (%s=%d%s)", i, " ".join(cmd[1:]), THREADS_ENV, threads,
+                 f", CUDA_VISIBLE_DEVICES={env['CUDA_VISIBLE_DEVICES']}" if gpus else "")
+        start = time.perf_counter()
+        returncode = subprocess.run(cmd, env=env).returncode
+        return time.perf_counter() - start, returncode
+
+    with ThreadPoolExecutor(jobs) as pool:
+        done = dict(zip(indices, pool.map(run, range(len(indices)), indices)))
+    failed = [(i, rc) for i, (_, rc) in done.items() if rc]
     if failed:
         raise SystemExit(f"parallel_ranges: fine-tunes failed (range, exit status): {failed}")
-    return seconds
+    return {i: seconds for i, (seconds, _) in done.items()}
 
 
 def main(argv: Optional[list[str]] = None) -> int:

@@ -24,8 +24,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from dtm_core.errors import DtmError, MissingInputError
+from dtm_core.errors import MissingInputError
 from dtm_core.io import read_json, write_json
+from tools import command
 
 MODEL_METRICS = ("fd", "kid", "heldout_loss")
 
@@ -106,6 +107,7 @@ def committed(path: Path, rev: str) -> dict:
     return json.loads(proc.stdout)
 
 
+@command("regress")
 def main(argv: Optional[list[str]] = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m tools.regress", description=__doc__.split("\n\n")[0])
     ap.add_argument("--current", type=Path, default=Path("reports/comparison.json"))
@@ -114,14 +116,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--tolerances", type=Path, default=Path("regression/tolerances.json"))
     ap.add_argument("--result", type=Path, help="also write the deltas as flat JSON here")
     args = ap.parse_args(argv)
-    try:
-        current = gated_metrics(read_json(args.current, "comparison report"))
-        ref_doc = read_json(args.reference, "reference report") if args.reference else committed(args.current, args.rev)
-        reference = gated_metrics(ref_doc)
-        rows = compare(current, reference, read_json(args.tolerances, "regression tolerances"), str(args.tolerances))
-    except DtmError as exc:
-        print(f"error: regress: {exc}", file=sys.stderr)
-        return 2
+    current = gated_metrics(read_json(args.current, "comparison report"))
+    ref_doc = read_json(args.reference, "reference report") if args.reference else committed(args.current, args.rev)
+    reference = gated_metrics(ref_doc)
+    rows = compare(current, reference, read_json(args.tolerances, "regression tolerances"), str(args.tolerances))
     where = args.reference or f"{args.current} at {args.rev}"
     print(f"reference: {where}\n")
     print(render(rows))

@@ -16,16 +16,14 @@ seed the paired contrasts with their intervals.
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 from pathlib import Path
 from typing import Any, Optional
 
 import numpy as np
 
-from dtm_core.errors import DtmError
 from stages.report import sampler_label
-from tools import exps
+from tools import command, exps
 
 CONTRASTS = ("merged_minus_shared", "ensemble_minus_shared", "merged_minus_pretrained")
 MODEL_METRICS = ("fd", "kid", "heldout_loss", "memorised_fraction")
@@ -98,9 +96,9 @@ def render(result: dict) -> str:
               "| seed | " + " | ".join(k.replace("_minus_", " − ") + " FD" for k in CONTRASTS)
               + " | merged − shared held-out loss |", "|---|" + "---|" * (len(CONTRASTS) + 1)]
     for row in result["per_seed"]:
-        cells = [f"{row[k]['fd']:+.4f} [{row[k]['fd_ci'][0]:+.4f}, {row[k]['fd_ci'][1]:+.4f}]" for k in CONTRASTS]
         h = row["merged_minus_shared"]
-        cells.append(f"{h['heldout_loss']:+.6f} [{h['heldout_loss_ci'][0]:+.6f}, {h['heldout_loss_ci'][1]:+.6f}]")
+        cells = [*(exps.with_ci(row[k]["fd"], row[k]["fd_ci"]) for k in CONTRASTS),
+                 exps.with_ci(h["heldout_loss"], h["heldout_loss_ci"], 6)]
         lines.append(f"| {row['seed']} | " + " | ".join(cells) + " |")
     lines += ["", "| contrast | FD mean ± std | seeds with CI below 0 | seeds with CI above 0 |",
               "|---|---|---|---|"]
@@ -114,6 +112,7 @@ def variant_name(seed: int, label: str) -> str:
     return f"seeds-{seed}" + (f"-{label}" if label else "")
 
 
+@command("seeds", log=True)
 def main(argv: Optional[list[str]] = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m tools.seeds", description=__doc__.split("\n\n")[0])
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
@@ -121,25 +120,19 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--rerun", action="store_true", help="re-run seeds whose results exist")
     ap.add_argument("--out", type=Path, default=Path("reports"))
     args = ap.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s seeds %(message)s", stream=sys.stderr)
-    try:
-        overrides = exps.overrides(args)
-        variants = {variant_name(s, args.label): {**overrides, "seed": s} for s in args.seeds}
-        if not args.collect_only:
-            exps.run_all(variants, rerun=args.rerun)
-        runs = exps.mlflow_parent_runs(variants)
-        rows, settings = [], {}
-        for name, overrides_s in variants.items():
-            comparison = exps.report(name, "run it first")
-            settings = common_settings(comparison["settings"], exps.experiment_params(name))
-            rows.append(seed_row(overrides_s["seed"], comparison, runs.get(name, [])))
-        result = summarise(rows, {**settings, "overrides": overrides})
-    except DtmError as exc:
-        print(f"error: seeds: {exc}", file=sys.stderr)
-        return 2
+    overrides = exps.overrides(args)
+    variants = {variant_name(s, args.label): {**overrides, "seed": s} for s in args.seeds}
+    if not args.collect_only:
+        exps.run_all(variants, rerun=args.rerun)
+    runs = exps.mlflow_parent_runs(variants)
+    rows, settings = [], {}
+    for name, overrides_s in variants.items():
+        comparison = exps.report(name, "run it first")
+        settings = common_settings(comparison["settings"], exps.experiment_params(name))
+        rows.append(seed_row(overrides_s["seed"], comparison, runs.get(name, [])))
+    result = summarise(rows, {**settings, "overrides": overrides})
     exps.write_report(args.out / f"seeds{f'-{args.label}' if args.label else ''}.json", result, render(result))
     return 0
-
 
 if __name__ == "__main__":
     sys.exit(main())

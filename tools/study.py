@@ -2,23 +2,17 @@
 
     python -m tools.study                  # run every missing row, write reports/study.{md,json,png}
     python -m tools.study --collect-only   # only read the finished experiments
-    python -m tools.study --list           # the rows and their overrides
     python -m tools.study --beyond         # also the automatic partitions and distilled weights (3 seeds each)
-    python -m tools.study --seeds 1 2      # only these training seeds of each row
 
 Every row is one or more DVC experiments (``study-<row>-s<seed>``) on top of
-params.yaml, run one at a time (`dvc exp run --temp`); the run-cache restores what a
-row shares with runs already made (data, classifier, base model, and every
-stage whose params did not change), and a row that finished on this commit is
-read, not re-run, so an interrupted study resumes where it stopped. Total
-fine-tune compute is equal across rows: N x finetune.steps = the default's.
+params.yaml, run and resumed as tools.exps runs them. Total fine-tune compute
+is equal across rows: N x finetune.steps = the default's.
 
 Each row reports one model of its experiments (the shared fine-tune, the
 merged model or the ensemble): FD, KID and held-out loss as mean ± std over
 its seeds, and the FD difference to the default shared baseline of the same
-seed, paired (both sampled from the same test noise, resampled with the same
-indices): per seed with its bootstrap interval, and across seeds with a
-t-interval when a row has several.
+seed, paired on the same test noise: per seed with its bootstrap interval,
+and across seeds with a t-interval when a row has several.
 """
 
 from __future__ import annotations
@@ -37,9 +31,9 @@ import numpy as np
 import yaml
 
 from dtm_core import distances
-from dtm_core.errors import DtmError
+from dtm_core.errors import ConfigError
 from dtm_core.io import write_json
-from tools import exps
+from tools import command, exps
 
 SEEDS = (0, 1, 2)
 
@@ -70,7 +64,7 @@ def rows(total_steps: int) -> list[Row]:
     table1 = "Table 1: the shared fine-tune and loss reweighting"
     ladder = "Table 3: the ablation ladder"
     partition = "Beyond the paper: the partition chosen automatically (N = 4)"
-    out = [
+    return [
         Row("shared", "shared", {}, SEEDS, "4.40 (CIFAR-10, N = 1)", table1, 4.40),
         *[Row(f"shared-{w}", "shared", {"finetune.weighting": w}, (0,), str(fid), table1, fid)
           for w, fid in (("snr_plus_one", 5.41), ("trunc_snr", 4.49), ("min_snr", 5.77), ("p2", 5.63))],
@@ -97,7 +91,6 @@ def rows(total_steps: int) -> list[Row]:
         Row("deme-n4-weights-distill", "merged", {"merge.search.strategy": "distill"}, SEEDS, None,
             "Beyond the paper: merge weights learned by distillation (N = 4)", versus="deme-n4", beyond=True),
     ]
-    return out
 
 
 def select(candidates: list[Row], beyond: bool = False, only: Optional[list[str]] = None,
@@ -178,10 +171,8 @@ def _paired_fd(a: tuple[str, str], b: tuple[str, str], reference: np.ndarray, ro
                seed: int) -> tuple[float, list[float], float]:
     """FD(a) − FD(b) for (experiment, model) pairs sampled from the same test noise, its paired bootstrap
     interval (the report's own contrast, dtm_core.distances.fd_contrast), and FD(b)."""
-    from dtm_core.distances import fd_contrast
-
     mb = _model(*b, reference)
-    contrast = fd_contrast(_model(*a, reference), mb, reference, rounds, seed)
+    contrast = distances.fd_contrast(_model(*a, reference), mb, reference, rounds, seed)
     return contrast["fd"], contrast["fd_ci"], distances.frechet_distance(mb["features"], reference)
 
 
@@ -192,48 +183,42 @@ def _percent(value: float, reference: float) -> float:
 def _versus(row: Row, all_rows: list[Row], reference: np.ndarray, rounds: int) -> dict:
     """FD of ``row`` minus FD of ``row.versus`` (same model), paired per seed on the same test noise."""
     other = next(r for r in all_rows if r.name == row.versus)
-    deltas, losses, per_seed = [], [], []
+    per_seed = []
     for seed in row.seeds:
-        name, other_name = experiment_name(row, seed, all_rows), experiment_name(other, seed, all_rows)
-        delta, ci, _ = _paired_fd((name, row.model), (other_name, other.model), reference, rounds, seed)
-        loss_a = exps.experiment_file(name)["models"][row.model]["heldout_loss"]
-        loss_b = exps.experiment_file(other_name)["models"][other.model]["heldout_loss"]
-        deltas.append(delta)
-        losses.append(_percent(loss_a, loss_b))
+        a, b = (experiment_name(row, seed, all_rows), row.model), (experiment_name(other, seed, all_rows), other.model)
+        delta, ci, _ = _paired_fd(a, b, reference, rounds, seed)
+        loss_a, loss_b = (exps.report(name, "run the study")["models"][model]["heldout_loss"] for name, model in (a, b))
         per_seed.append({"seed": seed, "delta_fd": delta, "delta_fd_ci": ci,
-                         "delta_heldout_loss_pct": losses[-1]})
+                         "delta_heldout_loss_pct": _percent(loss_a, loss_b)})
+    deltas = [s["delta_fd"] for s in per_seed]
     return {"row": other.name, "model": other.model, "delta_fd": float(np.mean(deltas)),
             "delta_fd_ci": _across_seeds(deltas, per_seed[0]["delta_fd_ci"]),
-            "delta_heldout_loss_pct": float(np.mean(losses)), "per_seed": per_seed}
+            "delta_heldout_loss_pct": float(np.mean([s["delta_heldout_loss_pct"] for s in per_seed])),
+            "per_seed": per_seed}
 
 
 def row_result(row: Row, all_rows: list[Row], reference: np.ndarray, rounds: int, runs: dict[str, list[str]],
                minutes: Optional[dict[str, Optional[float]]] = None) -> dict:
-    fd_values, kid_values, loss_values, deltas, relative, loss_relative, per_seed = [], [], [], [], [], [], []
+    relative, loss_relative, per_seed = [], [], []
     for seed in row.seeds:
-        name = experiment_name(row, seed, all_rows)
-        baseline_name = f"study-default-s{seed}"
+        name, baseline_name = experiment_name(row, seed, all_rows), f"study-default-s{seed}"
         m = exps.report(name, "run the study")["models"][row.model]
-        baseline = exps.report(baseline_name, "the shared baseline: run the study")
-        loss_relative.append(_percent(m["heldout_loss"], baseline["models"]["shared"]["heldout_loss"]))
-        fd_values.append(m["fd"])
-        kid_values.append(m["kid"])
-        loss_values.append(m["heldout_loss"])
+        baseline = exps.report(baseline_name, "the shared baseline: run the study")["models"]["shared"]
+        loss_relative.append(_percent(m["heldout_loss"], baseline["heldout_loss"]))
         delta, ci, shared_fd = _paired_fd((name, row.model), (baseline_name, "shared"), reference, rounds, seed)
-        deltas.append(delta)
         relative.append(100.0 * delta / shared_fd)
         per_seed.append({"seed": seed, "experiment": name, "commit": exps.experiment_commit(name),
                          "fd": m["fd"], "kid": m["kid"],
                          "heldout_loss": m["heldout_loss"], "delta_fd_vs_shared": delta, "delta_fd_ci": ci,
                          "mlflow_runs": runs.get(name, []), "minutes": (minutes or {}).get(name)})
-    k = len(row.seeds)
-    mean_delta = float(np.mean(deltas))
-    ci = _across_seeds(deltas, per_seed[0]["delta_fd_ci"])
+    column = lambda key: [s[key] for s in per_seed]  # noqa: E731
+    k, fd_values, deltas = len(row.seeds), column("fd"), column("delta_fd_vs_shared")
     return {
         "name": row.name, "group": row.group, "model": row.model, "overrides": row.overrides,
         "seeds": list(row.seeds), "fd_mean": float(np.mean(fd_values)),
-        "fd_std": float(np.std(fd_values, ddof=1)) if k > 1 else 0.0, "kid_mean": float(np.mean(kid_values)),
-        "heldout_loss_mean": float(np.mean(loss_values)), "delta_fd_vs_shared": mean_delta, "delta_fd_ci": ci,
+        "fd_std": float(np.std(fd_values, ddof=1)) if k > 1 else 0.0, "kid_mean": float(np.mean(column("kid"))),
+        "heldout_loss_mean": float(np.mean(column("heldout_loss"))), "delta_fd_vs_shared": float(np.mean(deltas)),
+        "delta_fd_ci": _across_seeds(deltas, per_seed[0]["delta_fd_ci"]),
         "delta_fd_ci_kind": "t-interval over seeds" if k > 1 else "paired bootstrap over samples",
         "delta_fd_pct_vs_shared": float(np.mean(relative)),
         "delta_heldout_loss_pct_vs_shared": float(np.mean(loss_relative)),
@@ -269,8 +254,8 @@ def render(result: dict) -> str:
         paper_pct = r.get("paper_delta_pct_vs_shared")
         lines.append(
             f"| {r['name']} | {r['model']} | {len(r['seeds'])} | {r['fd_mean']:.4f} ± {r['fd_std']:.4f} | "
-            f"{r['kid_mean']:.5f} | {r['heldout_loss_mean']:.6f} | {r['delta_fd_vs_shared']:+.4f} "
-            f"[{r['delta_fd_ci'][0]:+.4f}, {r['delta_fd_ci'][1]:+.4f}] | {r['delta_fd_pct_vs_shared']:+.1f}% | "
+            f"{r['kid_mean']:.5f} | {r['heldout_loss_mean']:.6f} | "
+            f"{exps.with_ci(r['delta_fd_vs_shared'], r['delta_fd_ci'])} | {r['delta_fd_pct_vs_shared']:+.1f}% | "
             f"{r['delta_heldout_loss_pct_vs_shared']:+.2f}% | "
             f"{r['paper'] or '–'} | {'–' if paper_pct is None else f'{paper_pct:+.1f}%'} |")
     contrasts = [r for r in result["rows"] if r.get("versus")]
@@ -280,8 +265,8 @@ def render(result: dict) -> str:
         for r in contrasts:
             v = r["versus"]
             seeds = ", ".join(f"{s['delta_fd']:+.4f}" for s in v["per_seed"])
-            lines.append(f"| {r['name']} ({r['model']}) | {v['row']} ({v['model']}) | {v['delta_fd']:+.4f} "
-                         f"[{v['delta_fd_ci'][0]:+.4f}, {v['delta_fd_ci'][1]:+.4f}] | {seeds} | "
+            lines.append(f"| {r['name']} ({r['model']}) | {v['row']} ({v['model']}) | "
+                         f"{exps.with_ci(v['delta_fd'], v['delta_fd_ci'])} | {seeds} | "
                          f"{v['delta_heldout_loss_pct']:+.2f}% |")
     if result.get("experiment_minutes_total"):
         timed = [m for m in result["experiment_minutes"].values() if m]  # unfinished ones (--partial) have none
@@ -309,6 +294,7 @@ def plot(result: dict, path: Path) -> None:
     save_figure(fig, path)
 
 
+@command("study", log=True)
 def main(argv: Optional[list[str]] = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m tools.study", description=__doc__.split("\n\n")[0])
     ap.add_argument("--collect-only", action="store_true")
@@ -325,38 +311,31 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--out", type=Path, default=Path("reports"))
     ap.add_argument("--results", type=Path, help="also write the rows as a list here (docs/results/study.json)")
     args = ap.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s study %(message)s", stream=sys.stderr)
     params = yaml.safe_load(Path("params.yaml").read_text())
     total = len(params["partition"]["ranges"]) * params["finetune"]["steps"]
     all_rows = select(rows(total), args.beyond, args.only, args.seeds)
     if not all_rows:
         asked = " ".join([*(["--only", *args.only] if args.only else []),
                           *(["--seeds", *map(str, args.seeds)] if args.seeds else [])])
-        print(f"error: study: no row matches {asked} (python -m tools.study --list --beyond lists them)",
-              file=sys.stderr)
-        return 2
+        raise ConfigError(f"no row matches {asked} (python -m tools.study --list --beyond lists them)")
     todo = variants(all_rows)
     if args.list:
         for name, overrides in todo.items():
             print(f"{name}: {overrides}")
         return 0
-    try:
-        if not args.collect_only:
-            exps.run_all(todo)
-        if args.partial:
-            all_rows, missing = finished_seeds(all_rows)
-            for name in missing:
-                logging.warning("not finished, left out of the report: %s", name)
-        from stages.common import load_reference
+    if not args.collect_only:
+        exps.run_all(todo)
+    if args.partial:
+        all_rows, missing = finished_seeds(all_rows)
+        for name in missing:
+            logging.warning("not finished, left out of the report: %s", name)
+    from stages.common import load_reference
 
-        reference = load_reference()["train"]
-        runs = exps.mlflow_parent_runs(todo)
-        minutes = exps.mlflow_parent_minutes(todo)
-        results = [row_result(r, all_rows, reference, params["report"]["bootstrap_rounds"], runs, minutes)
-                   for r in all_rows]
-    except DtmError as exc:
-        print(f"error: study: {exc}", file=sys.stderr)
-        return 2
+    reference = load_reference()["train"]
+    runs = exps.mlflow_parent_runs(todo)
+    minutes = exps.mlflow_parent_minutes(todo)
+    results = [row_result(r, all_rows, reference, params["report"]["bootstrap_rounds"], runs, minutes)
+               for r in all_rows]
     settings = {"num_ranges": len(params["partition"]["ranges"]), "steps_per_range": params["finetune"]["steps"],
                 "lr": params["finetune"]["lr"], "shared_lr": params["finetune"]["shared_lr"],
                 "num_samples": params["evaluate"]["num_samples"], "sampler": params["evaluate"]["sampler"],
@@ -370,7 +349,6 @@ def main(argv: Optional[list[str]] = None) -> int:
     if args.results:
         write_json(args.results, results_rows(result))
     return 0
-
 
 if __name__ == "__main__":
     sys.exit(main())

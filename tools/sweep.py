@@ -1,31 +1,25 @@
 """Sweep one parameter of the default run as DVC experiments, scored on validation noise.
 
     python -m tools.sweep finetune.lr 5e-5 1e-4 2e-4 5e-4 -S evaluate.seed=1
-    python -m tools.sweep finetune.steps 200 600 1500 -S evaluate.seed=1 -S finetune.shared_lr=1e-4
     python -m tools.sweep finetune.lr 5e-5 1e-4 2e-4 --config configs/fashion.yaml --label fashion \
         -S evaluate.seed=1 -S evaluate.reference=validation -S finetune.shared_lr=null ...
 
-Each value is an experiment ``sweep-<key>-<value>`` (resumable: values that
-finished on this commit are read, not re-run). ``-S evaluate.seed=<k>`` with
-k != 0 scores every model on validation noise, never the test noise the
-headline uses; on a source with a test split, ``-S evaluate.reference=validation``
-scores against the held-out split, so the choice never sees the test images.
-``--config`` puts a configuration's keys under the ``-S`` ones (as
-tools.seeds does), ``--label`` names its experiments apart. Prints and writes ``reports/sweep-<key>.{json,md}``: per
-value every model's FD, KID and held-out loss and the paired contrasts, and
-which value each method's validation FD prefers.
+Each value is an experiment ``sweep-[<label>-]<key>-<value>``, resumable.
+``-S evaluate.seed=<k>`` with k != 0 scores on validation noise, never the
+headline's test noise; ``-S evaluate.reference=validation`` scores against
+the held-out split, so the choice never sees the test images. Writes
+``reports/sweep-[<label>-]<key>.{json,md}``: per value every model's FD, KID and
+held-out loss and the paired contrasts, and the value each method's FD prefers.
 """
 
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 from pathlib import Path
 from typing import Any, Optional
 
-from dtm_core.errors import DtmError
-from tools import exps
+from tools import command, exps
 
 METHODS = ("shared", "merged", "ensemble")
 
@@ -47,11 +41,12 @@ def render(key: str, rows: list[dict], fixed: dict, best: dict) -> str:
         m, c = r["models"], r["contrasts"]["merged_minus_shared"]
         lines.append(f"| {r['value']} | " + " | ".join(f"{m[k]['fd']:.4f}" for k in ("pretrained", *METHODS))
                      + f" | {m['shared']['heldout_loss']:.6f} | {m['merged']['heldout_loss']:.6f} | "
-                     f"{c['fd']:+.4f} [{c['fd_ci'][0]:+.4f}, {c['fd_ci'][1]:+.4f}] |")
+                     f"{exps.with_ci(c['fd'], c['fd_ci'])} |")
     lines += ["", "Best value by FD: " + ", ".join(f"{m}: {v}" for m, v in best.items()) + "."]
     return "\n".join(lines) + "\n"
 
 
+@command("sweep", log=True)
 def main(argv: Optional[list[str]] = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m tools.sweep", description=__doc__.split("\n\n")[0])
     ap.add_argument("key", help="the params.yaml key to sweep, e.g. finetune.lr")
@@ -59,24 +54,18 @@ def main(argv: Optional[list[str]] = None) -> int:
     exps.add_variant_arguments(ap, "a prefix of the experiment and report names")
     ap.add_argument("--out", type=Path, default=Path("reports"))
     args = ap.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s sweep %(message)s", stream=sys.stderr)
     stem = "sweep-" + (f"{args.label}-" if args.label else "") + args.key.replace(".", "-")
-    try:
-        fixed = exps.overrides(args)
-        values = [exps.parse_sets([f"v={v}"])["v"] for v in args.values]
-        variants = {f"{stem}-{v}": {**fixed, args.key: v} for v in values}
-        if not args.collect_only:
-            exps.run_all(variants)
-        rows = [row(value, exps.report(name, "run the sweep")) for name, value in zip(variants, values)]
-    except DtmError as exc:
-        print(f"error: sweep: {exc}", file=sys.stderr)
-        return 2
+    fixed = exps.overrides(args)
+    values = [exps.parse_sets([f"v={v}"])["v"] for v in args.values]
+    variants = {f"{stem}-{v}": {**fixed, args.key: v} for v in values}
+    if not args.collect_only:
+        exps.run_all(variants)
+    rows = [row(value, exps.report(name, "run the sweep")) for name, value in zip(variants, values)]
     best = {m: min(rows, key=lambda r: r["models"][m]["fd"])["value"] for m in METHODS}
     result = {"key": args.key, "fixed": fixed, "rows": rows, "best_by_fd": best,
               "runs": exps.mlflow_parent_runs(variants)}
     exps.write_report(args.out / f"{stem}.json", result, render(args.key, rows, fixed, best))
     return 0
-
 
 if __name__ == "__main__":
     sys.exit(main())

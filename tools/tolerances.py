@@ -4,28 +4,17 @@
     python -m tools.tolerances --run --keep-looser        # the same, no key tightening below the current file
     python -m tools.tolerances --current a.json b.json    # derive from perturbed runs already made
 
-Another machine may take other SIMD kernels or another thread count, and the
-pipeline's numbers then move a little although nothing is wrong. The gate's
-tolerances come from runs that force exactly such differences on this
-machine, each a full ``dvc repro`` in a fresh clone of HEAD (its own DVC cache:
-nothing is restored from this workspace's run-cache):
-
-- ``avx2``: torch, MKL and oneDNN held to AVX2 kernels instead of the
-  machine's widest (``ATEN_CPU_CAPABILITY=avx2 MKL_ENABLE_INSTRUCTIONS=AVX2
-  ONEDNN_MAX_CPU_ISA=AVX2``);
-- ``one-thread``: one thread instead of the machine's cores
-  (``OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 DTM_THREADS=1``).
-
-Each run's ``reports/comparison.json`` is compared with the committed one
-(metric by metric, as ``tools.regress`` gates them). The tolerance of each
-key of ``regression/tolerances.json`` (a metric name such as ``fd`` for every
-model, or a full name such as ``contrasts.merged_minus_shared.fd``) becomes
-``--factor`` (2) times the largest shift any run showed on a metric that key
-governs, rounded up to two significant digits, and at least ``--floor``;
-with ``--keep-looser``, at least the tolerance it replaces too (the
-perturbations run on one machine kind, and the shifts between machine kinds
-seen in other runs are not in them). The shifts go to ``--evidence``
-(docs/results/tolerances.json) beside the tolerances they gave.
+Another machine may take other SIMD kernels or thread counts, and the
+pipeline's numbers then move a little although nothing is wrong. Each
+perturbation (:data:`PERTURBATIONS`: AVX2 kernels instead of the machine's
+widest; one thread) is a full ``dvc repro`` in a fresh clone of HEAD (its own
+DVC cache: nothing is restored from this workspace's run-cache), compared
+metric by metric with the committed report as ``tools.regress`` gates it.
+Each key of ``regression/tolerances.json`` becomes ``--factor`` times the
+largest shift on a metric it governs, rounded up to two significant digits,
+at least ``--floor`` (and with ``--keep-looser`` at least the tolerance it
+replaces: shifts between machine kinds are not in the perturbations). The
+shifts go to ``--evidence`` beside the tolerances they gave.
 """
 
 from __future__ import annotations
@@ -42,6 +31,7 @@ from typing import Optional
 
 from dtm_core.errors import DtmError, MissingInputError
 from dtm_core.io import read_json, write_json
+from tools import command
 from tools.regress import committed, gated_metrics, tolerance_key
 
 PERTURBATIONS: dict[str, dict[str, str]] = {
@@ -113,6 +103,7 @@ def run_label(path: Path) -> str:
     return clone if path.parent.name == "reports" and clone in PERTURBATIONS else str(path)
 
 
+@command("tolerances")
 def main(argv: Optional[list[str]] = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m tools.tolerances", description=__doc__.split("\n\n")[0])
     ap.add_argument("--run", action="store_true", help="run the perturbations in fresh clones of HEAD")
@@ -129,20 +120,16 @@ def main(argv: Optional[list[str]] = None) -> int:
     args = ap.parse_args(argv)
     if not args.run and not args.current:
         ap.error("give --run or --current FILE ...")
-    try:
-        reference = committed(REPORT, args.rev)
-        old = read_json(args.tolerances, "regression tolerances")
-        runs = {run_label(path): read_json(path, "perturbed report") for path in args.current}
-        seconds = {}
-        if args.run:
-            workdir = args.workdir or Path(tempfile.mkdtemp(prefix="dtm-tolerances-"))
-            for name, env in PERTURBATIONS.items():
-                print(f"tolerances: {name} run in {workdir / name}", flush=True)
-                runs[name], seconds[name] = perturbed_run(name, env, workdir)
-        new, evidence = derive(reference, runs, old, args.factor, args.floor, args.keep_looser)
-    except DtmError as exc:
-        print(f"error: tolerances: {exc}", file=sys.stderr)
-        return 2
+    reference = committed(REPORT, args.rev)
+    old = read_json(args.tolerances, "regression tolerances")
+    runs = {run_label(path): read_json(path, "perturbed report") for path in args.current}
+    seconds = {}
+    if args.run:
+        workdir = args.workdir or Path(tempfile.mkdtemp(prefix="dtm-tolerances-"))
+        for name, env in PERTURBATIONS.items():
+            print(f"tolerances: {name} run in {workdir / name}", flush=True)
+            runs[name], seconds[name] = perturbed_run(name, env, workdir)
+    new, evidence = derive(reference, runs, old, args.factor, args.floor, args.keep_looser)
     commit = subprocess.run(["git", "rev-parse", args.rev], capture_output=True, text=True).stdout.strip()
     write_json(args.tolerances, new)
     write_json(args.evidence, {**evidence, "reference_commit": commit, "seconds": seconds,

@@ -13,26 +13,24 @@ def main() -> int:
     from dtm_core.tracking import sqlite_path, tracking_uri
 
     params = load_params("params.yaml")
-    uri = tracking_uri(params)
-    base = f"http://{HOST}:{PORT}"
+    uri, name = tracking_uri(params), params.tracking.experiment_name
     db = sqlite_path(uri)
-    if db is None or db.is_file():
+    if db is not None and not db.is_file():
+        print(f"no MLflow store at {db} yet: run `make repro` first")
+    else:
         from mlflow.tracking import MlflowClient
 
-        exp = MlflowClient(uri).get_experiment_by_name(params.tracking.experiment_name)
-        if exp is not None:
-            print(f"runs:   {base}/#/experiments/{exp.experiment_id}/runs")
-            print(f"models: {base}/#/experiments/{exp.experiment_id}/models")
+        exp = MlflowClient(uri).get_experiment_by_name(name)
+        if exp is None:
+            print(f"no experiment '{name}' yet: run `make repro` first")
         else:
-            print(f"no experiment '{params.tracking.experiment_name}' yet: run `make repro` first")
-    else:
-        print(f"no MLflow store at {db} yet: run `make repro` first")
+            print(f"runs:   http://{HOST}:{PORT}/#/experiments/{exp.experiment_id}/runs")
+            print(f"models: http://{HOST}:{PORT}/#/experiments/{exp.experiment_id}/models")
     sys.stdout.flush()
     if db is None:
         print(f"the store is {uri}: open its own UI")
         return 0
     os.execvp("mlflow", ["mlflow", "ui", "--backend-store-uri", uri, "--host", HOST, "--port", str(PORT)])
-    return 0
 
 
 if __name__ == "__main__":
