@@ -1,12 +1,15 @@
-"""torch.compile against eager on this machine: sampling throughput and the DeMe fine-tune step, in one run.
+"""torch.compile and bf16 against eager on this machine: sampling throughput and the DeMe fine-tune step, in one run.
 
     python benchmarks/compile_speed.py                      # prints a table
     python benchmarks/compile_speed.py --out docs/results/compile_speed.json
 
 Sampling: the default evaluation's path (the shipped digits base, DPM-Solver++
 20 steps, batches of evaluate.batch_size on inference_map's threads) for
-``--samples`` samples, eager and with the UNet's forward compiled (inductor);
-the compiled run is timed after a warm-up that compiles every batch shape.
+``--samples`` samples: eager; the UNet's forward compiled (inductor); compiled
+with inductor's ``freezing`` (weights folded in as constants, oneDNN's
+pre-packed convolutions: inference only, and stale if the weights change);
+eager under bf16 autocast. Compiled runs are timed after a warm-up that
+compiles every batch shape.
 Training: the DeMe step (projection, consistency loss to the frozen base) as
 ``make bench`` times it, eager and compiled. Each figure is the best of
 ``--repeats``; ratios are eager / compiled time, measured in the same process.
@@ -38,6 +41,36 @@ def compiled(model):
     return model
 
 
+def frozen(model):
+    """``model`` compiled with inductor's freezing (set while it compiles, on its first call)."""
+    import torch._inductor.config as inductor
+
+    forward = torch.compile(model.forward, dynamic=False)
+
+    def call(*args, **kwargs):
+        with inductor.patch(freezing=True):
+            return forward(*args, **kwargs)
+
+    model.forward = call
+    return model
+
+
+def bf16(model):
+    forward = model.forward
+
+    def call(*args, **kwargs):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = forward(*args, **kwargs)
+        out.sample = out.sample.float()
+        return out
+
+    model.forward = call
+    return model
+
+
+VARIANTS = {"compiled": compiled, "compiled_freezing": frozen, "bf16_autocast": bf16}
+
+
 def best(fn, repeats: int) -> float:
     times = []
     for _ in range(repeats):
@@ -63,12 +96,20 @@ def main() -> int:
         return lambda: sample([model], scheduler, noise, ev.sampling_steps, sampler=ev.sampler,
                               batch_size=ev.batch_size)
 
-    eager_unet, compiled_unet = load_unet(BASE, what="base"), compiled(load_unet(BASE, what="base"))
-    start = time.perf_counter()
-    reference, fast = sampler(eager_unet)(), sampler(compiled_unet)()  # the second call compiles
-    warmup = time.perf_counter() - start
+    eager_unet = load_unet(BASE, what="base")
+    reference = sampler(eager_unet)()
     t_eager = best(sampler(eager_unet), args.repeats)
-    t_comp = best(sampler(compiled_unet), args.repeats)
+    sampling = {"samples": args.samples, "sampler": ev.sampler, "steps": ev.sampling_steps,
+                "eager_seconds": t_eager}
+    for name, wrap in VARIANTS.items():
+        unet = wrap(load_unet(BASE, what="base"))
+        start = time.perf_counter()
+        out = sampler(unet)()  # compiles, where it compiles
+        first = time.perf_counter() - start
+        seconds = best(sampler(unet), args.repeats)
+        sampling[name] = {"seconds": seconds, "ratio": t_eager / seconds, "first_run_seconds": first,
+                          "max_abs_difference": float(np.abs(reference - out).max())}
+        print(f"sampling {name}: {t_eager / seconds:.2f}x eager", flush=True)
 
     images = torch.as_tensor(load_digits_source().images)
 
@@ -84,13 +125,10 @@ def main() -> int:
     s_comp = min(step(True) for _ in range(args.repeats)) / args.steps
     result = {
         "cpu": cpu_model(), "threads": torch.get_num_threads(), "torch": torch.__version__,
-        "sampling": {"samples": args.samples, "sampler": ev.sampler, "steps": ev.sampling_steps,
-                     "eager_seconds": t_eager, "compiled_seconds": t_comp, "ratio": t_eager / t_comp,
-                     "compile_and_first_run_seconds": warmup,
-                     "max_abs_difference": float(np.abs(reference - fast).max())},
+        "sampling": sampling,
         "finetune_step": {"batch_size": ft.batch_size, "eager_ms": 1000 * s_eager, "compiled_ms": 1000 * s_comp,
                           "ratio": s_eager / s_comp},
-        "command": "python benchmarks/compile_speed.py",
+        "command": "python benchmarks/compile_speed.py" + (f" --out {args.out}" if args.out else ""),
     }
     print(json.dumps(result, indent=2))
     if args.out:
