@@ -12,7 +12,9 @@ eager under bf16 autocast. Compiled runs are timed after a warm-up that
 compiles every batch shape.
 Training: the DeMe step (projection, consistency loss to the frozen base) as
 ``make bench`` times it, eager and compiled. Each figure is the best of
-``--repeats``; ratios are eager / compiled time, measured in the same process.
+``--repeats``; ratios are eager time / the variant's, measured in the same process. A variant's
+first-run seconds include its compilation only when inductor's on-disk cache does not already hold
+that graph (a second run on the same machine finds it there).
 """
 
 from __future__ import annotations
