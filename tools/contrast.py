@@ -3,7 +3,8 @@
     python -m tools.contrast lora-digits:merged workspace:merged --out docs/results/lora_digits.json
 
 Each side is ``EXPERIMENT:MODEL``: a DVC experiment of this commit, or
-``workspace`` for the run in the working tree. Both runs must have sampled
+``workspace`` for the run in the working tree (``--baseline HEAD REV`` also reads
+the experiments run on REV). Both runs must have sampled
 from the same test noise (the same evaluate settings): FD(a) − FD(b) with the
 report's paired bootstrap interval (``report.bootstrap_rounds`` resamples,
 the same resampled indices for both), and the held-out loss difference paired
@@ -81,6 +82,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("a", help="EXPERIMENT:MODEL (or workspace:MODEL)")
     ap.add_argument("b", help="EXPERIMENT:MODEL (or workspace:MODEL)")
     ap.add_argument("--out", type=Path, help="write the contrast as JSON here")
+    exps.add_baseline_argument(ap)
     args = ap.parse_args(argv)
     result = contrast(args.a, args.b)
     if args.out:
