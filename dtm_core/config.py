@@ -141,8 +141,8 @@ class PartitionConfig(_Section):
 class LoraParams(_Section):
     """finetune.lora: the LoRA adapter each fine-tune trains when finetune.adapter is lora (dtm_core/adapters.py)."""
 
-    rank: PositiveInt = 4
-    alpha: PositiveFloat = 4.0
+    rank: PositiveInt = 2
+    alpha: PositiveFloat = 2.0
     targets: list[str] = Field(default_factory=lambda: ["conv1", "conv2", "time_emb_proj", "to_q", "to_k", "to_v",
                                                         "to_out.0", "channel_projection"], min_length=1)
 
