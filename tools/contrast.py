@@ -72,7 +72,8 @@ def contrast(a: str, b: str) -> dict:
         "heldout_loss": float(diff.mean()), "heldout_loss_ci": list(loss_ci),
         "heldout_loss_verdict": distances.verdict(loss_ci), "bootstrap_rounds": rounds,
         "settings": {k: ca["settings"].get(k) for k in SAME},
-        "command": f"python -m tools.contrast {a} {b}",
+        "command": f"python -m tools.contrast {a} {b}"
+                   + (f" --baseline {' '.join(exps.BASELINE)}" if exps.BASELINE != ["HEAD"] else ""),
     }
 
 
