@@ -3,39 +3,9 @@
 import json
 
 import pytest
-import torch
 from stagehelp import PIPELINE, built_project
 
-from dtm_core.config import ModelConfig
-from dtm_core.merge import merge_files
-from dtm_core.model import build_unet, float_state
-from dtm_core.task_vector import TaskVector
 from stages.controls import choose_scale
-
-
-def _models(n: int):
-    torch.manual_seed(0)
-    base = build_unet(ModelConfig(block_out_channels=[8, 16], norm_num_groups=4), 8, 1)
-    theta = float_state(base)
-    tuned = [{k: v + 0.01 * (i + 1) * torch.randn_like(v) for k, v in theta.items()} for i in range(n)]
-    return theta, tuned
-
-
-def test_a_soup_of_one_model_is_that_model(tmp_path):
-    theta, (member,) = _models(1)
-    TaskVector.from_states(theta, member).save(tmp_path / "soup-0.safetensors")
-    soup = merge_files(theta, [tmp_path / "soup-0.safetensors"], [1.0])
-    for k in theta:
-        torch.testing.assert_close(soup[k], member[k], atol=1e-6, rtol=0)
-
-
-def test_scaling_the_shared_task_vector_by_one_gives_the_shared_model_and_by_zero_the_base():
-    theta, (shared,) = _models(1)
-    tau = TaskVector.from_states(theta, shared)
-    one, zero = tau.apply_to(theta, scale=1.0), tau.apply_to(theta, scale=0.0)
-    for k in theta:
-        torch.testing.assert_close(one[k], shared[k], atol=1e-6, rtol=0)
-        torch.testing.assert_close(zero[k], theta[k], atol=0, rtol=0)
 
 
 def test_the_scale_of_lowest_validation_fd_is_chosen():

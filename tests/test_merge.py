@@ -31,6 +31,22 @@ def _save(tmp_path, base, models):
     return files
 
 
+def test_a_soup_of_one_model_is_that_model(tmp_path):
+    base, models = _states(1)
+    soup = merge_files(base, _save(tmp_path, base, models), [1.0])
+    for k in base:
+        torch.testing.assert_close(soup[k], models[0][k], atol=1e-6, rtol=0)
+
+
+def test_scaling_the_shared_task_vector_by_one_gives_the_shared_model_and_by_zero_the_base():
+    base, (shared,) = _states(1)
+    tau = TaskVector.from_states(base, shared)
+    one, zero = tau.apply_to(base, scale=1.0), tau.apply_to(base, scale=0.0)
+    for k in base:
+        torch.testing.assert_close(one[k], shared[k], atol=1e-6, rtol=0)
+        torch.testing.assert_close(zero[k], base[k], atol=0, rtol=0)
+
+
 def test_task_arithmetic_weighted_sum():
     taus = torch.stack([torch.ones(3), 2 * torch.ones(3), 4 * torch.ones(3)])
     out = task_arithmetic(taus, torch.tensor([0.5, 0.25, 0.125]))
