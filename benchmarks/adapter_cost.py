@@ -66,7 +66,6 @@ def one(variant: str, config: Path | None, steps: int, prompt: bool) -> dict:
     """Train one variant here and measure it (run in its own process by :func:`main`)."""
     import torch
 
-    from dtm_core import adapters
     from dtm_core.conditioning import class_prompts
     from dtm_core.data import FASHION_CLASSES, load_digits_source
     from dtm_core.model import build_prompt_unet, build_scheduler, build_unet, save_model
@@ -114,7 +113,7 @@ def one(variant: str, config: Path | None, steps: int, prompt: bool) -> dict:
         disk = sum(f.stat().st_size for f in (Path(tmp) / "m").glob("*.safetensors"))
     return {
         "variant": variant,
-        "trained_parameters": adapters.trainable_parameters(res.model),
+        "trained_parameters": res.model.num_parameters(only_trainable=True),
         "parameters": sum(p.numel() for p in base.parameters()),
         "weights_bytes": disk,
         "training_peak_bytes": live,

@@ -70,10 +70,6 @@ def has_adapter(model) -> bool:
     return bool(getattr(model, "_hf_peft_config_loaded", False))
 
 
-def trainable_parameters(model) -> int:
-    return sum(p.numel() for p in model.parameters() if p.requires_grad)
-
-
 def is_adapter_dir(path: str | Path) -> bool:
     return (Path(path) / ADAPTER_WEIGHTS).is_file()
 

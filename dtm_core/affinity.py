@@ -60,13 +60,11 @@ def gradient_affinity(
     noise = torch.randn(x0.shape, generator=g)
     u = torch.rand(len(x0), generator=g)  # the same relative position inside every bin
     edges = np.linspace(0, T, bins + 1).round().astype(np.int64)
-    alphas = scheduler.alphas_cumprod
     sketches, norms = [], []
     for m in tqdm(range(bins), desc="gradient affinity", file=sys.stderr, mininterval=2.0, disable=None):
         lo, hi = int(edges[m]), int(edges[m + 1])
         t = (lo + (u * (hi - lo)).long()).clamp(max=hi - 1)
-        a = alphas[t].view(-1, 1, 1, 1)
-        x_t = a.sqrt() * x0 + (1 - a).sqrt() * noise
+        x_t = scheduler.add_noise(x0, noise, t)
         loss = torch.nn.functional.mse_loss(model(x_t, t).sample, noise)
         grads = torch.autograd.grad(loss, params)
         flat = torch.cat([gr.reshape(-1) for gr in grads])

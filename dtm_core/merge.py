@@ -18,13 +18,12 @@ reproducible and does not depend on the order tensors are visited in.
 from __future__ import annotations
 
 import functools
-import math
 from pathlib import Path
 from typing import Callable, Mapping, Sequence
 
 import torch
 
-from .errors import ConfigError, TaskVectorError
+from .errors import TaskVectorError
 from .seeding import derive_seed
 from .task_vector import StateDict, open_task_vectors, stacked
 
@@ -98,12 +97,7 @@ def magnitude_prune(task_tensors: torch.Tensor, weights: torch.Tensor, *, densit
 
 
 METHODS: dict[str, Callable[..., torch.Tensor]] = {
-    "task_arithmetic": task_arithmetic,
-    "ties": ties,
-    "dare_linear": dare_linear,
-    "dare_ties": dare_ties,
-    "magnitude_prune": magnitude_prune,
-}
+    fn.__name__: fn for fn in (task_arithmetic, ties, dare_linear, dare_ties, magnitude_prune)}
 # Methods that take merge.density, and those that draw random numbers.
 USES_DENSITY = frozenset({"ties", "dare_linear", "dare_ties", "magnitude_prune"})
 STOCHASTIC = frozenset({"dare_linear", "dare_ties"})
@@ -166,8 +160,6 @@ def merge_files(
     N weights, :func:`block_of`) overrides ``weights`` for the tensors of the
     blocks it names.
     """
-    if not math.isfinite(scale):
-        raise ConfigError(f"merge.scale must be a finite number (got {scale})")
     w = torch.tensor(list(weights), dtype=torch.float32)
     merged = {k: v.clone() for k, v in base.items()}
     with open_task_vectors(task_vector_files) as (handles, keys):

@@ -19,7 +19,7 @@ from diffusers import DDPMScheduler, UNet2DModel
 from torch.func import functional_call
 from tqdm.auto import tqdm
 
-from .merge import block_of
+from .merge import block_of, task_arithmetic
 from .partition import Range, range_of
 
 
@@ -50,7 +50,6 @@ def distill_weights(
     template = template.eval().requires_grad_(False)
     teachers = [m.eval().requires_grad_(False) for m in teachers]
     x_all = torch.as_tensor(images, dtype=torch.float32)
-    alphas = scheduler.alphas_cumprod
     T = scheduler.config.num_train_timesteps
     owner_of = torch.tensor([range_of(t, ranges) for t in range(T)])
     g = torch.Generator().manual_seed(seed)
@@ -60,8 +59,7 @@ def distill_weights(
         x0 = x_all[torch.randint(0, len(x_all), (batch_size,), generator=g)]
         t = torch.randint(0, T, (batch_size,), generator=g)
         noise = torch.randn(x0.shape, generator=g)
-        a = alphas[t].view(-1, 1, 1, 1)
-        x_t = a.sqrt() * x0 + (1 - a).sqrt() * noise
+        x_t = scheduler.add_noise(x0, noise, t)
         owner = owner_of[t]
         with torch.no_grad():
             target = torch.empty_like(x_t)
@@ -69,10 +67,7 @@ def distill_weights(
                 mask = owner == i
                 if mask.any():
                     target[mask] = teacher(x_t[mask], t[mask]).sample
-        params = {}
-        for j, k in enumerate(keys):
-            w = W[:, column[j]].view(-1, *([1] * (tau_t[j].dim() - 1)))
-            params[k] = base_t[j] + (w * tau_t[j]).sum(dim=0)
+        params = {k: base_t[j] + task_arithmetic(tau_t[j], W[:, column[j]]) for j, k in enumerate(keys)}
         pred = functional_call(template, params, (x_t, t)).sample
         loss = torch.nn.functional.mse_loss(pred, target)
         opt.zero_grad(set_to_none=True)

@@ -152,11 +152,9 @@ def search_weights(n: int, score: ScoreFn, cfg: SearchConfig, start: Sequence[fl
     finalists = candidates
     if cheap_score is not None:
         top = sorted(candidates, key=lambda c: (_rank(c["score"]), c["index"]))[: cfg.rescore_top]
-        finalists = []
-        for c in top:
-            finalists.append({"index": len(candidates), "weights": c["weights"], "score": float(score(c["weights"])),
-                              "fidelity": "full"})
-            candidates.append(finalists[-1])
+        finalists = [{"index": len(candidates) + j, "weights": c["weights"], "score": float(score(c["weights"])),
+                      "fidelity": "full"} for j, c in enumerate(top)]
+        candidates += finalists
     best = best_candidate(finalists)
     assert best is not None  # the start or the first grid point is always scored
     return SearchResult(

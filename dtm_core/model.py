@@ -68,9 +68,7 @@ def computing(models) -> Iterator[None]:
 
 def _identity_projection(channels: int) -> torch.nn.Conv2d:
     conv = torch.nn.Conv2d(channels, channels, kernel_size=1, bias=False)
-    with torch.no_grad():
-        conv.weight.zero_()
-        conv.weight[:, :, 0, 0] = torch.eye(channels)
+    torch.nn.init.dirac_(conv.weight)
     return conv
 
 
@@ -107,13 +105,9 @@ def _attach_projections(unet) -> None:
     """An identity projection after every down block, the mid block and every up block of ``unet``."""
     for block in [*unet.down_blocks, unet.mid_block, *unet.up_blocks]:
         setattr(block, PROJECTION_ATTR, _identity_projection(_block_out_channels(block)))
-    # Hooks are module-level functions that find the projection on the block
-    # they fire for, so deep copies stay self-contained.
-    for block in unet.down_blocks:
-        block.register_forward_hook(_project_tuple_output)
-    unet.mid_block.register_forward_hook(_project_tensor_output)
-    for block in unet.up_blocks:
-        block.register_forward_hook(_project_tensor_output)
+        # Hooks are module-level functions that find the projection on the block
+        # they fire for, so deep copies stay self-contained.
+        block.register_forward_hook(_project_tuple_output if block in unet.down_blocks else _project_tensor_output)
 
 
 def _block_out_channels(block: torch.nn.Module) -> int:
@@ -347,10 +341,6 @@ def load_scheduler(path: str | Path) -> DDPMScheduler:
 def float_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """All floating-point tensors of the state dict (integer buffers skipped)."""
     return {k: v.detach() for k, v in model.state_dict().items() if torch.is_floating_point(v)}
-
-
-def num_parameters(model: torch.nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
 
 
 def pretrained_like(pretrained_dir: Path, ranged_model: UNet2DModel) -> dict[str, torch.Tensor]:

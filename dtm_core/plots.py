@@ -10,6 +10,8 @@ import math
 from pathlib import Path
 from typing import Optional, Sequence
 
+import numpy as np
+
 from .errors import TaskVectorError
 from .io import atomic_path
 
@@ -51,9 +53,7 @@ def plot_norms(stats: dict, path: str | Path, ranges: Optional[Sequence[Range]] 
     fig, ax = new_figure(max(4.0, 0.9 * len(norms) + 1.5), 3.5)
     ax.bar(range(len(norms)), norms, color="tab:blue")
     ax.set_xticks(range(len(norms)), labels, rotation=30 if len(norms) > 4 else 0)
-    ax.set_xlabel("timestep range")
-    ax.set_ylabel("||tau_i|| (L2)")
-    ax.set_title("task vector norm by range")
+    ax.set(xlabel="timestep range", ylabel="||tau_i|| (L2)", title="task vector norm by range")
     save_figure(fig, path)
 
 
@@ -68,8 +68,7 @@ def plot_layer_heatmap(stats: dict, path: str | Path, ranges: Optional[Sequence[
     ax.set_xticks(range(n), range_labels(n, ranges), rotation=30 if n > 4 else 0)
     step = max(1, math.ceil(len(layers) / 80))  # at most ~80 readable labels
     ax.set_yticks(range(0, len(layers), step), layers[::step], fontsize=6)
-    ax.set_xlabel("timestep range")
-    ax.set_title("task vector norm per layer")
+    ax.set(xlabel="timestep range", title="task vector norm per layer")
     save_figure(fig, path)
 
 
@@ -99,19 +98,15 @@ def plot_search(result, path: str | Path) -> None:
     xs = [c["index"] for c in result.candidates]
     ys = [c["score"] if math.isfinite(c["score"]) else math.nan for c in result.candidates]
     ax.plot(xs, ys, "o", color="tab:blue", markersize=4, label="candidate")
-    running, low = [], math.inf
-    for c in result.candidates:
-        low = min(low, c["score"] if math.isfinite(c["score"]) else math.inf)
-        running.append(low if math.isfinite(low) else math.nan)
-    ax.step(xs, running, where="post", color="tab:gray", linewidth=1, label="best so far")
+    ax.step(xs, np.fmin.accumulate(np.array(ys, dtype=float)), where="post", color="tab:gray", linewidth=1,
+            label="best so far")
     best = min(result.candidates, default=None,
                key=lambda c: (c["score"] if math.isfinite(c["score"]) else math.inf, c["index"]))
     if best is not None and math.isfinite(best["score"]):
         label = "best: w=[" + ", ".join(f"{w:.3g}" for w in best["weights"]) + f"], score {best['score']:.4g}"
         ax.plot([best["index"]], [best["score"]], "*", color="tab:red", markersize=14, label=label)
-    ax.set_xlabel("evaluation")
-    ax.set_ylabel("score (lower is better)")
-    ax.set_title(f"merge weight search ({result.strategy}, {result.evaluations} evaluations)")
+    ax.set(xlabel="evaluation", ylabel="score (lower is better)",
+           title=f"merge weight search ({result.strategy}, {result.evaluations} evaluations)")
     ax.legend(fontsize=7, loc="best")
     save_figure(fig, path)
 
@@ -140,15 +135,11 @@ def plot_heldout_loss(curves: dict, ranges: Sequence[Range], path: str | Path) -
     for lo, _ in ranges[1:]:
         for ax in (ax_abs, ax_rel):
             ax.axvline(lo, color="gray", linestyle=":", linewidth=0.8)
-    ax_abs.set_yscale("log")
-    ax_abs.set_xlabel("timestep t")
-    ax_abs.set_ylabel("held-out eps-MSE")
-    ax_abs.set_title("held-out denoising loss")
+    ax_abs.set(yscale="log", xlabel="timestep t", ylabel="held-out eps-MSE", title="held-out denoising loss")
     ax_abs.legend(fontsize=7)
     ax_rel.axhline(0.0, color="black", linewidth=0.8)
-    ax_rel.set_xlabel("timestep t")
-    ax_rel.set_ylabel("difference to pretrained (lower is better)")
-    ax_rel.set_title("against the pretrained model")
+    ax_rel.set(xlabel="timestep t", ylabel="difference to pretrained (lower is better)",
+               title="against the pretrained model")
     ax_rel.legend(fontsize=7)
     save_figure(fig, path)
 
@@ -163,9 +154,7 @@ def plot_affinity(A, bin_edges: Sequence[int], ranges: Sequence[Range], path: st
     for lo, _ in ranges[1:]:
         ax.axvline(lo, color="black", linewidth=1.2)
         ax.axhline(lo, color="black", linewidth=1.2)
-    ax.set_xlabel("timestep t")
-    ax.set_ylabel("timestep t")
-    ax.set_title(f"gradient affinity, {n_bins} bins; lines: chosen ranges")
+    ax.set(xlabel="timestep t", ylabel="timestep t", title=f"gradient affinity, {n_bins} bins; lines: chosen ranges")
     save_figure(fig, path)
 
 
@@ -179,8 +168,7 @@ def plot_guidance(curves: dict, path: str | Path) -> None:
         for r in rows:
             ax.annotate(f"{r['scale']:g}", (r["conditional_accuracy"], r["fd"]), fontsize=7,
                         textcoords="offset points", xytext=(3, 3))
-    ax.set_xlabel("conditional accuracy (classifier agrees with the prompt)")
-    ax.set_ylabel("FD (lower is better)")
-    ax.set_title("guidance scale sweep")
+    ax.set(xlabel="conditional accuracy (classifier agrees with the prompt)", ylabel="FD (lower is better)",
+           title="guidance scale sweep")
     ax.legend(fontsize=7)
     save_figure(fig, path)

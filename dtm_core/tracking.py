@@ -60,11 +60,9 @@ def tracking_uri(params: Optional[Params] = None) -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or configured or f"sqlite:///{repo_root() / 'mlflow.db'}"
 
 
-def git_commit(root: Optional[Path] = None) -> str:
+def git_commit() -> str:
     try:
-        out = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=root or repo_root(), capture_output=True, text=True, timeout=10
-        )
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo_root(), capture_output=True, text=True, timeout=10)
         return out.stdout.strip() if out.returncode == 0 else "unknown"
     except (OSError, subprocess.TimeoutExpired):
         return "unknown"
@@ -180,12 +178,10 @@ def _parent_run(client, exp_id: str, params: Params) -> tuple[str, bool]:
     key = pipeline_key()
     state = _read_state()
     if state.get("key") == key:
-        try:
+        with contextlib.suppress(Exception):  # deleted or from another store
             run = client.get_run(state["run_id"])
             if run.info.lifecycle_stage == "active" and run.info.status != "FAILED":
                 return state["run_id"], True
-        except Exception:  # deleted or from another store
-            pass
     elif state.get("run_id"):
         _mark_killed(client, exp_id, state["run_id"])
     name = os.environ.get("DVC_EXP_NAME") or time.strftime("pipeline-%Y%m%d-%H%M%S")
@@ -270,8 +266,7 @@ class NullRun:
     def register_model(self, name: str, model_id: str, tags: dict[str, Any]) -> None:
         pass
 
-    def log_dataset(self, name: str, digest: str, source: str, context: str = "training",
-                    on_parent: bool = False) -> None:
+    def log_dataset(self, name: str, digest: str, source: str, context: str = "training") -> None:
         pass
 
 
@@ -349,14 +344,13 @@ class StageRun(NullRun):
         self.client.create_model_version(name, source=f"models:/{model_id}", run_id=self.run_id,
                                          tags={k: str(v) for k, v in tags.items()}, model_id=model_id)
 
-    def log_dataset(self, name: str, digest: str, source: str, context: str = "training",
-                    on_parent: bool = False) -> None:
-        """The data version this run read, as an MLflow dataset input (the Dataset column)."""
+    def log_dataset(self, name: str, digest: str, source: str, context: str = "training") -> None:
+        """The data version this run and its parent read, as an MLflow dataset input (the Dataset column)."""
         from mlflow.entities import Dataset, DatasetInput, InputTag
 
         entry = DatasetInput(Dataset(name=name, digest=digest[:36], source_type="local", source=source),
                              tags=[InputTag("mlflow.data.context", context)])
-        for run_id in ([self.run_id, self.parent_id] if on_parent else [self.run_id]):
+        for run_id in (self.run_id, self.parent_id):
             self.client.log_inputs(run_id, datasets=[entry])
 
 

@@ -135,12 +135,9 @@ def checkpoint_dir(name: str, params: Params, item: Any = None) -> Path:
 
 def load_reference(features: Optional[str] = None) -> dict:
     """The real data's features saved by the classifier stage (train, held-out; both feature spaces)."""
-    import numpy as np
-
     if not REFERENCE_FILE.is_file():
         raise MissingInputError(f"reference features '{REFERENCE_FILE}' are missing: run dvc repro classifier")
-    with np.load(REFERENCE_FILE) as ref:
-        out = {k: ref[k] for k in ref.files}
+    out = read_npz(REFERENCE_FILE)
     if features is not None and str(out["features"]) != features:
         raise MissingInputError(
             f"'{REFERENCE_FILE}' holds {out['features']} features but evaluate.features is '{features}': "
@@ -183,11 +180,7 @@ def log_data_version(run, params: Params, context: str) -> None:
     digest, kind = data_version()
     d = params.data
     name = {"digits": "digits", "idx": Path(d.idx_dir).name, "imagefolder": Path(d.image_folder or ".").name}[d.source]
-    run.log_dataset(f"{name} (data/prepared)", digest, f"{DATA_DIR} [{kind}]", context, on_parent=True)
-
-
-def _numeric(metrics: dict) -> dict[str, float]:
-    return {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    run.log_dataset(f"{name} (data/prepared)", digest, f"{DATA_DIR} [{kind}]", context)
 
 
 def main(name: str, fn: Callable[..., dict], argv: Optional[Sequence[str]] = None,
@@ -244,7 +237,7 @@ def main(name: str, fn: Callable[..., dict], argv: Optional[Sequence[str]] = Non
                 path = paths(template, item)
                 write_json(path, metrics)
                 run.log_artifact(path, "metrics")
-            run.log_metrics({**_numeric(metrics), "stage_seconds": seconds})
+            run.log_metrics({**metrics, "stage_seconds": seconds})  # the run logs the numbers among them
         write_json(TIMINGS_DIR / f"{stage}.json", {"stage": stage, "stage_seconds": seconds})
     except DtmError as exc:
         logging.getLogger("dtm").debug("stage failed", exc_info=True)

@@ -21,7 +21,6 @@ from dtm_core.model import (
     has_projection,
     load_scheduler,
     load_unet,
-    num_parameters,
     save_model,
     with_projection,
 )
@@ -68,15 +67,14 @@ def finish(res: TrainResult, scheduler, out: Path, ckpt: Path, info: dict, run) 
     configuration in dtm_info.json (dtm_core/adapters.py).
     """
     run.log_curve("train/loss", res.losses)
-    if res.consistency:
-        run.log_curve("train/consistency_loss", res.consistency)
-    info = {**info, "steps": res.steps, "final_loss": smoothed(res.losses),
-            "parameters": num_parameters(res.model), "trained_parameters": adapters.trainable_parameters(res.model)}
+    info = {**info, "steps": res.steps, "final_loss": smoothed(res.losses), "parameters": res.model.num_parameters(),
+            "trained_parameters": res.model.num_parameters(only_trainable=True)}
     if adapters.has_adapter(res.model):
         lora = res.model.peft_config["default"]
         info.update(base=PRETRAINED_DIR.as_posix(), channel_projection=has_projection(res.model),
                     lora={"rank": lora.r, "alpha": lora.lora_alpha, "targets": sorted(lora.target_modules)})
     if res.consistency:
+        run.log_curve("train/consistency_loss", res.consistency)
         info["final_consistency_loss"] = smoothed(res.consistency)
     save_model(res.model, scheduler, out, info)
     clear_checkpoints(ckpt)

@@ -27,7 +27,6 @@ from dtm_core.model import (
     find_scheduler,
     has_projection,
     load_unet,
-    num_parameters,
     save_model,
 )
 from dtm_core.seeding import derive_seed
@@ -64,7 +63,7 @@ def pretrain(params: Params, run=NullRun()) -> dict:
     run.log_curve("train/loss", res.losses)
     log_data_version(run, params, "training")
     info = {"source": "embedded", "steps": res.steps, "final_loss": smoothed(res.losses),
-            "parameters": num_parameters(res.model)}
+            "parameters": res.model.num_parameters()}
     save_model(res.model, scheduler, PRETRAINED_DIR, info)
     clear_checkpoints(ckpt)
     return {**info, "steps_per_second": res.steps_per_second}
@@ -111,7 +110,7 @@ def import_pretrained(params: Params, run=NullRun()) -> dict:
                 "epsilon-prediction checkpoints are supported"
             )
     run.set_tags({"dtm.schedule_source": schedule_source})
-    info = {"source": str(src), "schedule_source": schedule_source, "parameters": num_parameters(unet)}
+    info = {"source": str(src), "schedule_source": schedule_source, "parameters": unet.num_parameters()}
     save_model(unet, scheduler, PRETRAINED_DIR, info)
     return info
 

@@ -81,14 +81,13 @@ def plot_plateau(rows: list[dict], tolerance: float, path: Path) -> None:
     fig, ax = new_figure(7.0, 3.5)
     steps = [r["step"] for r in rows]
     ax.plot(steps, [r["val_loss"] for r in rows], "o-", markersize=3)
-    ax.set_xlabel("pretraining step")
-    ax.set_ylabel("validation eps-MSE (EMA weights)")
+    ax.set(xlabel="pretraining step", ylabel="validation eps-MSE (EMA weights)",
+           title="base model: validation loss to its plateau")
     gains = ax.twinx()
     gains.plot(steps[1:], [100 * (a["val_loss"] - b["val_loss"]) / a["val_loss"] for a, b in zip(rows, rows[1:])],
                "s:", color="gray", markersize=3)
     gains.axhline(100 * tolerance, color="gray", linewidth=0.8)
     gains.set_ylabel("improvement per chunk, % (line: the stop)")
-    ax.set_title("base model: validation loss to its plateau")
     save_figure(fig, path)
 
 

@@ -44,11 +44,7 @@ class Row:
 
     @property
     def status(self) -> str:
-        if self.delta > self.allowed:
-            return "REGRESSED"
-        if self.delta < -self.allowed:
-            return "improved"
-        return "ok"
+        return "REGRESSED" if self.delta > self.allowed else "improved" if self.delta < -self.allowed else "ok"
 
 
 def gated_metrics(comparison: dict) -> dict[str, float]:
@@ -91,8 +87,7 @@ def render(rows: list[Row]) -> str:
         lines.append(f"{r.metric:<{width}} {r.reference:>12.5f} {r.current:>12.5f} {r.delta:>+11.5f} "
                      f"{r.allowed:>10.5f}  {r.status}")
     bad = [r.metric for r in rows if r.status == "REGRESSED"]
-    lines.append("")
-    lines.append(f"REGRESSION in {len(bad)} metric(s): {', '.join(bad)}" if bad else "no regression")
+    lines += ["", f"REGRESSION in {len(bad)} metric(s): {', '.join(bad)}" if bad else "no regression"]
     return "\n".join(lines)
 
 
