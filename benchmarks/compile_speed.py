@@ -87,24 +87,26 @@ def main() -> int:
     ap.add_argument("--samples", type=int, default=4000)
     ap.add_argument("--steps", type=int, default=40, help="fine-tune steps per timing")
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--base", type=Path, default=BASE, help="the UNet to time (default: the digits base)")
     ap.add_argument("--out", type=Path)
     args = ap.parse_args()
     params = load_params(ROOT / "params.yaml")
     ev, ft = params.evaluate, timing_recipe(params)
-    scheduler = load_scheduler(BASE)
-    noise = initial_noise(0, args.samples, (1, 8, 8))
+    scheduler = load_scheduler(args.base)
+    eager_unet = load_unet(args.base, what="base")
+    shape = (eager_unet.config.in_channels, eager_unet.config.sample_size, eager_unet.config.sample_size)
+    noise = initial_noise(0, args.samples, shape)
 
     def sampler(model):
         return lambda: sample([model], scheduler, noise, ev.sampling_steps, sampler=ev.sampler,
                               batch_size=ev.batch_size)
 
-    eager_unet = load_unet(BASE, what="base")
     reference = sampler(eager_unet)()
     t_eager = best(sampler(eager_unet), args.repeats)
     sampling = {"samples": args.samples, "sampler": ev.sampler, "steps": ev.sampling_steps,
                 "eager_seconds": t_eager}
     for name, wrap in VARIANTS.items():
-        unet = wrap(load_unet(BASE, what="base"))
+        unet = wrap(load_unet(args.base, what="base"))
         start = time.perf_counter()
         out = sampler(unet)()  # compiles, where it compiles
         first = time.perf_counter() - start
@@ -113,10 +115,12 @@ def main() -> int:
                           "max_abs_difference": float(np.abs(reference - out).max())}
         print(f"sampling {name}: {t_eager / seconds:.2f}x eager", flush=True)
 
-    images = torch.as_tensor(load_digits_source().images)
+    # the digits themselves; another base trains on noise of its shape (a step's time does not depend on pixels)
+    images = (torch.as_tensor(load_digits_source().images) if args.base == BASE
+              else torch.randn((1024, *shape), generator=torch.Generator().manual_seed(0)).clamp(-1, 1))
 
     def step(compile_it: bool):
-        base = load_unet(BASE, what="base").eval()
+        base = load_unet(args.base, what="base").eval()
         student = with_projection(base, True)
         if compile_it:
             compiled(student)
@@ -130,7 +134,8 @@ def main() -> int:
         "sampling": sampling,
         "finetune_step": {"batch_size": ft.batch_size, "eager_ms": 1000 * s_eager, "compiled_ms": 1000 * s_comp,
                           "ratio": s_eager / s_comp},
-        "command": "python benchmarks/compile_speed.py" + (f" --out {args.out}" if args.out else ""),
+        "base": str(args.base),
+        "command": " ".join(["python benchmarks/compile_speed.py", *sys.argv[1:]]),
     }
     print(json.dumps(result, indent=2))
     if args.out:
