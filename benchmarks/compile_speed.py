@@ -2,8 +2,9 @@
 
     python benchmarks/compile_speed.py                      # prints a table
     python benchmarks/compile_speed.py --out docs/results/compile_speed.json
+    python benchmarks/compile_speed.py --base base/fashion-unet --samples 1000 --repeats 2
 
-Sampling: the default evaluation's path (the shipped digits base, DPM-Solver++
+Sampling: the default evaluation's path (the shipped digits base, or ``--base``; DPM-Solver++
 20 steps, batches of evaluate.batch_size on inference_map's threads) for
 ``--samples`` samples: eager; the UNet's forward compiled (inductor); compiled
 with inductor's ``freezing`` (weights folded in as constants, oneDNN's
@@ -116,7 +117,7 @@ def main() -> int:
         print(f"sampling {name}: {t_eager / seconds:.2f}x eager", flush=True)
 
     # the digits themselves; another base trains on noise of its shape (a step's time does not depend on pixels)
-    images = (torch.as_tensor(load_digits_source().images) if args.base == BASE
+    images = (torch.as_tensor(load_digits_source().images) if args.base.resolve() == BASE.resolve()
               else torch.randn((1024, *shape), generator=torch.Generator().manual_seed(0)).clamp(-1, 1))
 
     def step(compile_it: bool):
