@@ -114,7 +114,7 @@ def one(variant: str, config: Path | None, steps: int, prompt: bool) -> dict:
     return {
         "variant": variant,
         "trained_parameters": res.model.num_parameters(only_trainable=True),
-        "parameters": sum(p.numel() for p in base.parameters()),
+        "parameters": base.num_parameters(),
         "weights_bytes": disk,
         "training_peak_bytes": live,
         "training_peak_rss_bytes": peak - before,

@@ -2,10 +2,10 @@
 
 The count covers the .py and .sh files under dtm_core/, stages/, tools/ and benchmarks/ that the reference
 commit holds, as they are in the working tree, plus the files that took code out of them (``MOVED_INTO``).
-Files added since for new features are not counted; nor are the lines inside the counted files that ``git
-blame`` gives to a commit in ``FEATURES`` (a feature of another issue). Blame names the last commit that
-touched a line, so a feature's line that a later clean-up rewrote is counted: the adjusted figure errs
-towards more lines.
+Files added since are not counted (the issue counts the files it was filed against); nor are the lines
+inside the counted files that ``git blame`` gives to a commit in ``FEATURES`` (a feature of another issue).
+Blame names the last commit that touched a line, so a feature's line that a later clean-up rewrote is
+counted: that part of the adjustment errs towards more lines.
 
     python benchmarks/code_size.py --out docs/results/code_size.json
 """
