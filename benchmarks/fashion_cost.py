@@ -19,7 +19,16 @@ Not counted: data preparation, the classifier, the gradient-conflict
 analysis, stage start-up (minutes, not hours). The projection is a
 projection: compare it with a measured seed once one has run.
 
+``--measured RUN`` instead splits a seed that ran (``make fashion``: the MLflow
+parent run ``seeds-0-fashion``) into the same parts, from its stage runs' logged
+seconds. The controls stage logs each control's sampling and held-out seconds
+with a timestamp: its four evaluations are taken as the span of those
+timestamps plus one evaluation, its scale searches at the evaluations'
+samples per second, and its training as the rest of the stage.
+
     python benchmarks/fashion_cost.py [--digits-repro-seconds S] [--out docs/results/fashion_cost.json]
+    python benchmarks/fashion_cost.py --measured seeds-0-fashion --wall-seconds S --digits-repro-seconds S \
+        --out docs/results/fashion_seed_cost.json
 """
 
 from __future__ import annotations
@@ -49,9 +58,15 @@ def main() -> int:
                     help="samples timed: several batches, so every core's worker is busy as in a real evaluation")
     ap.add_argument("--steps", type=int, default=10, help="training steps timed per kind")
     ap.add_argument("--digits-repro-seconds", type=float, help="the digits default's make repro here, for the ratio")
+    ap.add_argument("--measured", metavar="RUN", help="split this MLflow parent run's measured seconds instead")
+    ap.add_argument("--wall-seconds", type=float, help="--measured: the seed's wall time (make fashion)")
     ap.add_argument("--out", type=Path)
     args = ap.parse_args()
     p = load_params(ROOT / "params.yaml", ROOT / "configs" / "fashion.yaml")
+    if args.measured:
+        if not (args.wall_seconds and args.digits_repro_seconds):
+            ap.error("--measured needs --wall-seconds and --digits-repro-seconds")
+        return report(measured(p, args.measured, args.wall_seconds), args)
     ev, ft, n = p.evaluate, timing_recipe(p), p.num_ranges
     base, scheduler = load_unet(BASE, what="base"), load_scheduler(BASE)
     size = p.data.image_size
@@ -110,14 +125,62 @@ def main() -> int:
         "projected_seconds": {**parts, "total": total},
         "command": "python benchmarks/fashion_cost.py",
     }
+    return report(result, args)
+
+
+def measured(p, run_name: str, wall_seconds: float) -> dict:
+    """A seed's wall time split into parts from its MLflow stage runs (see the module docstring)."""
+    from mlflow import MlflowClient
+
+    from dtm_core.tracking import tracking_uri
+
+    client = MlflowClient(tracking_uri(p))
+    parent = client.search_runs(client.get_experiment_by_name(p.tracking.experiment_name).experiment_id,
+                                f"attributes.run_name = '{run_name}'", order_by=["attributes.start_time DESC"],
+                                max_results=1)[0]
+    runs = client.search_runs(parent.info.experiment_id, f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    stages = {r.info.run_name: r for r in runs}
+    sec = {name: {k: v for k, v in r.data.metrics.items() if k.endswith("_seconds")} for name, r in stages.items()}
+    controls = stages["controls"].info.run_id
+    sampled = client.get_metric_history(controls, "sample_seconds")
+    ends = sorted(m.timestamp / 1000 for m in sampled)
+    ev = p.evaluate
+    evals = [f"evaluate@{m}" for m in ("pretrained", "shared", "merged", "ensemble")]
+    per_sample = sum(m.value for m in sampled) / (len(sampled) * ev.num_samples)
+    searches = 2 * len(p.controls.scales) * p.controls.num_samples * per_sample
+    control_evals = ends[-1] - ends[0] + (ends[1] - ends[0])  # the first as long as the second
+    parts = {
+        "training: range fine-tunes": sum(sec[f"finetune@{i}"]["stage_seconds"] for i in range(p.num_ranges)),
+        "training: shared fine-tune": sec["finetune_shared"]["stage_seconds"],
+        "training: controls shared_consistency and soup (derived)":
+            sec["controls"]["stage_seconds"] - control_evals - searches,
+        "sampling: evaluate@*": sum(sec[s]["sample_seconds"] for s in evals),
+        "sampling: controls": sum(m.value for m in sampled),
+        "sampling: scale searches (derived)": searches,
+        "heldout_loss": sum(sec[s]["heldout_loss_seconds"] for s in evals)
+                        + sum(m.value for m in client.get_metric_history(controls, "heldout_loss_seconds")),
+        "analysis stage": sec["analysis"]["stage_seconds"],
+    }
+    parts["the rest: data, classifier, merge, report, features, saving, DVC between stages"] = (
+        wall_seconds - sum(parts.values()))
+    return {"cpu": cpu_model(), "mlflow_parent_run": parent.info.run_id, "run_name": run_name,
+            "commit": parent.data.tags.get("mlflow.source.git.commit"),
+            "measured_seconds": {**parts, "total": wall_seconds},
+            "stages": {name: sec[name] for name in sorted(sec)},
+            "command": f"python benchmarks/fashion_cost.py --measured {run_name} --wall-seconds {wall_seconds:g}"}
+
+
+def report(result: dict, args) -> int:
+    parts = result.get("projected_seconds") or result["measured_seconds"]
+    total = parts["total"]
     if args.digits_repro_seconds:
+        result["command"] += f" --digits-repro-seconds {args.digits_repro_seconds:g}"
         result["digits_repro_seconds"] = args.digits_repro_seconds
         result["ratio_to_digits_repro"] = total / args.digits_repro_seconds
     for k, v in parts.items():
         print(f"{k:28s} {v / 60:7.1f} min")
-    print(f"{'total (projected)':28s} {total / 60:7.1f} min"
-          + (f"  = {result['ratio_to_digits_repro']:.1f}x the digits make repro (target <= 4x)"
-             if args.digits_repro_seconds else ""))
+    if args.digits_repro_seconds:
+        print(f"= {result['ratio_to_digits_repro']:.1f}x the digits make repro (target <= 4x)")
     if args.out:
         write_json(args.out, result)
     return 0
