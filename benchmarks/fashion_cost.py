@@ -48,8 +48,15 @@ from dtm_core.io import write_json
 from dtm_core.model import load_scheduler, load_unet, with_projection
 from dtm_core.sampling import initial_noise, sample
 from dtm_core.train import train
+from stages.common import EVAL_MODELS
 
 BASE = ROOT / "base" / "fashion-unet"
+
+
+def search_samples(p) -> int:
+    """Validation samples of the scaled controls' searches: controls.scales x controls.num_samples each."""
+    return len(set(p.controls.models) & {"shared_scaled", "merged_scaled"}) * len(p.controls.scales) \
+        * p.controls.num_samples
 
 
 def main() -> int:
@@ -99,7 +106,7 @@ def main() -> int:
 
     controls = set(p.controls.models)
     evaluated = 4 + len(controls)
-    searches = len(controls & {"shared_scaled", "merged_scaled"}) * len(p.controls.scales) * p.controls.num_samples
+    searches = search_samples(p)
     lambdas = p.analysis.lambdas
     along_tau = (len(lambdas) - (0.0 in lambdas)) * (n + 1) + (0.0 in lambdas)  # lambda 0 (the base) scored once
     heldout_models = 3 + n + len(controls)  # the ensemble: each of its n range models at every t
@@ -145,9 +152,8 @@ def measured(p, run_name: str, wall_seconds: float) -> dict:
     sampled = client.get_metric_history(controls, "sample_seconds")
     ends = sorted(m.timestamp / 1000 for m in sampled)
     ev = p.evaluate
-    evals = [f"evaluate@{m}" for m in ("pretrained", "shared", "merged", "ensemble")]
-    per_sample = sum(m.value for m in sampled) / (len(sampled) * ev.num_samples)
-    searches = 2 * len(p.controls.scales) * p.controls.num_samples * per_sample
+    evals = [f"evaluate@{m}" for m in EVAL_MODELS]
+    searches = search_samples(p) * sum(m.value for m in sampled) / (len(sampled) * ev.num_samples)
     control_evals = ends[-1] - ends[0] + (ends[1] - ends[0])  # the first as long as the second
     parts = {
         "training: range fine-tunes": sum(sec[f"finetune@{i}"]["stage_seconds"] for i in range(p.num_ranges)),
