@@ -15,6 +15,8 @@ from mlflow.tracking import MlflowClient
 from stagehelp import PIPELINE
 from tiny_params import tiny_params
 
+from dtm_core.io import dir_digest
+
 ROOT = Path(__file__).resolve().parents[1]
 COPY = ["dtm_core", "stages", "base", "dvc.yaml", "params.yaml", "pyproject.toml", ".dvcignore", ".gitignore"]
 EXPECTED_CHILDREN = {stage if not args else f"{stage}@{args[1]}" for stage, args in PIPELINE}
@@ -166,13 +168,18 @@ def test_dvc_repro_end_to_end_then_experiments(tmp_path):
         code.write_text(original)
         assert status == invalidated, (edited, status)
     assert stages_run(_run(["dvc", "repro"], proj, env)) == set()
-    # another partition method invalidates the partition stage and nothing upstream of it
+    # params deps are per stage: another partition method invalidates the partition stage and nothing upstream
+    # of it; another p invalidates the range fine-tunes and the controls (trained with the fine-tunes' recipe),
+    # not the shared fine-tune
     params_file = proj / "params.yaml"
     original = params_file.read_text()
-    params_file.write_text(original.replace("method: uniform", "method: snr"))
-    status = _status(proj, env)
-    params_file.write_text(original)
-    assert status == {"partition"}, status
+    for edit, invalidated in ((("method: uniform", "method: snr"), {"partition"}),
+                              (("p: 0.3", "p: 0.5"), {"finetune@0", "finetune@1", "controls"})):
+        assert original.count(edit[0]) == 1, edit
+        params_file.write_text(original.replace(*edit))
+        status = _status(proj, env)
+        params_file.write_text(original)
+        assert status == invalidated, (edit, status)
 
     # DVC's conventions: dvc.lock and the cache: false files are committed (nothing left dirty), and a fresh
     # clone shows the committed metrics before any run. (That a re-run rewrites the committed files byte for
@@ -189,24 +196,6 @@ def test_dvc_repro_end_to_end_then_experiments(tmp_path):
 
 
 def experiments_rerun_only_what_they_change_and_queue_in_parallel(proj: Path, env: dict) -> None:
-
-    # a variant re-runs only what p affects
-    variant = _run(["dvc", "exp", "run", "-S", "finetune.p=0.5"], proj, env)
-    assert stages_run(variant) == {
-        "finetune@0", "finetune@1", "task_vectors", "merge_weights", "merge", "evaluate@merged",
-        "evaluate@ensemble", "controls", "analysis", "report",
-    }
-    parents, children = runs_by_parent(proj)
-    newest = max(parents, key=lambda r: r.info.start_time)
-    assert set(children[newest.info.run_id]) == {
-        "finetune@0", "finetune@1", "task_vectors", "merge_weights", "merge", "evaluate@merged",
-        "evaluate@ensemble", "controls", "analysis", "report",
-    }
-    # the report fills the new parent's summary, cached stages' numbers included
-    assert "pretrained/fd" in newest.data.metrics and "shared/fd" in newest.data.metrics
-    _run(["git", "checkout", "--", "."], proj, env)  # back to the committed baseline
-    _run(["dvc", "checkout"], proj, env)
-    assert _status(proj, env) == set()
 
     # another merge method and a weight search, queued and run in parallel by
     # `dvc queue start -j 2`: each re-runs only the weights onward, both log to the
@@ -239,6 +228,8 @@ def experiments_rerun_only_what_they_change_and_queue_in_parallel(proj: Path, en
         assert needed <= ran <= possible, (name, ran, log[-3000:])
         assert set(children[by_name[name].info.run_id]) == ran
         assert by_name[name].info.status == "FINISHED"
+        # the report fills the experiment's parent summary, the cached stages' numbers included
+        assert {"pretrained/fd", "shared/fd", "merged/fd"} <= set(by_name[name].data.metrics)
     ties_log = _run(["dvc", "queue", "logs", "ties"], proj, env)
     assert "evaluate@merged" in stages_run(ties_log), ties_log[-3000:]
     assert not list(proj.glob(".dvc/tmp/exps/**/mlflow.db"))
@@ -278,11 +269,22 @@ def test_parallel_ranges_runs_the_finetunes_at_once_and_records_them(tmp_path):
     proj.mkdir()
     shutil.copytree(ROOT / "tools", proj / "tools", ignore=shutil.ignore_patterns("__pycache__"))
     env = make_project(proj)
-    out = _run([sys.executable, "-m", "tools.parallel_ranges", "-j", "2", "--no-rest"], proj, env)
-    assert '"ranges": 2' in out and '"threads_each"' in out
+    out = _run([sys.executable, "-m", "tools.parallel_ranges", "-j", "2", "--threads", "1", "--no-rest"], proj, env)
+    assert '"ranges": 2' in out and '"threads_each": 1' in out
     # dvc commit recorded both fine-tunes: DVC sees them as run, and the rest of the pipeline as to do
     stale = _status(proj, env)
     assert not stale & {"finetune@0", "finetune@1"} and {"task_vectors", "report"} <= stale
+
+    # the fine-tunes run at once, a thread each, equal the same fine-tunes run one after the other
+    seq = tmp_path / "seq"
+    shutil.copytree(proj, seq, ignore=shutil.ignore_patterns(".git", ".dvc", "mlflow.db", "ranges"))
+    for i in (0, 1):
+        _run([sys.executable, "-m", "stages.finetune", "--range", str(i)], seq,
+             {**env, "DTM_THREADS": "1", "MLFLOW_TRACKING_URI": f"sqlite:///{seq}/mlflow.db"})
+    for i in (0, 1):
+        d = f"models/ranges/range-{i}"
+        assert dir_digest(seq / d) == dir_digest(proj / d), d
+
     # the first stage downstream of both runs; they do not re-run (the rest of the pipeline is left to do)
     rest = stages_run(_run(["dvc", "repro", "task_vectors"], proj, env))
     assert "task_vectors" in rest and not rest & {"prepare", "pretrain", "partition", "finetune@0", "finetune@1"}
