@@ -21,22 +21,17 @@ that graph (a second run on the same machine finds it there).
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
-from machine import ROOT, cpu_model, deme_train, timing_recipe
+from machine import DIGITS_BASE, ROOT, cpu_model, deme_train, publish, timing_images, timing_recipe
 
 from dtm_core.config import load_params
-from dtm_core.data import load_digits_source
-from dtm_core.io import write_json
 from dtm_core.model import load_scheduler, load_unet, with_projection
 from dtm_core.sampling import initial_noise, sample
-
-BASE = ROOT / "base" / "digits-unet"
 
 
 def compiled(model):
@@ -88,7 +83,7 @@ def main() -> int:
     ap.add_argument("--samples", type=int, default=4000)
     ap.add_argument("--steps", type=int, default=40, help="fine-tune steps per timing")
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--base", type=Path, default=BASE, help="the UNet to time (default: the digits base)")
+    ap.add_argument("--base", type=Path, default=DIGITS_BASE, help="the UNet to time (default: the digits base)")
     ap.add_argument("--out", type=Path)
     args = ap.parse_args()
     params = load_params(ROOT / "params.yaml")
@@ -116,9 +111,7 @@ def main() -> int:
                           "max_abs_difference": float(np.abs(reference - out).max())}
         print(f"sampling {name}: {t_eager / seconds:.2f}x eager", flush=True)
 
-    # the digits themselves; another base trains on noise of its shape (a step's time does not depend on pixels)
-    images = (torch.as_tensor(load_digits_source().images) if args.base.resolve() == BASE.resolve()
-              else torch.randn((1024, *shape), generator=torch.Generator().manual_seed(0)).clamp(-1, 1))
+    images = timing_images(args.base, shape)
 
     def step(compile_it: bool):
         base = load_unet(args.base, what="base").eval()
@@ -136,12 +129,8 @@ def main() -> int:
         "finetune_step": {"batch_size": ft.batch_size, "eager_ms": 1000 * s_eager, "compiled_ms": 1000 * s_comp,
                           "ratio": s_eager / s_comp},
         "base": str(args.base),
-        "command": " ".join(["python benchmarks/compile_speed.py", *sys.argv[1:]]),
     }
-    print(json.dumps(result, indent=2))
-    if args.out:
-        write_json(args.out, result)
-    return 0
+    return publish(result, args.out)
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+DIGITS_BASE = ROOT / "base" / "digits-unet"
 
 
 def cpu_model() -> str:
@@ -49,3 +50,28 @@ def deme_train(student, base, scheduler, images, ft, steps: int, lo: int = 250, 
 
     return train(student, scheduler, images, ft, seed=0, steps=steps, timestep_sampler=draw, teacher=base,
                  consistency_weight=consistency_weight, **kwargs)
+
+
+def timing_images(base: Path, shape: tuple[int, ...]):
+    """Images to time training on: the digits for the digits base; for another base noise of its shape
+    (a step's time does not depend on the pixels)."""
+    import torch
+
+    from dtm_core.data import load_digits_source
+
+    if base.resolve() == DIGITS_BASE.resolve():
+        return torch.as_tensor(load_digits_source().images)
+    return torch.randn((1024, *shape), generator=torch.Generator().manual_seed(0)).clamp(-1, 1)
+
+
+def publish(result: dict, out: Path | None) -> int:
+    """Print a benchmark's result with the command that produced it, and write it to ``out`` when given."""
+    import json
+
+    from dtm_core.io import write_json
+
+    result["command"] = " ".join([f"python benchmarks/{Path(sys.argv[0]).name}", *sys.argv[1:]])
+    print(json.dumps(result, indent=2))
+    if out:
+        write_json(out, result)
+    return 0
