@@ -142,9 +142,14 @@ def measured(p, run_name: str, wall_seconds: float) -> dict:
     from dtm_core.tracking import tracking_uri
 
     client = MlflowClient(tracking_uri(p))
-    parent = client.search_runs(client.get_experiment_by_name(p.tracking.experiment_name).experiment_id,
-                                f"attributes.run_name = '{run_name}'", order_by=["attributes.start_time DESC"],
-                                max_results=1)[0]
+    experiment = client.get_experiment_by_name(p.tracking.experiment_name)
+    found = client.search_runs(experiment.experiment_id, f"attributes.run_name = '{run_name}'",
+                               order_by=["attributes.start_time DESC"], max_results=1) if experiment else []
+    if not found:
+        raise SystemExit(f"--measured {run_name}: no MLflow run of that name in experiment "
+                         f"{p.tracking.experiment_name!r} at {tracking_uri(p)}; run `make fashion` first "
+                         "(its parent run is seeds-0-fashion)")
+    parent = found[0]
     runs = client.search_runs(parent.info.experiment_id, f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
     stages = {r.info.run_name: r for r in runs}
     sec = {name: {k: v for k, v in r.data.metrics.items() if k.endswith("_seconds")} for name, r in stages.items()}

@@ -42,8 +42,10 @@ def counted_flops(fn) -> int:
 
 def matmul_gflops(streams: int, threads_each: int, size: int = 2048, repeats: int = 10, trials: int = 3) -> float:
     """fp32 GFLOP/s of ``streams`` concurrent square products, each on ``threads_each`` intra-op threads: the
-    best of ``trials`` (a ceiling, so the fastest trial is the one least disturbed)."""
+    best of ``trials`` (a ceiling, so the fastest trial is the one least disturbed). The calling thread's own
+    thread count is restored afterwards (the warm-up runs on it)."""
     a, b = torch.randn(size, size), torch.randn(size, size)
+    caller_threads = torch.get_num_threads()
 
     def run(_):
         torch.set_num_threads(threads_each)
@@ -57,6 +59,7 @@ def matmul_gflops(streams: int, threads_each: int, size: int = 2048, repeats: in
         with ThreadPoolExecutor(streams) as pool:
             list(pool.map(run, range(streams)))
         best = max(best, streams * repeats * 2 * size**3 / (time.perf_counter() - start) / 1e9)
+    torch.set_num_threads(caller_threads)
     return best
 
 
@@ -86,9 +89,7 @@ def main() -> int:
     sample_seconds = time.perf_counter() - start
     images_per_second = args.samples / sample_seconds
     sampling_gflops = images_per_second * ev.sampling_steps * forward_flops / 1e9
-    torch.set_num_threads(threads)
     sampling_ceiling = matmul_gflops(streams=threads, threads_each=1)
-    torch.set_num_threads(threads)
 
     images = timing_images(args.base, shape)
     base = load_unet(args.base, what="base").eval()
@@ -102,7 +103,6 @@ def main() -> int:
     step_seconds = deme_train(student, base, scheduler, images, ft, args.steps).seconds / args.steps
     training_gflops = step_flops / step_seconds / 1e9
     training_ceiling = matmul_gflops(streams=1, threads_each=threads)
-    torch.set_num_threads(threads)
 
     result = {
         "cpu": cpu_model(), "threads": threads, "torch": torch.__version__, "base": os.path.relpath(args.base, ROOT),
