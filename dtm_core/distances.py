@@ -20,6 +20,10 @@ import numpy as np
 from .errors import ConfigError
 
 Statistic = Callable[[np.ndarray, np.ndarray], float]
+# FD's bootstrap takes as many rounds at once as keep their counts (rounds x samples) and covariances
+# (rounds x dimension^2) within this many float64s (256 MB): all 1,000 rounds of 22,000 samples of 64
+# features in one pass
+FD_COUNTS = 2**25
 
 
 def feature_stats(feats: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -80,10 +84,39 @@ class FrechetToReference:
         self.trace = float(np.trace(sigma))
 
     def __call__(self, feats: np.ndarray) -> float:
-        mu, sigma = feature_stats(feats)
+        return float(self._fd(*feature_stats(feats)))
+
+    def of_resamples(self, feats: np.ndarray, counts) -> np.ndarray:
+        """FD of each resample of ``feats``, row b of ``counts`` holding how often resample b drew each sample.
+
+        Equal to ``self(feats[idx])`` (to about 1e-11 relative; tests check 1e-10) without building a resample:
+        each resample's mean and covariance are weighted sums over the samples. With more resamples
+        than half the feature dimension, every feature pair's products are formed once and weighted by
+        all rows of ``counts`` in one matrix product per feature; with fewer, each resample weights a
+        copy of the features. Centring on the full set's mean first keeps the covariance free of
+        cancellation.
+        """
+        n, dim = feats.shape
+        centre = feats.mean(axis=0)
+        x = feats - centre
+        weights = np.asarray(counts, dtype=np.float64)
+        mean = weights @ x / n
+        if len(weights) > dim // 2:
+            second = np.zeros((len(weights), dim, dim))
+            for i in range(dim):
+                second[:, i, i:] = weights @ (x[:, i:i + 1] * x[:, i:])
+            second += np.triu(second, 1).transpose(0, 2, 1)
+        else:
+            second = np.stack([(x.T * w) @ x for w in weights])
+        sigma = (second - n * mean[:, :, None] * mean[:, None, :]) / (n - 1)
+        return self._fd(mean + centre, sigma)
+
+    def _fd(self, mu: np.ndarray, sigma: np.ndarray) -> np.ndarray:
+        """FD for a mean and covariance, or a stack of them (leading axis)."""
         diff = mu - self.mu
         eig = np.linalg.eigvalsh(self.root @ sigma @ self.root)
-        return float(diff @ diff + np.trace(sigma) + self.trace - 2.0 * np.sqrt(np.maximum(eig, 0.0)).sum())
+        return ((diff * diff).sum(axis=-1) + np.trace(sigma, axis1=-2, axis2=-1) + self.trace
+                - 2.0 * np.sqrt(np.maximum(eig, 0.0)).sum(axis=-1))
 
 
 def _cubic_kernel_sum(x: np.ndarray, y: np.ndarray, dim: int, skip_diagonal: bool = False) -> float:
@@ -180,24 +213,28 @@ def bootstrap_replicates(feats: np.ndarray, reference: np.ndarray, statistic: St
     the paired bootstrap of their difference (each model's replicates can be
     drawn once and shared by every contrast it enters).
 
-    The indices are drawn in round order ``chunk`` rounds at a time and the
-    replicates computed on :func:`bootstrap_workers` threads: every replicate
-    is computed exactly as alone, so the result does not depend on the number
-    of threads (tests check it). For FD the replicates are
-    :class:`FrechetToReference`'s: the reference's statistics and square root
-    computed once, and each replicate's square-root term a hundred times cheaper than sqrtm's.
+    The indices are drawn in round order. FD's replicates are
+    :meth:`FrechetToReference.of_resamples`', as many rounds at once as
+    :data:`FD_COUNTS` allows: the reference's statistics and square root
+    computed once, each resample's statistics from its counts. Any other
+    statistic runs ``chunk`` rounds at a time on :func:`bootstrap_workers`
+    threads, every replicate computed exactly as alone, so the result does not
+    depend on the number of threads (tests check it).
     """
+    n = len(feats)
+    rng = np.random.default_rng(seed)
     if statistic is frechet_distance:
         to_reference = FrechetToReference(reference)
-        one = lambda idx: to_reference(feats[idx])  # noqa: E731
-    else:
-        one = lambda idx: statistic(feats[idx], reference)  # noqa: E731
-    rng = np.random.default_rng(seed)
+        step = max(1, FD_COUNTS // max(n, feats.shape[1] ** 2))
+        return np.concatenate([np.empty(0)] + [
+            to_reference.of_resamples(feats, np.stack([np.bincount(rng.integers(0, n, n), minlength=n)
+                                                       for _ in range(min(step, rounds - start))], dtype=np.float64))
+            for start in range(0, rounds, step)])
     out: list[float] = []
     with ThreadPoolExecutor(bootstrap_workers()) as pool:
         for start in range(0, rounds, chunk):
-            draws = [rng.integers(0, len(feats), len(feats)) for _ in range(min(chunk, rounds - start))]
-            out.extend(pool.map(one, draws))
+            draws = [rng.integers(0, n, n) for _ in range(min(chunk, rounds - start))]
+            out.extend(pool.map(lambda idx: statistic(feats[idx], reference), draws))
     return np.array(out)
 
 

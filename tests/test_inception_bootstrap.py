@@ -142,19 +142,32 @@ def test_report_contrasts_reuse_each_models_replicates_and_equal_the_paired_boot
     assert fd_contrast(models["a"], models["b"], ref, 40, seed=4)["fd_ci"] != ab["fd_ci"]  # another draw
 
 
-@pytest.mark.parametrize("statistic", ["fd", "kid"])
-def test_bootstrap_replicates_equal_the_plain_loop_whatever_the_threads(statistic, monkeypatch):
-    # the threaded, chunked replicates are bit for bit the one-resample-at-a-time definition
-    # (FD's: distances.FrechetToReference, which is clean-fid's FD up to rounding)
+def test_fd_replicates_from_counts_equal_fd_of_the_resampled_sets():
+    # FrechetToReference.of_resamples weights the features by each resample's counts instead of copying them;
+    # both of its routes (feature-pair products for many resamples, a weighted copy each for few) give the FD
+    # of the resampled set, far from the origin too (it centres first)
     rng = np.random.default_rng(4)
-    feats, ref = rng.normal(size=(300, 6)), rng.normal(0.2, 1.1, size=(250, 6))
-    stat = distances.frechet_distance if statistic == "fd" else (
-        lambda a, b: distances.kernel_distance(a, b, 3, 50, 1))
-    one = distances.FrechetToReference(ref) if statistic == "fd" else (lambda x: stat(x, ref))
+    feats, ref = rng.normal(50.0, 1.0, size=(300, 6)), rng.normal(50.2, 1.1, size=(250, 6))
+    to_ref = distances.FrechetToReference(ref)
     draws = np.random.default_rng(9)
     idx = [draws.integers(0, 300, 300) for _ in range(23)]
-    plain = np.array([one(feats[i]) for i in idx])
-    np.testing.assert_allclose(plain, [stat(feats[i], ref) for i in idx], rtol=1e-8)
+    plain = np.array([to_ref(feats[i]) for i in idx])
+    np.testing.assert_allclose(plain, [distances.frechet_distance(feats[i], ref) for i in idx], rtol=1e-8)
+    counts = [np.bincount(i, minlength=300) for i in idx]
+    np.testing.assert_allclose(to_ref.of_resamples(feats, counts), plain, rtol=1e-10)  # 23 resamples > 6 / 2
+    np.testing.assert_allclose(to_ref.of_resamples(feats, counts[:2]), plain[:2], rtol=1e-10)  # 2 <= 6 / 2
+    # bootstrap_replicates draws the same indices in the same order
+    np.testing.assert_allclose(distances.bootstrap_replicates(feats, ref, distances.frechet_distance, 23, seed=9),
+                               plain, rtol=1e-10)
+
+
+def test_bootstrap_replicates_equal_the_plain_loop_whatever_the_threads(monkeypatch):
+    # the threaded, chunked replicates of any other statistic are bit for bit the one-resample-at-a-time definition
+    rng = np.random.default_rng(4)
+    feats, ref = rng.normal(size=(300, 6)), rng.normal(0.2, 1.1, size=(250, 6))
+    stat = lambda a, b: distances.kernel_distance(a, b, 3, 50, 1)  # noqa: E731
+    draws = np.random.default_rng(9)
+    plain = np.array([stat(feats[draws.integers(0, 300, 300)], ref) for _ in range(23)])
     monkeypatch.setenv("DTM_THREADS", "1")
     assert distances.bootstrap_workers() == 1
     assert np.array_equal(distances.bootstrap_replicates(feats, ref, stat, 23, seed=9), plain)
