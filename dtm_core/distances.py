@@ -20,9 +20,9 @@ import numpy as np
 from .errors import ConfigError
 
 Statistic = Callable[[np.ndarray, np.ndarray], float]
-# FD's bootstrap takes as many rounds at once as keep their counts (rounds x samples) and covariances
-# (rounds x dimension^2) within this many float64s (256 MB): all 1,000 rounds of 22,000 samples of 64
-# features in one pass
+# FD's bootstrap takes as many rounds at once as keep their counts (rounds x samples) and their
+# covariances (rounds x dimension^2) each within this many float64s (256 MB): all 1,000 rounds of
+# 22,000 samples of 64 features in one pass
 FD_COUNTS = 2**25
 
 
@@ -89,7 +89,8 @@ class FrechetToReference:
     def of_resamples(self, feats: np.ndarray, counts) -> np.ndarray:
         """FD of each resample of ``feats``, row b of ``counts`` holding how often resample b drew each sample.
 
-        Equal to ``self(feats[idx])`` (to about 1e-11 relative; tests check 1e-10) without building a resample:
+        Equal to ``self(feats[idx])`` up to rounding (1.2e-9 relative at most on the default's samples,
+        benchmarks/bootstrap_speed.py; tests check 1e-10 on small sets) without building a resample:
         each resample's mean and covariance are weighted sums over the samples. With more resamples
         than half the feature dimension, every feature pair's products are formed once and weighted by
         all rows of ``counts`` in one matrix product per feature; with fewer, each resample weights a
