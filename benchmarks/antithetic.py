@@ -42,14 +42,13 @@ def contrast_se(merged: np.ndarray, shared: np.ndarray, reference: np.ndarray, r
     fd = FrechetToReference(reference)
     rng = np.random.default_rng(seed)
     n = len(merged)
-    boot = []
-    for _ in range(rounds):
-        if paired:
-            half = rng.integers(0, n // 2, n // 2)
-            idx = np.concatenate([half, half + n // 2])
+    counts = np.empty((rounds, n))
+    for row in counts:
+        if paired:  # a pair's members share one draw: the first half's counts, repeated for the second
+            row[:] = np.tile(np.bincount(rng.integers(0, n // 2, n // 2), minlength=n // 2), 2)
         else:
-            idx = rng.integers(0, n, n)
-        boot.append(fd(merged[idx]) - fd(shared[idx]))
+            row[:] = np.bincount(rng.integers(0, n, n), minlength=n)
+    boot = fd.of_resamples(merged, counts) - fd.of_resamples(shared, counts)
     return frechet_distance(merged, reference) - frechet_distance(shared, reference), float(np.std(boot, ddof=1))
 
 
