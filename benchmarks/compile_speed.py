@@ -21,6 +21,7 @@ that graph (a second run on the same machine finds it there).
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -128,7 +129,7 @@ def main() -> int:
         "sampling": sampling,
         "finetune_step": {"batch_size": ft.batch_size, "eager_ms": 1000 * s_eager, "compiled_ms": 1000 * s_comp,
                           "ratio": s_eager / s_comp},
-        "base": str(args.base),
+        "base": os.path.relpath(args.base, ROOT),
     }
     return publish(result, args.out)
 
