@@ -52,7 +52,7 @@ fashion: setup
 
 # before the verdict seeds (docs/FASHION.md): the lrs on validation, then the pilot that sizes the sample count
 fashion-lrs: setup
-	python -m tools.sweep finetune.lr 1e-4 5e-5 2e-4 --config configs/fashion.yaml --label fashion \
+	python -m tools.sweep finetune.lr 1e-4 5e-5 2e-4 5e-4 --config configs/fashion.yaml --label fashion \
 	  -S evaluate.seed=1 -S evaluate.reference=validation -S finetune.shared_lr=null \
 	  -S evaluate.num_samples=4000 -S evaluate.heldout_images=250 \
 	  -S 'controls.models=[]' -S 'analysis.lambdas=[]' -S analysis.gradient_bins=0
