@@ -572,13 +572,28 @@ def test_a_sweep_on_a_configuration_names_its_experiments_apart_and_lets_set_win
         "contrasts": {"merged_minus_shared": contrast}})
     monkeypatch.setattr(sweep.exps, "mlflow_parent_runs", lambda names: {n: [] for n in names})
     assert sweep.main(["finetune.lr", "5e-5", "1e-4", "--config", str(config), "--label", "fashion",
-                       "-S", "evaluate.reference=validation", "--out", str(tmp_path)]) == 0
+                       "-S", "evaluate.reference=validation", "-S", "evaluate.seed=1", "--out", str(tmp_path)]) == 0
     assert set(ran) == set(fd)
     for value, overrides in zip([5e-5, 1e-4], ran.values()):
         assert overrides == {"data.source": "idx", "evaluate.reference": "validation", "evaluate.num_samples": 10000,
-                             "finetune.lr": value}
+                             "evaluate.seed": 1, "finetune.lr": value}
     result = json.loads((tmp_path / "sweep-fashion-finetune-lr.json").read_text())
     assert result["best_by_fd"] == {m: 1e-4 for m in sweep.METHODS}
+
+
+@pytest.mark.parametrize("sets, named", [
+    (["evaluate.reference=validation"], "evaluate.seed=1"),  # the headline's test noise
+    (["evaluate.seed=1"], "evaluate.reference=validation"),  # the test images, on a source that has them
+])
+def test_a_sweep_that_would_choose_on_the_test_noise_or_images_is_refused(sets, named, tmp_path, monkeypatch,
+                                                                          capsys):
+    config = tmp_path / "fashion.yaml"
+    config.write_text("data:\n  source: idx\n")
+    monkeypatch.setattr(sweep.exps, "run_all", lambda variants, **kw: pytest.fail("a variant ran"))
+    argv = ["finetune.lr", "1e-4", "--config", str(config), "--out", str(tmp_path)]
+    assert sweep.main([*argv, *(a for s in sets for a in ("-S", s))]) == 2
+    err = capsys.readouterr().err
+    assert named in err and "Traceback" not in err
 
 
 def test_the_pilot_sizes_the_sample_count_from_the_half_width_alone():

@@ -5,9 +5,11 @@
         -S evaluate.seed=1 -S evaluate.reference=validation -S finetune.shared_lr=null ...
 
 Each value is an experiment ``sweep-[<label>-]<key>-<value>``, resumable.
-``-S evaluate.seed=<k>`` with k != 0 scores on validation noise, never the
-headline's test noise; ``-S evaluate.reference=validation`` scores against
-the held-out split, so the choice never sees the test images. Writes
+A sweep makes a choice, so it is refused on the headline's test noise or test
+images: ``-S evaluate.seed=<k>``, k other than the headline's, scores on
+validation noise, and ``-S evaluate.reference=validation`` against the
+held-out split (needed where the data has a test split: ``data.source:
+idx``). Writes
 ``reports/sweep-[<label>-]<key>.{json,md}``: per value every model's FD, KID and
 held-out loss and the paired contrasts, and the value each method's FD prefers.
 """
@@ -19,9 +21,23 @@ import sys
 from pathlib import Path
 from typing import Any, Optional
 
+from dtm_core.config import parse_params, read_yaml
+from dtm_core.errors import ConfigError
 from tools import command, exps
 
 METHODS = ("shared", "merged", "ensemble")
+
+
+def check_validation(key: str, config: dict, fixed: dict) -> None:
+    """A :class:`ConfigError` if the sweep would choose on the headline's test noise or its test images."""
+    headline = parse_params(exps.apply_overrides(read_yaml("params.yaml"), config), "params.yaml")
+    swept = parse_params(exps.apply_overrides(read_yaml("params.yaml"), fixed), "params.yaml")
+    if key != "evaluate.seed" and swept.evaluate.seed == headline.evaluate.seed:
+        raise ConfigError(f"evaluate.seed {swept.evaluate.seed} is the headline's test noise: a sweep chooses on "
+                          f"validation noise, e.g. -S evaluate.seed={headline.evaluate.seed + 1}")
+    if swept.data.source == "idx" and swept.evaluate.reference != "validation":
+        raise ConfigError("data.source idx has a test split: a sweep scores against the held-out split, "
+                          "-S evaluate.reference=validation")
 
 
 def row(value: Any, comparison: dict) -> dict:
@@ -56,6 +72,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     args = ap.parse_args(argv)
     stem = "sweep-" + (f"{args.label}-" if args.label else "") + args.key.replace(".", "-")
     fixed = exps.overrides(args)
+    check_validation(args.key, exps.config_overrides(args.config), fixed)
     values = [exps.parse_sets([f"v={v}"])["v"] for v in args.values]
     variants = {f"{stem}-{v}": {**fixed, args.key: v} for v in values}
     if not args.collect_only:
