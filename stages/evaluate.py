@@ -107,7 +107,11 @@ def score_models(params: Params, run, name: str, models, ranges, scheduler, samp
     mem_feats = distances.memorisation(clf_feats, ref["heldout_classifier"], ref["train_classifier"],
                                        ev.memorisation_percentile)
     probs = torch.softmax(torch.as_tensor(features.predict(clf, images)), dim=1).numpy()
+    # the floor has only the held-out images: FD at that n, where there are that many samples (a sweep at fewer
+    # samples than held-out images gets none rather than one at a smaller n labelled as the floor's)
     n_floor = len(ref["heldout"])
+    at_floor_n = (lambda split: distances.frechet_distance(feats[:n_floor], ref[split])) if len(feats) >= n_floor \
+        else (lambda split: None)
 
     save_grid(images, samples_dir / f"{name}.png", nrow=ev.grid_size)
     with atomic_file(samples_dir / f"{name}.npz", "wb") as handle:
@@ -132,10 +136,9 @@ def score_models(params: Params, run, name: str, models, ranges, scheduler, samp
         "fd_noise_seed_std": float(np.std(fds, ddof=1)) if len(fds) > 1 else 0.0,
         # FD is biased upwards at small n: this one is comparable with the
         # real-vs-real floor, which only has the held-out images.
-        "fd_at_floor_n": distances.frechet_distance(feats[:n_floor], ref["train"]),
+        "fd_at_floor_n": at_floor_n("train"),
         "reference": against,
-        **({"fd_test_at_floor_n": distances.frechet_distance(feats[:n_floor], ref["test"])}
-           if against == "test" else {}),
+        **({"fd_test_at_floor_n": at_floor_n("test")} if against == "test" else {}),
         "heldout_loss_curve": losses["losses"].mean(axis=0).tolist(),
         "heldout_timesteps": losses["timesteps"].tolist(),
         "memorisation_pixels": mem_pixels,
@@ -156,7 +159,7 @@ def score_models(params: Params, run, name: str, models, ranges, scheduler, samp
     run.log_curve("heldout_loss_by_t", list(zip(losses["timesteps"].tolist(), details["heldout_loss_curve"])))
     run.log_metrics({"images_per_second": len(images) / seconds if seconds > 0 else float("nan"),
                      "sample_seconds": seconds, "heldout_loss_seconds": heldout_seconds,
-                     "fd_at_floor_n": details["fd_at_floor_n"]})
+                     **({} if details["fd_at_floor_n"] is None else {"fd_at_floor_n": details["fd_at_floor_n"]})})
     log_data_version(run, params, "evaluation")
     return headline, losses
 

@@ -12,6 +12,7 @@ bootstrap held-out images (every model saw the same images and noise).
 from __future__ import annotations
 
 import sys
+from typing import Optional
 
 import numpy as np
 
@@ -54,6 +55,11 @@ def sampler_label(settings: dict) -> str:
     """'DPM-Solver++ 20 steps' from a report's settings."""
     name = {"ddim": "DDIM", "dpmsolver": "DPM-Solver++", "unipc": "UniPC"}[settings["sampler"]]
     return f"{name} {settings['sampling_steps']} steps"
+
+
+def number(value: Optional[float]) -> str:
+    """A table cell: four decimals, or a dash where the value was not computed."""
+    return "–" if value is None else f"{value:.4f}"
 
 
 def loss_contrast(a: np.ndarray, b: np.ndarray, cols: np.ndarray, rounds: int, seed: int) -> dict:
@@ -109,9 +115,10 @@ def report(params: Params, run=NullRun()) -> dict:
         for m in EVAL_MODELS:
             models[m]["fd_minus_floor"] = models[m]["fd"] - floor["fd_at_n"]
             # closer to the train split than to the test split by more than unseen real images are
-            gap = details[m]["fd_test_at_floor_n"] - details[m]["fd_at_floor_n"]
+            test_fd, train_fd = details[m]["fd_test_at_floor_n"], details[m]["fd_at_floor_n"]
+            gap = None if train_fd is None else test_fd - train_fd  # None: fewer samples than the floor's n
             models[m]["train_test_gap"] = gap
-            models[m]["closer_to_train"] = bool(gap > floor["real_train_test_gap"])
+            models[m]["closer_to_train"] = None if gap is None else bool(gap > floor["real_train_test_gap"])
     comparison = {
         "models": models,
         "contrasts": contrasts,
@@ -229,7 +236,7 @@ def render_markdown(c: dict) -> str:
             f"| {m} | {r['fd']:.4f} [{r['fd_ci'][0]:.4f}, {r['fd_ci'][1]:.4f}] | "
             + (f"{r['fd_minus_floor']:.4f} | {r['fd_train']:.4f} | " if test else "")
             + f"{r['kid']:.5f} [{r['kid_ci'][0]:.5f}, {r['kid_ci'][1]:.5f}] | {r['heldout_loss']:.5f} | "
-            f"{r['memorised_fraction']:.4f} / {r['memorised_fraction_features']:.4f} | {r['fd_at_floor_n']:.4f} | "
+            f"{r['memorised_fraction']:.4f} / {r['memorised_fraction_features']:.4f} | {number(r['fd_at_floor_n'])} | "
             f"{r['class_tv_distance']:.3f} |"
         )
     lines += [
@@ -246,7 +253,9 @@ def render_markdown(c: dict) -> str:
         "model trained on. **Memorised**: the fraction of samples closer to a train image than 95% of held-out "
         "images are (in pixels / in features); a model that generalises scores about 0.05. "
         f"**FD at n={f['num_samples']}**: FD of the first {f['num_samples']} samples against train, the only "
-        "column the floor row (held-out images against train, at that n) can be compared with. **Class TV**: total "
+        "column the floor row (held-out images against train, at that n) can be compared with"
+        + ("; – where a run has fewer samples than that" if any(r["fd_at_floor_n"] is None for r in models.values())
+           else "") + ". **Class TV**: total "
         "variation distance between the samples' predicted classes and the train split's class frequencies (0: "
         "the same mix).",
         "",

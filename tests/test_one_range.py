@@ -37,6 +37,7 @@ def test_a_single_range_lora_pipeline_on_a_test_split(tmp_path_factory):
     for name, m in report["models"].items():
         assert m["fd_minus_floor"] == pytest.approx(m["fd"] - floor["fd_at_n"])
         assert m["fd_train"] != m["fd"], name  # two references, two numbers
+        assert m["fd_at_floor_n"] is not None  # 80 samples, at least the 40 held-out images of the floor
         assert m["closer_to_train"] == (m["train_test_gap"] > floor["real_train_test_gap"])
     md = (proj / "reports" / "comparison.md").read_text()
     assert "against the test split" in md and "FD − floor" in md and "10 resamples for each model" in md
