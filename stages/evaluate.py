@@ -145,8 +145,8 @@ def score_models(params: Params, run, name: str, models, ranges, scheduler, samp
         "memorisation_features": mem_feats,
         **distances.class_coverage(probs, ref["class_freq"]),
         "settings": {"features": ev.features, "num_samples": ev.num_samples, "noise_seeds": ev.noise_seeds,
-                     "sampler": ev.sampler, "sampling_steps": ev.sampling_steps,
-                     "model_bootstrap_rounds": ev.bootstrap_rounds},
+                     "sampler": ev.sampler, "sampling_steps": ev.sampling_steps, "evaluate_seed": ev.seed,
+                     "eta": ev.eta, "model_bootstrap_rounds": ev.bootstrap_rounds},
     }
     if "range_losses" in losses:
         details["range_model_heldout_loss_curves"] = losses["range_losses"].mean(axis=1).tolist()

@@ -103,11 +103,14 @@ def test_dvc_repro_end_to_end_then_experiments(tmp_path):
         assert (80 * m["memorised_fraction"]).is_integer()
         assert m["fd_ci"][0] <= m["fd"] <= m["fd_ci"][1] and m["kid_ci"][0] <= m["kid"] <= m["kid_ci"][1]
         assert json.loads((proj / "metrics" / f"{name}.json").read_text())["fd"] == m["fd"]
+        # 80 samples, fewer than the 359 held-out images of the floor: no FD at the floor's n, a dash in the table
+        assert m["fd_at_floor_n"] is None
     c = report["contrasts"]["merged_minus_shared"]
     assert c["fd"] == pytest.approx(report["models"]["merged"]["fd"] - report["models"]["shared"]["fd"])
     assert c["fd_ci"][0] <= c["fd"] <= c["fd_ci"][1]
     assert len(c["heldout_loss_by_range"]) == 2 and len(report["range_models"]) == 2
     assert report["floor"]["fd"] < report["models"]["pretrained"]["fd"]
+    assert "– where a run has fewer samples than that" in (proj / "reports/comparison.md").read_text()
 
     # MLflow: one parent, one child per stage, each child logging exactly the params its stage declares
     parents, children = runs_by_parent(proj)
@@ -249,6 +252,7 @@ def experiments_rerun_only_what_they_change_and_queue_in_parallel(proj: Path, en
     across = json.loads(proc.stdout[proc.stdout.index("{"):])
     within = ties_report["contrasts"]["merged_minus_shared"]
     assert across["fd"] == pytest.approx(within["fd"], abs=1e-12) and across["fd_ci"] == within["fd_ci"]
+    assert across["heldout_loss_ci"] == within["heldout_loss"]["ci"]
     _run(["dvc", "exp", "apply", "ties"], proj, env)
     assert cached == json.loads((proj / "evaluation" / "merged.json").read_text())
     assert tracked == json.loads((proj / "metrics" / "merged.json").read_text()) and missing is None

@@ -14,7 +14,7 @@ import yaml
 
 from dtm_core import distances
 from dtm_core.errors import ConfigError
-from tools import exps, fashion, regress, seeds, study, sweep, tolerances
+from tools import contrast, exps, fashion, regress, seeds, study, sweep, tolerances
 from tools.exps import config_overrides, set_args
 from tools.fashion import decide, headline, pilot_size, reachable, render, seed_summary
 
@@ -618,3 +618,25 @@ def test_the_pilot_sizes_the_sample_count_from_the_half_width_alone():
     assert not pilot_size(pilot([-0.05, -0.01]))["capped"]
     with pytest.raises(exps.ExperimentError, match="floor-subtracted"):
         pilot_size(pilot([-0.01, 0.01], f_shared=-0.001))
+
+
+@pytest.mark.parametrize("b_settings, named", [
+    ({"evaluate_seed": 1}, "evaluate_seed"),  # other noise: not paired
+    ({"reference_name": "validation"}, "reference_name"),  # scored against another split
+])
+def test_a_contrast_across_runs_not_sampled_and_scored_alike_is_refused(b_settings, named, monkeypatch):
+    settings = {"num_samples": 80, "noise_seeds": 1, "evaluate_seed": 0, "sampler": "dpmsolver",
+                "reference": "test", "reference_name": "test"}
+    sides = {"a:merged": {**settings}, "b:merged": {**settings, **b_settings}}
+    monkeypatch.setattr(contrast, "side", lambda spec: (*spec.split(":"), {}, {"settings": sides[spec]}))
+    monkeypatch.setattr(contrast, "load_reference", lambda: pytest.fail("scored although not alike"))
+    with pytest.raises(exps.ExperimentError, match=named):
+        contrast.contrast("a:merged", "b:merged")
+
+
+def test_a_contrast_against_another_reference_than_the_workspaces_is_refused(monkeypatch):
+    settings = {"num_samples": 80, "reference": "test", "reference_name": "validation"}
+    monkeypatch.setattr(contrast, "side", lambda spec: (*spec.split(":"), {}, {"settings": settings}))
+    monkeypatch.setattr(contrast, "load_reference", lambda: {"test": None, "test_name": np.asarray("test")})
+    with pytest.raises(exps.ExperimentError, match="validation split, the workspace's reference is the test split"):
+        contrast.contrast("a:merged", "b:shared")

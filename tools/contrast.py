@@ -27,12 +27,14 @@ from dtm_core.config import load_params
 from dtm_core.io import read_json, write_json
 from dtm_core.seeding import derive_seed
 from stages.common import REPORT_DIR, SAMPLES_DIR, load_reference, reference_split
+from stages.report import loss_contrast
 from tools import command, exps
 
 WORKSPACE = "workspace"
 # what must match for two runs' samples to share their noise and their scoring
-SAME = ("num_samples", "noise_seeds", "sampler", "sampling_steps", "features", "reference", "heldout_images",
-        "classifier_heldout_accuracy")
+SAME = ("num_samples", "noise_seeds", "evaluate_seed", "sampler", "sampling_steps", "eta", "guidance_scale",
+        "features", "reference", "reference_name", "heldout_images", "classifier_heldout_accuracy",
+        "classifier_test_accuracy")
 
 
 def side(spec: str) -> tuple[str, str, dict, dict]:
@@ -61,16 +63,23 @@ def contrast(a: str, b: str) -> dict:
     if differ:
         raise exps.ExperimentError(f"'{a}' and '{b}' were not sampled and scored alike: {differ}")
     ref = load_reference()
+    # the FDs are recomputed against the workspace's reference: it must be the one both runs were scored on
+    here = str(ref["test_name"]) if "test_name" in ref else None
+    if ca["settings"].get("reference_name") != here:
+        raise exps.ExperimentError(f"'{a}' was scored against the {ca['settings'].get('reference_name') or 'train'} "
+                                   f"split, the workspace's reference is the {here or 'train'} split: run the "
+                                   "workspace with the runs' evaluate.reference (dvc exp apply one of them)")
     reference = ref[reference_split(ref)]
     rounds = params.report.bootstrap_rounds
     fd = distances.fd_contrast(da, db, reference, rounds, derive_seed(params.evaluate.seed, "paired-fd"))
-    diff = (da["losses"] - db["losses"]).mean(axis=1)
-    loss_ci = distances.paired_mean_ci(diff, rounds, derive_seed(params.evaluate.seed, "cross-run-loss"))
+    # the report's own held-out loss contrast (its seed) when both models are one run's
+    loss = loss_contrast(da["losses"], db["losses"], np.arange(da["losses"].shape[1]), rounds,
+                         derive_seed(params.evaluate.seed, f"loss-{ma}_minus_{mb}"))
     return {
         "a": {"run": na, "model": ma, **ca["models"][ma]}, "b": {"run": nb, "model": mb, **cb["models"][mb]},
         "fd": fd["fd"], "fd_ci": fd["fd_ci"], "fd_verdict": fd["verdict"],
-        "heldout_loss": float(diff.mean()), "heldout_loss_ci": list(loss_ci),
-        "heldout_loss_verdict": distances.verdict(loss_ci), "bootstrap_rounds": rounds,
+        "heldout_loss": loss["delta"], "heldout_loss_ci": loss["ci"],
+        "heldout_loss_verdict": loss["verdict"], "bootstrap_rounds": rounds,
         "settings": {k: ca["settings"].get(k) for k in SAME},
         "command": f"python -m tools.contrast {a} {b}"
                    + (f" --baseline {' '.join(exps.BASELINE)}" if exps.BASELINE != ["HEAD"] else ""),
