@@ -343,6 +343,12 @@ class Params(_Section):
                 f"merge.search.num_samples ({search.num_samples}) must exceed the classifier's feature "
                 f"dimension evaluate.classifier.feature_dim ({feature_dim}) that scores the search candidates"
             )
+        scaled = sorted({"shared_scaled", "merged_scaled"} & set(self.controls.models))
+        if scaled and self.controls.num_samples <= feature_dim:
+            raise ValueError(
+                f"controls.num_samples ({self.controls.num_samples}) must exceed the classifier's feature dimension "
+                f"evaluate.classifier.feature_dim ({feature_dim}) that scores the scale searches of {scaled}"
+            )
         if self.model.conditioning == "prompt":
             unsupported = {
                 "merge.search.strategy": search.strategy != "none",

@@ -152,6 +152,13 @@ def reference_split(ref: dict) -> str:
     return "test" if "test" in ref else "train"
 
 
+def validation_reference(ref: dict):
+    """The classifier features a choice on validation noise (a scale, merge weights) is scored against: the
+    held-out split where the test split is the final reference (idx), so no choice rewards copying train
+    images; else train, as the digits default's choices were made."""
+    return ref["heldout_classifier" if reference_split(ref) == "test" else "train_classifier"]
+
+
 def read_npz(path: Path) -> dict:
     """Every array of an .npz file, read into memory."""
     import numpy as np

@@ -46,6 +46,7 @@ from stages.common import (
     main,
     read_npz,
     reference_split,
+    validation_reference,
 )
 from stages.evaluate import score_models
 from stages.finetune import load_inputs, trainee
@@ -112,9 +113,7 @@ def build_and_evaluate(params: Params, run, names, ranges, T: int, out: Path) ->
     images, base, scheduler = load_inputs()
     ref = load_reference()
     clf = features.load_classifier(CLASSIFIER_DIR / "classifier")
-    # validation against the held-out split where the test split is the final reference, else train (as the
-    # merge search does)
-    val_ref = ref["heldout_classifier" if reference_split(ref) == "test" else "train_classifier"]
+    val_ref = validation_reference(ref)
 
     def score_images(samples) -> float:
         return distances.frechet_distance(features.extract_features(clf, samples), val_ref)

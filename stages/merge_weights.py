@@ -35,6 +35,7 @@ from stages.common import (
     load_reference,
     main,
     range_dir,
+    validation_reference,
 )
 from stages.merge import merge_inputs, merged_state
 
@@ -43,7 +44,7 @@ def validation_scorer(params: Params, template, base, files, num_samples: int):
     """Validation FD of a merge: the first ``num_samples`` of one fixed validation noise bank, classifier features."""
     sc = params.merge.search
     clf = features.load_classifier(CLASSIFIER_DIR / "classifier")
-    ref = load_reference()["train_classifier"]
+    ref = validation_reference(load_reference())
     cfg = template.config
     bank = initial_noise(derive_seed(params.evaluate.seed, "validation"), sc.num_samples,
                          (cfg.in_channels, cfg.sample_size, cfg.sample_size))

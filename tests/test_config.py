@@ -235,3 +235,13 @@ def test_a_configuration_file_goes_on_top_of_params_and_a_missing_one_is_named(t
     assert (p.seed, p.finetune.lr, p.finetune.steps) == (3, 0.002, 7)
     with pytest.raises(ConfigError, match="missing.yaml"):
         load_params(tmp_path / "p.yaml", tmp_path / "missing.yaml")
+
+
+def test_controls_validation_samples_must_exceed_the_feature_dimension(default_params_dict):
+    """The scale searches score FD on controls.num_samples samples: no more than the dimension is singular."""
+    d = _with(default_params_dict, "controls", models=["soup", "shared_scaled"], num_samples=64)
+    with pytest.raises(ConfigError) as exc:
+        parse_params(d)
+    assert "controls.num_samples (64)" in str(exc.value) and "['shared_scaled']" in str(exc.value)
+    parse_params(_with(default_params_dict, "controls", models=["soup", "shared_scaled"], num_samples=65))
+    parse_params(_with(default_params_dict, "controls", models=["soup"], num_samples=64))  # no scale search

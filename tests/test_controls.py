@@ -72,3 +72,14 @@ def test_the_loss_along_each_task_vector_meets_the_evaluated_models_at_both_ends
         assert len(A) == 2 and A[0][0] == pytest.approx(1.0, abs=1e-5)
         assert conflict[name]["mean_cosine_between_bins"] == pytest.approx(A[0][1], abs=1e-6)
         assert (proj / "analysis" / f"gradient_conflict_{name}.png").is_file()
+
+
+def test_choices_on_validation_noise_score_against_held_out_images_where_a_test_split_is_the_reference():
+    """The controls' scale searches and the merge-weight search share one rule (stages.common)."""
+    from stages import controls, merge_weights
+    from stages.common import validation_reference
+
+    ref = {"train_classifier": "train", "heldout_classifier": "held-out"}
+    assert validation_reference(ref) == "train"  # digits: train is the reference, as the default's choices were
+    assert validation_reference({**ref, "test": "test"}) == "held-out"  # idx: never the images that were trained on
+    assert controls.validation_reference is merge_weights.validation_reference is validation_reference
