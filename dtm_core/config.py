@@ -167,7 +167,7 @@ class FinetuneConfig(OptimConfig):
         return self if self.shared_lr is None else self.model_copy(update={"lr": self.shared_lr})
 
     def shared_total_steps(self, num_ranges: int) -> int:
-        """The shared baseline's steps: ``shared_steps``, or N x ``steps`` (equal compute) when that is null."""
+        """The shared baseline's steps: ``shared_steps``, or N x ``steps`` (equal steps) when that is null."""
         return num_ranges * self.steps if self.shared_steps is None else self.shared_steps
 
 

@@ -1,11 +1,14 @@
 """DVC stage finetune_shared: the shared-parameter baseline -> models/shared/.
 
-The paper's N = 1 row: the same optimiser recipe as the range models on all
-of [0, T), plain eps-MSE, no projection, no consistency loss, for N x
-``finetune.steps`` steps (equal compute) or ``finetune.shared_steps`` (its
+The paper's N = 1 row: the range models' optimiser recipe but its own lr
+(``finetune.shared_lr``, chosen on validation noise like theirs) on all of
+[0, T), plain eps-MSE, no projection, no consistency loss, t drawn uniformly
+and independently (``finetune.antithetic``'s mirrored draws are the range
+models' and the soup's), for N x ``finetune.steps`` steps (equal steps: the
+same batches seen; a DeMe step also runs the frozen base forward for its
+consistency loss) or ``finetune.shared_steps`` (its
 own budget, e.g. an early stop chosen on validation noise with
-``python -m tools.sweep finetune.shared_steps ... -S evaluate.seed=1``). ``finetune.shared_lr`` gives it a learning
-rate of its own; ``finetune.weighting`` turns it into one of the
+``python -m tools.sweep finetune.shared_steps ... -S evaluate.seed=1``). ``finetune.weighting`` turns it into one of the
 paper's Table 1 loss-reweighting baselines (SNR+1, truncated SNR,
 Min-SNR-gamma, P2).
 """

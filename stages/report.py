@@ -198,10 +198,10 @@ def _loss_delta(x: dict) -> str:
 
 
 def compute_label(s: dict) -> str:
-    """'equal compute' when the shared baseline ran N x steps, else its share of DeMe's total steps."""
+    """'equal steps' when the shared baseline ran N x steps, else its share of DeMe's total steps."""
     total = s["num_ranges"] * s["finetune_steps_per_range"]
     if s["shared_steps"] == total:
-        return "equal compute"
+        return "equal steps"
     return f"its own budget, finetune.shared_steps: {s['shared_steps'] / total:.2f} x DeMe's {total}"
 
 

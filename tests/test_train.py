@@ -148,8 +148,8 @@ def test_a_shorter_run_is_the_snapshot_of_a_longer_one_at_a_constant_lr(images):
     assert any(not torch.equal(snaps[4][k], snaps[6][k]) for k in short)
 
 
-def test_the_report_says_whether_the_shared_baseline_had_equal_compute():
+def test_the_report_says_whether_the_shared_baseline_had_equal_steps():
     equal = {"num_ranges": 4, "finetune_steps_per_range": 200, "shared_steps": 800}
-    assert report.compute_label(equal) == "equal compute"
+    assert report.compute_label(equal) == "equal steps"
     label = report.compute_label({"num_ranges": 4, "finetune_steps_per_range": 1500, "shared_steps": 3000})
     assert "finetune.shared_steps" in label and "0.50 x" in label and "6000" in label
