@@ -64,7 +64,8 @@ class TrainResult:
 
     @property
     def steps_per_second(self) -> float:
-        return self.steps / self.seconds if self.seconds > 0 else float("nan")
+        """The steps this run took (after its resume, if any) per second of it."""
+        return (self.steps - self.resumed_from) / self.seconds if self.seconds > 0 else float("nan")
 
 
 class _LoopState:
@@ -182,8 +183,8 @@ def train(
     ema.to(device)
     accelerator.register_for_checkpointing(ema)
     accelerator.register_for_checkpointing(state)
-    if use_teacher:
-        teacher = layout(teacher.to(device).eval().requires_grad_(False))
+    if use_teacher:  # a copy: the caller's model keeps its device, layout and flags (controls reuse the base)
+        teacher = layout(copy.deepcopy(teacher).to(device).eval().requires_grad_(False))
     if loss_weights is not None:
         loss_weights = loss_weights.to(device)
 
@@ -262,8 +263,6 @@ def train(
     final = accelerator.unwrap_model(model)
     ema.copy_to(_trainable(final))
     final = storage_layout(final.to("cpu").eval())
-    if use_teacher:
-        storage_layout(teacher)  # the caller's model, back as it came
     return TrainResult(
         model=final,
         losses=state.losses,

@@ -6,7 +6,7 @@ from dtm_core.data import load_digits_source
 from dtm_core.errors import TrainingDivergedError
 from dtm_core.model import build_scheduler, build_unet, float_state, with_projection
 from dtm_core.partition import sample_timesteps
-from dtm_core.train import lr_factor, smoothed, train
+from dtm_core.train import TrainResult, lr_factor, smoothed, train
 from stages import report
 
 CFG = ModelConfig(block_out_channels=[16, 32], norm_num_groups=8)
@@ -60,6 +60,7 @@ def test_layout_while_training_and_after(images, channels_last):
     # both leave in the storage layout, so they save as safetensors and difference into task vectors
     assert all(v.is_contiguous() for v in float_state(res.model).values())
     assert all(v.is_contiguous() for v in float_state(teacher).values())
+    assert all(p.requires_grad for p in teacher.parameters())  # the caller's teacher as it came: train runs a copy
 
 
 def test_layouts_train_the_same_model_up_to_rounding(images):
@@ -153,3 +154,8 @@ def test_the_report_says_whether_the_shared_baseline_had_equal_steps():
     assert report.compute_label(equal) == "equal steps"
     label = report.compute_label({"num_ranges": 4, "finetune_steps_per_range": 1500, "shared_steps": 3000})
     assert "finetune.shared_steps" in label and "0.50 x" in label and "6000" in label
+
+
+def test_steps_per_second_counts_only_the_steps_a_resumed_run_took():
+    assert TrainResult(model=None, steps=100, seconds=10.0).steps_per_second == 10.0
+    assert TrainResult(model=None, steps=100, seconds=10.0, resumed_from=60).steps_per_second == 4.0
