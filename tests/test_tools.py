@@ -403,6 +403,10 @@ def test_tolerances_are_twice_the_largest_shift_of_a_perturbed_run_per_key():
     assert kept["fd"]["abs"] == 1.0 and kept["kid"]["abs"] == pytest.approx(0.005)
     assert why["per_key"]["fd"] == {**why["per_key"]["fd"], "derived": pytest.approx(0.01), "kept_previous": True}
     assert why["per_key"]["kid"]["kept_previous"] is False and why["keep_looser"] is True
+    # a tolerance written as rel only has no absolute part to keep (regress reads a missing abs as 0)
+    old["kid"] = {"rel": 0.5}
+    kept, _ = tolerances.derive(_report(), runs, old, factor=2.0, floor=1e-5, keep_looser=True)
+    assert kept["kid"]["abs"] == pytest.approx(0.005)
 
 
 def test_the_tolerances_command_writes_both_files_and_names_a_report_that_lacks_a_metric(tmp_path, monkeypatch, capsys):

@@ -76,7 +76,8 @@ def derive(reference: dict, runs: dict[str, dict], old: dict, factor: float = 2.
             if delta > largest[key][0]:
                 largest[key] = (delta, run, metric)
     derived = {key: max(round_up(factor * shift), floor) for key, (shift, _, _) in largest.items()}
-    new = {key: {"abs": max(value, old[key]["abs"]) if keep_looser else value} for key, value in derived.items()}
+    new = {key: {"abs": max(value, old[key].get("abs", 0.0)) if keep_looser else value}
+           for key, value in derived.items()}
     evidence = {key: {"largest_shift": shift, "run": run, "metric": metric, "derived": derived[key],
                       "tolerance": new[key]["abs"], "kept_previous": new[key]["abs"] > derived[key]}
                 for key, (shift, run, metric) in largest.items()}
