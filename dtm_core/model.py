@@ -74,7 +74,10 @@ def _identity_projection(channels: int) -> torch.nn.Conv2d:
 
 def _project_tuple_output(module, args, output):
     # Down blocks return (hidden_states, skip_states); the projection acts on
-    # the hidden states passed to the next block.
+    # the hidden states passed to the next block. The skips stay as the block
+    # made them, so the up block across sees its last skip unprojected: the
+    # paper places P "after the output of every down block" and does not name
+    # the skips; this reading projects the path through the UNet's depth only.
     hidden, skips = output
     return (getattr(module, PROJECTION_ATTR)(hidden), skips)
 
