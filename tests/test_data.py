@@ -226,3 +226,7 @@ def test_a_validation_reference_keeps_the_test_images_out_of_the_classifier_stag
         np.testing.assert_array_equal(ref["test"], ref["heldout"])
     clf = json.loads((proj / "metrics" / "classifier.json").read_text())
     assert clf["reference"] == reference
+    # the train-test gap of unseen real images exists only where the held-out split is not the reference itself
+    from stages.report import test_floor
+
+    assert (test_floor(ref, 40, seed=0)["real_train_test_gap"] is None) == (reference == "validation")
