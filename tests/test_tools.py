@@ -403,10 +403,10 @@ def test_tolerances_are_twice_the_largest_shift_of_a_perturbed_run_per_key():
     assert kept["fd"]["abs"] == 1.0 and kept["kid"]["abs"] == pytest.approx(0.005)
     assert why["per_key"]["fd"] == {**why["per_key"]["fd"], "derived": pytest.approx(0.01), "kept_previous": True}
     assert why["per_key"]["kid"]["kept_previous"] is False and why["keep_looser"] is True
-    # a tolerance written as rel only has no absolute part to keep (regress reads a missing abs as 0)
+    # a relative part is kept as it was (regress allows max(abs, rel x |reference|); a missing abs counts as 0)
     old["kid"] = {"rel": 0.5}
     kept, _ = tolerances.derive(_report(), runs, old, factor=2.0, floor=1e-5, keep_looser=True)
-    assert kept["kid"]["abs"] == pytest.approx(0.005)
+    assert kept["kid"] == {"abs": pytest.approx(0.005), "rel": 0.5}
 
 
 def test_the_tolerances_command_writes_both_files_and_names_a_report_that_lacks_a_metric(tmp_path, monkeypatch, capsys):
@@ -627,11 +627,13 @@ def test_the_pilot_sizes_the_sample_count_from_the_half_width_alone():
 @pytest.mark.parametrize("b_settings, named", [
     ({"evaluate_seed": 1}, "evaluate_seed"),  # other noise: not paired
     ({"reference_name": "validation"}, "reference_name"),  # scored against another split
+    ({"evaluate_seed": None}, "made before the evaluation recorded it"),  # a report older than the key
 ])
 def test_a_contrast_across_runs_not_sampled_and_scored_alike_is_refused(b_settings, named, monkeypatch):
     settings = {"num_samples": 80, "noise_seeds": 1, "evaluate_seed": 0, "sampler": "dpmsolver",
                 "reference": "test", "reference_name": "test"}
-    sides = {"a:merged": {**settings}, "b:merged": {**settings, **b_settings}}
+    sides = {"a:merged": {**settings}, "b:merged": {k: v for k, v in {**settings, **b_settings}.items()
+                                                    if v is not None}}
     monkeypatch.setattr(contrast, "side", lambda spec: (*spec.split(":"), {}, {"settings": sides[spec]}))
     monkeypatch.setattr(contrast, "load_reference", lambda: pytest.fail("scored although not alike"))
     with pytest.raises(exps.ExperimentError, match=named):
@@ -644,3 +646,12 @@ def test_a_contrast_against_another_reference_than_the_workspaces_is_refused(mon
     monkeypatch.setattr(contrast, "load_reference", lambda: {"test": None, "test_name": np.asarray("test")})
     with pytest.raises(exps.ExperimentError, match="validation split, the workspace's reference is the test split"):
         contrast.contrast("a:merged", "b:shared")
+
+
+def test_every_swept_value_is_checked_not_only_the_fixed_settings(tmp_path, monkeypatch, capsys):
+    config = tmp_path / "fashion.yaml"
+    config.write_text("data:\n  source: idx\n")
+    monkeypatch.setattr(sweep.exps, "run_all", lambda variants, **kw: pytest.fail("a variant ran"))
+    argv = ["evaluate.reference", "validation", "test", "--config", str(config), "-S", "evaluate.seed=1"]
+    assert sweep.main([*argv, "--out", str(tmp_path)]) == 2
+    assert "sweep-evaluate-reference-test" in capsys.readouterr().err

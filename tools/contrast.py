@@ -58,8 +58,12 @@ def side(spec: str) -> tuple[str, str, dict, dict]:
 def contrast(a: str, b: str) -> dict:
     params = load_params()
     (na, ma, da, ca), (nb, mb, db, cb) = side(a), side(b)
-    differ = {k: (ca["settings"].get(k), cb["settings"].get(k)) for k in SAME
-              if ca["settings"].get(k) != cb["settings"].get(k)}
+    sa, sb = ca["settings"], cb["settings"]
+    unknown = sorted(k for k in SAME if (k in sa) != (k in sb))
+    if unknown:  # one report predates the key: whether the runs agree on it cannot be told
+        raise exps.ExperimentError(f"'{a}' and '{b}': only one of their reports records {unknown} (the other was "
+                                   "made before the evaluation recorded it): re-run the older one on this commit")
+    differ = {k: (sa.get(k), sb.get(k)) for k in SAME if sa.get(k) != sb.get(k)}
     if differ:
         raise exps.ExperimentError(f"'{a}' and '{b}' were not sampled and scored alike: {differ}")
     ref = load_reference()
@@ -70,17 +74,20 @@ def contrast(a: str, b: str) -> dict:
                                    f"split, the workspace's reference is the {here or 'train'} split: run the "
                                    "workspace with the runs' evaluate.reference (dvc exp apply one of them)")
     reference = ref[reference_split(ref)]
-    rounds = params.report.bootstrap_rounds
-    fd = distances.fd_contrast(da, db, reference, rounds, derive_seed(params.evaluate.seed, "paired-fd"))
-    # the report's own held-out loss contrast (its seed) when both models are one run's
+    # the runs' own resampling (their evaluate.seed and rounds, where recorded): the report's contrast when both
+    # models are one run's
+    seed = sa.get("evaluate_seed", params.evaluate.seed)
+    rounds = sa["bootstrap_rounds"] if sa.get("bootstrap_rounds") == sb.get("bootstrap_rounds") is not None \
+        else params.report.bootstrap_rounds
+    fd = distances.fd_contrast(da, db, reference, rounds, derive_seed(seed, "paired-fd"))
     loss = loss_contrast(da["losses"], db["losses"], np.arange(da["losses"].shape[1]), rounds,
-                         derive_seed(params.evaluate.seed, f"loss-{ma}_minus_{mb}"))
+                         derive_seed(seed, f"loss-{ma}_minus_{mb}"))
     return {
         "a": {"run": na, "model": ma, **ca["models"][ma]}, "b": {"run": nb, "model": mb, **cb["models"][mb]},
         "fd": fd["fd"], "fd_ci": fd["fd_ci"], "fd_verdict": fd["verdict"],
         "heldout_loss": loss["delta"], "heldout_loss_ci": loss["ci"],
         "heldout_loss_verdict": loss["verdict"], "bootstrap_rounds": rounds,
-        "settings": {k: ca["settings"].get(k) for k in SAME},
+        "settings": {k: sa.get(k) for k in SAME},
         "command": f"python -m tools.contrast {a} {b}"
                    + (f" --baseline {' '.join(exps.BASELINE)}" if exps.BASELINE != ["HEAD"] else ""),
     }

@@ -1,7 +1,7 @@
 """Sweep one parameter of the default run as DVC experiments, scored on validation noise.
 
     python -m tools.sweep finetune.lr 5e-5 1e-4 2e-4 5e-4 -S evaluate.seed=1
-    python -m tools.sweep finetune.lr 5e-5 1e-4 2e-4 --config configs/fashion.yaml --label fashion \
+    python -m tools.sweep finetune.lr 1e-4 5e-5 2e-4 5e-4 --config configs/fashion.yaml --label fashion \
         -S evaluate.seed=1 -S evaluate.reference=validation -S finetune.shared_lr=null ...
 
 Each value is an experiment ``sweep-[<label>-]<key>-<value>``, resumable.
@@ -28,16 +28,17 @@ from tools import command, exps
 METHODS = ("shared", "merged", "ensemble")
 
 
-def check_validation(key: str, config: dict, fixed: dict) -> None:
-    """A :class:`ConfigError` if the sweep would choose on the headline's test noise or its test images."""
+def check_validation(config: dict, variants: dict[str, dict]) -> None:
+    """A :class:`ConfigError` if a variant would be scored on the headline's test noise or its test images."""
     headline = parse_params(exps.apply_overrides(read_yaml("params.yaml"), config), "params.yaml")
-    swept = parse_params(exps.apply_overrides(read_yaml("params.yaml"), fixed), "params.yaml")
-    if key != "evaluate.seed" and swept.evaluate.seed == headline.evaluate.seed:
-        raise ConfigError(f"evaluate.seed {swept.evaluate.seed} is the headline's test noise: a sweep chooses on "
-                          f"validation noise, e.g. -S evaluate.seed={headline.evaluate.seed + 1}")
-    if swept.data.source == "idx" and swept.evaluate.reference != "validation":
-        raise ConfigError("data.source idx has a test split: a sweep scores against the held-out split, "
-                          "-S evaluate.reference=validation")
+    for name, overrides in variants.items():
+        swept = parse_params(exps.apply_overrides(read_yaml("params.yaml"), overrides), name)
+        if swept.evaluate.seed == headline.evaluate.seed:
+            raise ConfigError(f"{name}: evaluate.seed {swept.evaluate.seed} is the headline's test noise; a sweep "
+                              f"chooses on validation noise, e.g. -S evaluate.seed={headline.evaluate.seed + 1}")
+        if swept.data.source == "idx" and swept.evaluate.reference != "validation":
+            raise ConfigError(f"{name}: data.source idx has a test split; a sweep scores against the held-out "
+                              "split, -S evaluate.reference=validation")
 
 
 def row(value: Any, comparison: dict) -> dict:
@@ -72,9 +73,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     args = ap.parse_args(argv)
     stem = "sweep-" + (f"{args.label}-" if args.label else "") + args.key.replace(".", "-")
     fixed = exps.overrides(args)
-    check_validation(args.key, exps.config_overrides(args.config), fixed)
     values = [exps.parse_sets([f"v={v}"])["v"] for v in args.values]
     variants = {f"{stem}-{v}": {**fixed, args.key: v} for v in values}
+    check_validation(exps.config_overrides(args.config), variants)
     if not args.collect_only:
         exps.run_all(variants)
     rows = [row(value, exps.report(name, "run the sweep")) for name, value in zip(variants, values)]

@@ -76,7 +76,8 @@ def derive(reference: dict, runs: dict[str, dict], old: dict, factor: float = 2.
             if delta > largest[key][0]:
                 largest[key] = (delta, run, metric)
     derived = {key: max(round_up(factor * shift), floor) for key, (shift, _, _) in largest.items()}
-    new = {key: {"abs": max(value, old[key].get("abs", 0.0)) if keep_looser else value}
+    new = {key: {"abs": max(value, old[key].get("abs", 0.0)) if keep_looser else value,
+                 **({"rel": old[key]["rel"]} if keep_looser and "rel" in old[key] else {})}
            for key, value in derived.items()}
     evidence = {key: {"largest_shift": shift, "run": run, "metric": metric, "derived": derived[key],
                       "tolerance": new[key]["abs"], "kept_previous": new[key]["abs"] > derived[key]}
