@@ -45,7 +45,8 @@ def classifier(params: Params, run=NullRun()) -> dict:
     with atomic_dir(CLASSIFIER_DIR) as tmp:
         features.save_classifier(res.model, tmp / "classifier", {"classes": list(train_ds.classes)})
         # Reference statistics of the real data, once per data version; the
-        # classifier-space train features also score merge-weight candidates.
+        # classifier-space features also score choices on validation noise
+        # (stages.common.validation_reference: train, or held-out on an idx source).
         np.savez(tmp / REFERENCE_FILE.name, train=train_feats, heldout=held_feats, class_freq=class_freq,
                  features=np.asarray(ev.features),
                  train_classifier=features.extract_features(res.model, train_ds.images),
