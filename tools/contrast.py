@@ -69,8 +69,8 @@ def contrast(a: str, b: str) -> dict:
     ref = load_reference()
     # the FDs are recomputed against the workspace's reference: it must be the one both runs were scored on
     here = str(ref["test_name"]) if "test_name" in ref else None
-    if ca["settings"].get("reference_name") != here:
-        raise exps.ExperimentError(f"'{a}' was scored against the {ca['settings'].get('reference_name') or 'train'} "
+    if sa.get("reference_name") != here:
+        raise exps.ExperimentError(f"'{a}' was scored against the {sa.get('reference_name') or 'train'} "
                                    f"split, the workspace's reference is the {here or 'train'} split: run the "
                                    "workspace with the runs' evaluate.reference (dvc exp apply one of them)")
     reference = ref[reference_split(ref)]

@@ -261,18 +261,23 @@ def apply_overrides(params: dict, overrides: dict[str, Any]) -> dict:
     return params
 
 
+def params_with(overrides: dict[str, Any], name: str = "params.yaml"):
+    """The current params.yaml with ``overrides`` set, validated as the stages read it (errors name ``name``)."""
+    from dtm_core.config import parse_params, read_yaml
+
+    return parse_params(apply_overrides(read_yaml("params.yaml"), overrides), name)
+
+
 def _same_params(name: str, overrides: dict[str, Any]) -> bool:
     """Whether experiment ``name`` ran with these overrides (on top of the current params.yaml)."""
     committed = experiment_params(name)
     if committed is None:
         return False
-    with open("params.yaml") as handle:
-        wanted = apply_overrides(yaml.safe_load(handle), overrides)
     # compared as the stages read them: DVC's -S rewrites params.yaml in YAML 1.2 (`"no"` loses its quotes,
     # which PyYAML then reads as False), so the raw dictionaries of one and the same run can differ
     from dtm_core.config import parse_params
 
-    return parse_params(committed, name).model_dump() == parse_params(wanted, "params.yaml").model_dump()
+    return parse_params(committed, name).model_dump() == params_with(overrides).model_dump()
 
 
 def _parent_runs(names: Iterable[str]) -> dict[str, list]:

@@ -21,7 +21,6 @@ import sys
 from pathlib import Path
 from typing import Any, Optional
 
-from dtm_core.config import parse_params, read_yaml
 from dtm_core.errors import ConfigError
 from tools import command, exps
 
@@ -30,9 +29,9 @@ METHODS = ("shared", "merged", "ensemble")
 
 def check_validation(config: dict, variants: dict[str, dict]) -> None:
     """A :class:`ConfigError` if a variant would be scored on the headline's test noise or its test images."""
-    headline = parse_params(exps.apply_overrides(read_yaml("params.yaml"), config), "params.yaml")
+    headline = exps.params_with(config)
     for name, overrides in variants.items():
-        swept = parse_params(exps.apply_overrides(read_yaml("params.yaml"), overrides), name)
+        swept = exps.params_with(overrides, name)
         if swept.evaluate.seed == headline.evaluate.seed:
             raise ConfigError(f"{name}: evaluate.seed {swept.evaluate.seed} is the headline's test noise; a sweep "
                               f"chooses on validation noise, e.g. -S evaluate.seed={headline.evaluate.seed + 1}")
