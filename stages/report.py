@@ -263,14 +263,17 @@ def render_markdown(c: dict) -> str:
         "the same mix).",
         "",
     ]
-    if test and name == "test" and any(r["closer_to_train"] is None for r in models.values()):
-        lines += ["Closer to their train images than unseen real images are: not computed (fewer samples than "
-                  "held-out images).", ""]
-    elif test and name == "test":
+    if test and name == "test":
         close = [m for m, r in models.items() if r["closer_to_train"]]
-        lines += [("Closer to their train images than unseen real images are (FD vs test minus FD vs train, "
-                   f"above the validation images' {f['real_train_test_gap']:+.4f}): " + ", ".join(close) + "."
-                   ) if close else "No model sits closer to its train images than unseen real images do.", ""]
+        if any(r["closer_to_train"] is None for r in models.values()):
+            line = "Closer to their train images than unseen real images are: not computed (fewer samples than " \
+                   "held-out images)."
+        elif close:
+            line = ("Closer to their train images than unseen real images are (FD vs test minus FD vs train, above "
+                    f"the validation images' {f['real_train_test_gap']:+.4f}): " + ", ".join(close) + ".")
+        else:
+            line = "No model sits closer to its train images than unseen real images do."
+        lines += [line, ""]
     lines += [
         "## Paired contrasts",
         "",
